@@ -1,0 +1,87 @@
+"""Session-wide fixtures: one real S3 server on loopback (moto_server) and shared paths.
+
+Ray is started once per session by the ``serve_instance`` fixture (tests/services/conftest.py
+adds it) because start-up costs seconds and the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smartpath.services.config import StorageConfig
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openslide"
+S3_ACCESS_KEY = "smartpath-test"
+S3_SECRET_KEY = "smartpath-test-secret"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """Folder of OpenSlide's small test slides (../shared/fixtures/openslide)."""
+    if not FIXTURES.is_dir():
+        pytest.fail(f"missing shared fixtures at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto_server) on 127.0.0.1 for the whole session, as host:port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 30 s")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_config(s3_endpoint: str) -> StorageConfig:
+    """Storage config pointing at the session's S3 server, with fast retries."""
+    return StorageConfig(
+        endpoint=s3_endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        region="us-east-1",
+        retries=2,
+        backoff_s=0.05,
+        timeout_s=5,
+    )
+
+
+@pytest.fixture
+def bucket_name() -> str:
+    """A fresh, valid bucket name per test."""
+    return f"test-{uuid.uuid4().hex[:12]}"
