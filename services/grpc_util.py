@@ -1,0 +1,164 @@
+"""gRPC plumbing shared by every SmartPath deployment behind Ray Serve's gRPC proxy.
+
+- ``unary`` / ``server_stream`` wrap deployment methods so that domain errors become their
+  status code with a plain message, and anything else becomes INTERNAL with only a request
+  id (the stack trace goes to the server log, never to the client).
+- ``add_health_servicer`` puts a standard ``grpc.health.v1.Health`` on the proxy itself as a
+  passthrough service: generic clients and Kubernetes probes send no ``application``
+  metadata, which the proxy would need to route to a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from smartpath.services.errors import SmartPathError
+
+logger = logging.getLogger("smartpath.rpc")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+HEALTH_POLL_S = 2.0
+# Serve application name -> the gRPC service it provides.
+SERVICE_OF_APP = {"tiler": "smartpath.v1.SlideTiler"}
+
+
+class RpcFailed(Exception):
+    """Ends a failed server stream after its status was set on the context."""
+
+
+def _report(context: Any, error: BaseException, method: str) -> None:
+    """Set the status for ``error`` on the context; log without the message (it may hold
+    caller-supplied names) unless it is a bug."""
+    if isinstance(error, SmartPathError):
+        code, details = error.code, str(error)
+        logger.info("rpc %s failed: %s", method, code.name)
+    else:
+        ref = uuid.uuid4().hex[:12]
+        code, details = grpc.StatusCode.INTERNAL, f"internal error (reference {ref})"
+        logger.error("rpc %s internal error reference=%s", method, ref, exc_info=error)
+    if context is None:  # called outside the gRPC proxy (tests, direct calls)
+        raise error
+    context.set_code(code)
+    context.set_details(details)
+
+
+def unary(
+    response_type: Callable[[], Resp],
+) -> Callable[[Callable[[Any, Req], Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
+    """Wrap ``async def Method(self, request) -> response_type`` as a Serve gRPC method."""
+
+    def wrap(fn: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        async def method(self: Any, request: Req, grpc_context: Any = None) -> Resp:
+            try:
+                return await fn(self, request)
+            except Exception as e:
+                # Returning (not raising) with the code set keeps Serve from logging a stack
+                # trace for every bad request; the proxy sends the code and details.
+                _report(grpc_context, e, fn.__name__)
+                return response_type()
+
+        return _named(method, fn)
+
+    return wrap
+
+
+def server_stream(
+    fn: Callable[[Any, Req], AsyncIterator[Resp]],
+) -> Callable[..., AsyncIterator[Resp]]:
+    """Wrap ``async def Method(self, request)`` yielding responses as a streaming method."""
+
+    async def method(self: Any, request: Req, grpc_context: Any = None) -> AsyncIterator[Resp]:
+        try:
+            async for response in fn(self, request):
+                yield response
+        except Exception as e:
+            _report(grpc_context, e, fn.__name__)
+            # A stream that ends without yielding never carries the context back to the
+            # proxy, so raise; the proxy prefers the details set on the context.
+            raise RpcFailed(grpc_context.code().name) from None
+
+    return _named(method, fn)
+
+
+def _named(method: Any, fn: Callable[..., Any]) -> Any:
+    # Not functools.wraps: Serve reads inspect.signature(), which would follow __wrapped__
+    # and miss the grpc_context parameter that makes Serve pass the context in.
+    method.__name__, method.__qualname__, method.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return method
+
+
+class ServeHealthServicer(health.aio.HealthServicer):
+    """``grpc.health.v1`` answered by the proxy from Serve's application status.
+
+    Service "" is SERVING when every SmartPath application deployed is RUNNING; a service
+    name (e.g. ``smartpath.v1.SlideTiler``) is SERVING when its application is RUNNING;
+    services not deployed are NOT_FOUND.
+    """
+
+    def __init__(self, poll_s: float = HEALTH_POLL_S) -> None:
+        super().__init__()
+        self._poll_s = poll_s
+        self._checked_at = 0.0
+        self._poller: asyncio.Task[None] | None = None
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        await self._refresh()
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        await self._refresh()
+        await super().Watch(request, context)
+
+    async def _poll_forever(self) -> None:
+        while self._server_watchers:
+            await asyncio.sleep(self._poll_s)
+            await self._refresh(force=True)
+
+    async def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._checked_at < self._poll_s:
+            return
+        self._checked_at = time.monotonic()
+        try:
+            statuses = await asyncio.to_thread(_application_statuses)
+        except Exception:
+            logger.warning("health: cannot read Serve status", exc_info=True)
+            statuses = {}
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ours = {app: s for app, s in statuses.items() if app in SERVICE_OF_APP}
+        for app, status in ours.items():
+            await self.set(SERVICE_OF_APP[app], serving if status == "RUNNING" else not_serving)
+        healthy = bool(ours) and all(s == "RUNNING" for s in ours.values())
+        await self.set("", serving if healthy else not_serving)
+
+
+def _application_statuses() -> dict[str, str]:
+    from ray import serve
+
+    apps = serve.status().applications
+    return {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()}
+
+
+def add_health_servicer(_servicer: Any, server: Any) -> None:
+    """Register ``grpc.health.v1.Health`` on Serve's gRPC proxy (a ``grpc_servicer_functions`` entry).
+
+    Serve passes a placeholder servicer; the real one runs in the proxy as a passthrough
+    service, so it answers without ``application`` metadata.
+    """
+    from grpc_health.v1 import health_pb2_grpc
+
+    if hasattr(server, "add_passthrough_service"):
+        server.add_passthrough_service(health.SERVICE_NAME)
+    health_pb2_grpc.add_HealthServicer_to_server(ServeHealthServicer(), server)

@@ -1,0 +1,265 @@
+"""The SlideTiler Ray Serve deployment: gRPC methods for clients, Python methods for the
+gateway (through a DeploymentHandle, moving numpy arrays through Ray's object store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from ray import serve
+
+from smartpath.services.config import SmartPathConfig
+from smartpath.services.errors import InvalidArgumentError
+from smartpath.services.grpc_util import server_stream, unary
+from smartpath.services.tiling.plan import TileGeometry, TilePlan
+from smartpath.services.tiling.tiler import OpenedSlide, Tiler, TileRequest, TissueMask
+from smartpath.v1 import common_pb2, tiling_pb2
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+JPEG_QUALITY = 90
+
+
+def encode_image(rgb: np.ndarray, media_type: str = "image/png") -> common_pb2.EncodedImage:
+    """An RGB or boolean array as an EncodedImage message."""
+    image = Image.fromarray(rgb)
+    buf = io.BytesIO()
+    if media_type == "image/jpeg":
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buf, format="PNG")
+    return common_pb2.EncodedImage(
+        data=buf.getvalue(), media_type=media_type, width=image.width, height=image.height
+    )
+
+
+def tile_request(spec: tiling_pb2.TileSpec) -> TileRequest:
+    """The domain request for a TileSpec message."""
+    which = spec.resolution.WhichOneof("value") if spec.HasField("resolution") else None
+    return TileRequest(
+        mpp=spec.resolution.mpp if which == "mpp" else None,
+        magnification=spec.resolution.magnification if which == "magnification" else None,
+        tile_size=spec.tile_size or None,
+        overlap=spec.overlap,
+        min_tissue_fraction=(
+            spec.min_tissue_fraction if spec.HasField("min_tissue_fraction") else None
+        ),
+    )
+
+
+def describe_response(
+    opened: OpenedSlide, thumbnail: np.ndarray | None
+) -> tiling_pb2.DescribeSlideResponse:
+    """DescribeSlideResponse for an open slide."""
+    info = opened.info
+    return tiling_pb2.DescribeSlideResponse(
+        slide_id=opened.slide_id,
+        width=info.width,
+        height=info.height,
+        levels=[
+            tiling_pb2.SlideLevel(
+                width=w, height=h, downsample=ds, mpp=(info.mpp or 0.0) * ds
+            )
+            for (w, h), ds in zip(info.level_dimensions, info.level_downsamples, strict=True)
+        ],
+        mpp_x=info.mpp_x or 0.0,
+        mpp_y=info.mpp_y or 0.0,
+        mpp_from_override=info.mpp_from_override,
+        objective_power=info.objective_power or 0.0,
+        vendor=info.vendor,
+        associated_images=[
+            tiling_pb2.AssociatedImage(name=name, width=w, height=h)
+            for name, (w, h) in sorted(info.associated_images.items())
+        ],
+        thumbnail=encode_image(thumbnail, "image/jpeg") if thumbnail is not None else None,
+    )
+
+
+def plan_message(plan: TilePlan) -> tiling_pb2.TilePlan:
+    """TilePlan message of a plan."""
+    g = plan.geometry
+    return tiling_pb2.TilePlan(
+        plan_hash=plan.plan_hash,
+        mpp=g.mpp,
+        tile_size=g.tile_size,
+        overlap=g.overlap,
+        footprint=g.footprint,
+        stride=g.stride,
+        level=g.level,
+        level_downsample=g.level_downsample,
+        cols=g.cols,
+        rows=g.rows,
+        min_tissue_fraction=plan.min_tissue_fraction,
+        tiles=[
+            tiling_pb2.Tile(x=x, y=y, col=c, row=r, tissue_fraction=f)
+            for x, y, c, r, f in zip(
+                plan.x.tolist(),
+                plan.y.tolist(),
+                plan.col.tolist(),
+                plan.row.tolist(),
+                plan.tissue_fraction.tolist(),
+                strict=True,
+            )
+        ],
+    )
+
+
+def tile_batch(
+    tiles: list[tiling_pb2.Tile],
+    pixels: np.ndarray,
+    encoding: int,
+    offset: int,
+    total: int,
+) -> tiling_pb2.ReadTilesResponse:
+    """One streamed batch of tiles in the requested encoding."""
+    response = tiling_pb2.ReadTilesResponse(
+        tiles=tiles,
+        tile_size=pixels.shape[1],
+        encoding=encoding,
+        offset=offset,
+        total=total,
+    )
+    if encoding == tiling_pb2.TILE_ENCODING_RAW_RGB:
+        response.pixels = np.ascontiguousarray(pixels).tobytes()
+    else:
+        media = "image/jpeg" if encoding == tiling_pb2.TILE_ENCODING_JPEG else "image/png"
+        response.images.extend(encode_image(tile, media).data for tile in pixels)
+    return response
+
+
+class SlideTilerService:
+    """Ray Serve deployment class serving ``smartpath.v1.SlideTiler``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.tiler = Tiler(SmartPathConfig(**config))
+
+    # -- Python API (DeploymentHandle) -----------------------------------------------------
+    async def describe(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
+        """Open a slide; the result carries its SlideInfo and id."""
+        return await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+
+    async def plan(
+        self, uri: str, request: TileRequest, mpp_override: float | None = None
+    ) -> tuple[TilePlan, TissueMask]:
+        """Tissue tile plan of a slide."""
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        return await asyncio.to_thread(self.tiler.plan, opened, request)
+
+    async def read_tiles(
+        self,
+        uri: str,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        mpp_override: float | None = None,
+        batch_size: int | None = None,
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """Stream (offset, tiles) batches; call with ``handle.options(stream=True)``."""
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
+        async for batch in _iterate_in_thread(batches):
+            yield batch
+
+    # -- gRPC API ------------------------------------------------------------------------
+    @unary(tiling_pb2.DescribeSlideResponse)
+    async def DescribeSlide(
+        self, request: tiling_pb2.DescribeSlideRequest
+    ) -> tiling_pb2.DescribeSlideResponse:
+        opened = await self._open(request.slide)
+        thumbnail = None
+        if request.thumbnail_max_px:
+            thumbnail = await asyncio.to_thread(
+                self.tiler.thumbnail, opened, request.thumbnail_max_px
+            )
+        return describe_response(opened, thumbnail)
+
+    @unary(tiling_pb2.PlanTilesResponse)
+    async def PlanTiles(self, request: tiling_pb2.PlanTilesRequest) -> tiling_pb2.PlanTilesResponse:
+        opened = await self._open(request.slide)
+        plan, tissue = await asyncio.to_thread(
+            self.tiler.plan, opened, tile_request(request.spec)
+        )
+        response = tiling_pb2.PlanTilesResponse(
+            plan=plan_message(plan), tissue_fraction=tissue.fraction
+        )
+        if request.include_tissue_mask:
+            response.tissue_mask.CopyFrom(encode_image(tissue.mask))
+            response.tissue_mask_downsample = tissue.downsample
+        return response
+
+    @server_stream
+    async def ReadTiles(
+        self, request: tiling_pb2.ReadTilesRequest
+    ) -> AsyncIterator[tiling_pb2.ReadTilesResponse]:
+        encoding = request.encoding or tiling_pb2.TILE_ENCODING_RAW_RGB
+        if encoding not in tiling_pb2.TileEncoding.values():
+            raise InvalidArgumentError(f"unknown tile encoding {encoding}")
+        if request.batch_size < 0:
+            raise InvalidArgumentError(f"batch_size={request.batch_size} must be >= 0")
+        opened = await self._open(request.slide)
+        spec = tile_request(request.spec)
+        if request.tiles:
+            geometry = await asyncio.to_thread(self.tiler.geometry, opened, spec)
+            tiles = list(request.tiles)
+        else:
+            plan, _ = await asyncio.to_thread(self.tiler.plan, opened, spec)
+            geometry, tiles = plan.geometry, list(plan_message(plan).tiles)
+        tile_bytes = geometry.tile_size**2 * 3
+        batch_size = request.batch_size or self.tiler.config.batch_size
+        batch_size = max(1, min(batch_size, MAX_RESPONSE_BYTES // tile_bytes))
+        xs = np.fromiter((t.x for t in tiles), dtype=np.int64, count=len(tiles))
+        ys = np.fromiter((t.y for t in tiles), dtype=np.int64, count=len(tiles))
+        batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
+        async for offset, pixels in _iterate_in_thread(batches):
+            yield await asyncio.to_thread(
+                tile_batch,
+                tiles[offset : offset + len(pixels)],
+                pixels,
+                encoding,
+                offset,
+                len(tiles),
+            )
+
+    async def _open(self, slide: common_pb2.SlideRef) -> OpenedSlide:
+        if not slide.uri:
+            raise InvalidArgumentError("slide.uri is empty; give s3://bucket/key or a local path")
+        override = slide.mpp_override or None
+        return await asyncio.to_thread(self.tiler.open, slide.uri, override)
+
+    def __del__(self) -> None:
+        tiler = getattr(self, "tiler", None)
+        if tiler is not None:
+            tiler.close()
+
+
+async def _iterate_in_thread(iterator: Any) -> AsyncIterator[Any]:
+    """Drive a blocking iterator from the event loop without blocking it."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, iterator, done)
+        if item is done:
+            return
+        yield item
+
+
+def tiler_deployment(config: SmartPathConfig) -> serve.Application:
+    """The tiler application, scaled and sized by ``config.serve.tiler``."""
+    d = config.serve.tiler
+    deployment = serve.deployment(
+        SlideTilerService,
+        name="SlideTiler",
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        max_ongoing_requests=d.max_ongoing_requests,
+        max_queued_requests=d.max_queued_requests,
+        autoscaling_config={
+            "min_replicas": d.autoscaling.min_replicas,
+            "max_replicas": d.autoscaling.max_replicas,
+            "target_ongoing_requests": d.autoscaling.target_ongoing_requests,
+        },
+    )
+    # mode="python" keeps secrets readable by the replica (JSON mode would mask them).
+    return deployment.bind(config.model_dump(mode="python"))
