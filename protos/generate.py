@@ -1,7 +1,7 @@
 """Regenerate the Python code for protos/smartpath/v1/*.proto (run after editing a .proto).
 
-    python protos/generate.py            # write the generated files next to the .proto files
-    python protos/generate.py --check    # exit 1 if the committed generated code is stale
+python protos/generate.py            # write the generated files next to the .proto files
+python protos/generate.py --check    # exit 1 if the committed generated code is stale
 """
 
 from __future__ import annotations

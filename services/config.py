@@ -66,7 +66,9 @@ class TilingConfig(BaseModel):
         8.0, gt=0, description="Resolution (µm/px) of the thumbnail used for tissue detection."
     )
     tissue_max_px: int = Field(
-        4096, ge=64, description="Cap on the tissue thumbnail's long side, whatever tissue_mpp says."
+        4096,
+        ge=64,
+        description="Cap on the tissue thumbnail's long side, whatever tissue_mpp says.",
     )
     min_tissue_area_um2: float = Field(
         20_000.0, ge=0, description="Tissue components smaller than this (µm²) are dropped."
@@ -107,7 +109,9 @@ class DeploymentConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
     max_ongoing_requests: int = Field(8, ge=1, description="Per-replica concurrency limit.")
     max_queued_requests: int = Field(
-        64, ge=-1, description="Requests queued per caller before RESOURCE_EXHAUSTED (-1: unbounded)."
+        64,
+        ge=-1,
+        description="Requests queued per caller before RESOURCE_EXHAUSTED (-1: unbounded).",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 

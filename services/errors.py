@@ -29,7 +29,7 @@ class NotFoundError(SmartPathError, LookupError):
 
 
 class FailedPreconditionError(SmartPathError):
-    """The request is valid but the system is not in a state to serve it (e.g. slide without MPP)."""
+    """Valid request, but the system cannot serve it as is (e.g. a slide without MPP)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

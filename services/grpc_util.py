@@ -152,7 +152,7 @@ def _application_statuses() -> dict[str, str]:
 
 
 def add_health_servicer(_servicer: Any, server: Any) -> None:
-    """Register ``grpc.health.v1.Health`` on Serve's gRPC proxy (a ``grpc_servicer_functions`` entry).
+    """Register ``grpc.health.v1.Health`` on Serve's gRPC proxy (a grpc_servicer_functions entry).
 
     Serve passes a placeholder servicer; the real one runs in the proxy as a passthrough
     service, so it answers without ``application`` metadata.

@@ -51,3 +51,9 @@ def deploy(config: SmartPathConfig) -> None:
     """Deploy (or update) the SmartPath applications and wait until they run."""
     serve.run(tiler_deployment(config), name=TILER_APP, route_prefix=f"/{TILER_APP}")
     logger.info("deployed %s on gRPC port %d", TILER_APP, config.serve.grpc_port)
+
+
+def shutdown() -> None:
+    """Stop Serve and Ray (for the demo and tests)."""
+    serve.shutdown()
+    ray.shutdown()

@@ -61,9 +61,7 @@ def describe_response(
         width=info.width,
         height=info.height,
         levels=[
-            tiling_pb2.SlideLevel(
-                width=w, height=h, downsample=ds, mpp=(info.mpp or 0.0) * ds
-            )
+            tiling_pb2.SlideLevel(width=w, height=h, downsample=ds, mpp=(info.mpp or 0.0) * ds)
             for (w, h), ds in zip(info.level_dimensions, info.level_downsamples, strict=True)
         ],
         mpp_x=info.mpp_x or 0.0,
@@ -180,9 +178,7 @@ class SlideTilerService:
     @unary(tiling_pb2.PlanTilesResponse)
     async def PlanTiles(self, request: tiling_pb2.PlanTilesRequest) -> tiling_pb2.PlanTilesResponse:
         opened = await self._open(request.slide)
-        plan, tissue = await asyncio.to_thread(
-            self.tiler.plan, opened, tile_request(request.spec)
-        )
+        plan, tissue = await asyncio.to_thread(self.tiler.plan, opened, tile_request(request.spec))
         response = tiling_pb2.PlanTilesResponse(
             plan=plan_message(plan), tissue_fraction=tissue.fraction
         )

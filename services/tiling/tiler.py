@@ -13,7 +13,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,11 @@ class TissueMask:
 
 @dataclass(frozen=True)
 class OpenedSlide:
-    """An open slide and the identity of its content."""
+    """An open slide, the identity of its content, and its slide-cache lease."""
 
     slide: Slide
     slide_id: str
+    lease: ExitStack = field(default_factory=ExitStack, repr=False, compare=False)
 
     @property
     def info(self) -> SlideInfo:
@@ -90,39 +92,48 @@ class Tiler:
         """Close open slides and stop the decode pool."""
         with self._lock:
             for opened in self._slides.values():
+                opened.lease.close()
                 opened.slide.close()
             self._slides.clear()
         self.pool.shutdown(wait=True)
 
     # -- slides ------------------------------------------------------------------------
-    def locate(self, uri: str) -> tuple[Path, str]:
-        """Local path of the slide named by ``uri`` and a stable id of its content."""
+    def open(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
+        """Open (or reuse) the slide named by ``uri``: ``s3://bucket/key`` or a local path.
+
+        A slide from object storage stays leased in the slide cache (safe from eviction)
+        while it is among the open slides.
+        """
         ref = parse_slide_ref(uri)
-        if isinstance(ref, ObjectRef):
-            entry = self.cache.fetch(ref)
-            return entry.path, f"s3:{entry.etag}"
-        path = resolve_local_path(ref, self.config.local_slide_roots)
+        with ExitStack() as lease:
+            if isinstance(ref, ObjectRef):
+                entry = lease.enter_context(self.cache.lease(ref))
+                path, slide_id = entry.path, f"s3:{entry.etag}"
+            else:
+                path, slide_id = self._local(ref)
+            key = (slide_id, mpp_override)
+            with self._lock:
+                opened = self._slides.get(key)
+                if opened is not None:
+                    self._slides.move_to_end(key)
+                    return opened
+            opened = OpenedSlide(Slide.open(path, mpp_override), slide_id, lease.pop_all())
+        with self._lock:
+            self._slides[key] = opened
+            evicted = []
+            while len(self._slides) > OPEN_SLIDES:
+                evicted.append(self._slides.popitem(last=False)[1])
+        for old in evicted:
+            # Readers in flight keep their own references and file descriptors; the
+            # OpenSlide handle closes when the last reference goes.
+            old.lease.close()
+        return opened
+
+    def _local(self, path: Path) -> tuple[Path, str]:
+        path = resolve_local_path(path, self.config.local_slide_roots)
         st = path.stat()
         ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
         return path, "file:" + hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-    def open(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
-        """Open (or reuse) the slide named by ``uri``."""
-        path, slide_id = self.locate(uri)
-        key = (slide_id, mpp_override)
-        with self._lock:
-            opened = self._slides.get(key)
-            if opened is not None:
-                self._slides.move_to_end(key)
-                return opened
-        opened = OpenedSlide(Slide.open(path, mpp_override), slide_id)
-        with self._lock:
-            self._slides[key] = opened
-            while len(self._slides) > OPEN_SLIDES:
-                # Closing under a concurrent reader is safe for OpenSlide only after the
-                # read finishes; readers hold their own references, so let GC close it.
-                self._slides.popitem(last=False)
-        return opened
 
     def thumbnail(self, opened: OpenedSlide, max_px: int) -> np.ndarray:
         """RGB thumbnail with long side ``max_px`` (1–4096)."""

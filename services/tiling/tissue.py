@@ -34,7 +34,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
     mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
     between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between))])
+    return float(edges[1 + int(np.argmax(between))])  # class 0 is every bin up to here
 
 
 def detect_tissue(
@@ -92,3 +92,8 @@ def tile_fractions(
     y1 = np.clip(np.round(ys / mask_downsample).astype(np.int64) + side, 0, h)
     total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     return (total / float(side * side)).astype(np.float32)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner boundary of a boolean mask."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)

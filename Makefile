@@ -1,0 +1,40 @@
+# SmartPath: the two commands are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format protos bench-tiling clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+## demo: set up, then run the main job on the embedded default (local Ray, local storage)
+demo: $(STAMP)
+	$(BIN)/smartpath demo
+
+## test: set up, then lint, check formatting and generated code, and run the test suite
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python protos/generate.py --check
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## protos: regenerate smartpath.v1 from protos/smartpath/v1/*.proto
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+bench-tiling: $(STAMP)
+	$(BIN)/python bench/tiling.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

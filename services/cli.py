@@ -1,0 +1,217 @@
+"""``smartpath``: the one command-line interface.
+
+smartpath demo          generate a synthetic slide, serve it locally, tile it over gRPC
+smartpath serve         start Ray Serve with the SmartPath applications and block
+smartpath synth-slide   write a synthetic pyramidal slide (SVS or generic TIFF)
+smartpath plan          ask a running server for a tile plan; write overlay PNG + GeoJSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from smartpath.services.config import SmartPathConfig, load_config
+
+logger = logging.getLogger("smartpath")
+
+
+def _setup_environment() -> None:
+    # Local Ray must not phone home or bind non-loopback addresses (DESIGN.md).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def write_plan_outputs(
+    out: Path, thumbnail: bytes, describe_width: int, plan_response, stem: str = "plan"
+) -> tuple[Path, Path]:
+    """Write ``{stem}_overlay.png`` and ``{stem}.geojson`` for a PlanTiles response."""
+    from smartpath.services.tiling.overlay import draw_plan_overlay, plan_geojson, write_geojson
+
+    out.mkdir(parents=True, exist_ok=True)
+    thumb = np.asarray(Image.open(io.BytesIO(thumbnail)).convert("RGB"))
+    mask = _decode_png(plan_response.tissue_mask.data) > 0
+    plan = plan_response.plan
+    xy = [(t.x, t.y) for t in plan.tiles]
+    overlay = draw_plan_overlay(thumb, describe_width / thumb.shape[1], mask, xy, plan.footprint)
+    png = out / f"{stem}_overlay.png"
+    overlay.save(png)
+    geojson = out / f"{stem}.geojson"
+    write_geojson(
+        geojson, plan_geojson(xy, plan.footprint, [t.tissue_fraction for t in plan.tiles])
+    )
+    return png, geojson
+
+
+def cmd_synth_slide(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.training.synthetic.slides import write_synthetic_slide
+
+    slide = write_synthetic_slide(
+        args.path,
+        width=args.width,
+        height=args.height or args.width,
+        fmt=args.format,
+        mpp=args.mpp,
+        seed=args.seed,
+        progress=True,
+    )
+    print(json.dumps({"path": str(slide.path), "width": slide.width, "height": slide.height}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.services import serving
+
+    _setup_environment()
+    serving.start(config)
+    serving.deploy(config)
+    print(f"SmartPath serving gRPC on port {config.serve.grpc_port}; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_plan(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.services.client import TilerClient, tile_spec
+
+    address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
+    with TilerClient(address) as client:
+        info = client.describe(args.uri, mpp_override=args.mpp_override, thumbnail_max_px=1024)
+        spec = tile_spec(mpp=args.mpp, tile_size=args.tile_size)
+        plan = client.plan(args.uri, spec, mpp_override=args.mpp_override, include_tissue_mask=True)
+    png, geojson = write_plan_outputs(Path(args.out), info.thumbnail.data, info.width, plan)
+    print(json.dumps({"tiles": len(plan.plan.tiles), "overlay": str(png), "geojson": str(geojson)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    """The main job on the embedded default: local Ray, local storage, a synthetic slide."""
+    from smartpath.services import serving
+    from smartpath.services.client import TilerClient, tile_spec
+    from smartpath.services.storage import ObjectRef, make_store
+    from smartpath.training.synthetic.slides import write_synthetic_slide
+
+    _setup_environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide_path = out / "demo.svs"
+    print(f"[1/4] writing a {args.size}x{args.size} px synthetic SVS slide", flush=True)
+    write_synthetic_slide(
+        slide_path, width=args.size, height=args.size, seed=args.seed, progress=True
+    )
+    store = make_store(config.storage)
+    ref = ObjectRef("slides", "demo/demo.svs")
+    store.ensure_bucket(ref.bucket)
+    store.upload(slide_path, ref)
+    uri = f"s3://{ref.bucket}/{ref.key}"
+    backend = config.storage.endpoint or f"local storage at {config.storage.local_root}"
+    print(f"      stored as {uri} ({backend})", flush=True)
+
+    print("[2/4] starting Ray Serve locally with the SlideTiler service", flush=True)
+    serving.start(config)
+    serving.deploy(config)
+
+    address = f"127.0.0.1:{config.serve.grpc_port}"
+    print(f"[3/4] describing and planning over gRPC at {address}", flush=True)
+    with TilerClient(address) as client:
+        info = client.describe(uri, thumbnail_max_px=1024)
+        spec = tile_spec(mpp=args.mpp, tile_size=args.tile_size)
+        plan = client.plan(uri, spec, include_tissue_mask=True)
+        tiles = plan.plan.tiles
+        print(f"[4/4] reading {len(tiles)} tissue tiles over gRPC", flush=True)
+        start = time.perf_counter()
+        pixels_mean = []
+        with tqdm(total=len(tiles), unit="tile") as bar:
+            for response, pixels in client.read_tiles(uri, spec, tiles):
+                pixels_mean.append(float(pixels.mean()))
+                bar.update(len(response.tiles))
+        elapsed = time.perf_counter() - start
+    png, geojson = write_plan_outputs(out, info.thumbnail.data, info.width, plan, stem="demo")
+    summary = {
+        "slide": uri,
+        "vendor": info.vendor,
+        "size": [info.width, info.height],
+        "levels": len(info.levels),
+        "mpp": round(info.mpp_x, 4),
+        "objective_power": info.objective_power,
+        "tissue_fraction": round(plan.tissue_fraction, 3),
+        "tile_mpp": plan.plan.mpp,
+        "tile_size": plan.plan.tile_size,
+        "read_level": plan.plan.level,
+        "grid": [plan.plan.cols, plan.plan.rows],
+        "tiles": len(tiles),
+        "tiles_per_s": round(len(tiles) / elapsed, 1) if elapsed > 0 else None,
+        "overlay": str(png),
+        "geojson": str(geojson),
+    }
+    print(json.dumps(summary, indent=2))
+    serving.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartpath", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="YAML config file (env SMARTPATH_* overrides)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default")
+    demo.add_argument("--out", default="out/demo", help="output folder")
+    demo.add_argument("--size", type=int, default=24_000, help="slide edge in px (0.25 µm/px)")
+    demo.add_argument("--mpp", type=float, default=0.5, help="tile resolution, µm/px")
+    demo.add_argument("--tile-size", type=int, default=256)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    serve_p = sub.add_parser("serve", help="start Ray Serve with SmartPath and block")
+    serve_p.set_defaults(func=cmd_serve)
+
+    synth = sub.add_parser("synth-slide", help="write a synthetic pyramidal slide")
+    synth.add_argument("path", type=Path)
+    synth.add_argument("--width", type=int, default=20_000)
+    synth.add_argument("--height", type=int, default=0, help="0 means square")
+    synth.add_argument("--format", choices=["svs", "tiff"], default="svs")
+    synth.add_argument("--mpp", type=float, default=0.25)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth_slide)
+
+    plan = sub.add_parser("plan", help="tile plan from a running server, as PNG + GeoJSON")
+    plan.add_argument("uri", help="s3://bucket/key or a local path the server may read")
+    plan.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
+    plan.add_argument("--mpp", type=float, default=0.5)
+    plan.add_argument("--tile-size", type=int, default=256)
+    plan.add_argument("--mpp-override", type=float, default=0.0)
+    plan.add_argument("--out", default="out/plan")
+    plan.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError) as e:
+        parser.error(f"bad config: {e}")
+    logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

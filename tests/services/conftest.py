@@ -1,0 +1,83 @@
+"""Service fixtures: synthetic slides written once, and one Ray Serve instance per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
+from smartpath.training.synthetic.slides import SyntheticSlide, write_synthetic_slide
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, free_port
+
+
+@pytest.fixture(scope="session")
+def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def synthetic_svs(slides_dir: Path) -> SyntheticSlide:
+    """A 6144×5120 px Aperio SVS at 0.25 µm/px (40x) with 256-px JPEG tiles."""
+    return write_synthetic_slide(slides_dir / "synthetic.svs", width=6144, height=5120, seed=7)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tiff(slides_dir: Path) -> SyntheticSlide:
+    """A 3000×2600 px generic tiled TIFF at 0.5 µm/px (sizes not multiples of the tile)."""
+    return write_synthetic_slide(
+        slides_dir / "synthetic.tiff", width=3000, height=2600, fmt="tiff", mpp=0.5, seed=3
+    )
+
+
+@pytest.fixture(scope="session")
+def service_config(
+    s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, openslide_fixtures
+) -> SmartPathConfig:
+    """Config of the session's Serve instance: S3 on loopback, small cache, fixed ports."""
+    root = tmp_path_factory.mktemp("service")
+    return load_config(
+        storage=StorageConfig(
+            endpoint=s3_endpoint,
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+            region="us-east-1",
+            retries=1,
+            backoff_s=0.05,
+            timeout_s=5,
+        ),
+        slide_cache={"dir": root / "cache", "max_bytes": 512 * 1024 * 1024},
+        tiling={"local_slide_roots": [slides_dir, openslide_fixtures], "batch_size": 16},
+        serve={
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "tiler": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_instance(service_config: SmartPathConfig) -> Iterator[SmartPathConfig]:
+    """Ray (2 CPUs, no dashboard) and Serve with the SmartPath applications, once per session."""
+    from smartpath.services import serving
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    serving.start(service_config, num_cpus=2)
+    serving.deploy(service_config)
+    yield service_config
+    serving.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_channel(serve_instance: SmartPathConfig) -> Iterator[grpc.Channel]:
+    """A plain gRPC channel to the Serve proxy."""
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{serve_instance.serve.grpc_port}",
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield channel
+    channel.close()

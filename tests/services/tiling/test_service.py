@@ -1,0 +1,213 @@
+"""The SlideTiler over real Ray Serve and a real gRPC client, slides in a real S3 server."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from smartpath.services.client import TilerClient, tile_spec
+from smartpath.services.storage import ObjectRef, make_store
+from smartpath.services.tiling.plan import tile_geometry
+from smartpath.services.tiling.reader import TileReader
+from smartpath.services.tiling.slide import Slide
+from smartpath.v1 import tiling_pb2
+
+BUCKET = "slides"
+
+
+@pytest.fixture(scope="module")
+def store(serve_instance):
+    s = make_store(serve_instance.storage)
+    s.ensure_bucket(BUCKET)
+    return s
+
+
+@pytest.fixture(scope="module")
+def svs_uri(store, synthetic_svs) -> str:
+    ref = ObjectRef(BUCKET, "cases/synthetic.svs")
+    store.upload(synthetic_svs.path, ref)
+    return f"s3://{ref.bucket}/{ref.key}"
+
+
+@pytest.fixture(scope="module")
+def client(serve_instance, grpc_channel):
+    with TilerClient(f"127.0.0.1:{serve_instance.serve.grpc_port}") as c:
+        yield c
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def test_describe_from_s3(client, svs_uri) -> None:
+    info = client.describe(svs_uri, thumbnail_max_px=256)
+    assert (info.width, info.height) == (6144, 5120)
+    assert info.vendor == "aperio"
+    assert info.mpp_x == pytest.approx(0.25) and info.objective_power == pytest.approx(40)
+    assert info.levels[0].downsample == 1.0
+    assert info.levels[1].mpp == pytest.approx(0.25 * info.levels[1].downsample)
+    assert {a.name for a in info.associated_images} >= {"thumbnail", "label", "macro"}
+    assert info.slide_id.startswith("s3:")
+    assert (
+        info.thumbnail.media_type == "image/jpeg"
+        and max(info.thumbnail.width, info.thumbnail.height) == 256
+    )
+
+
+def test_plan_and_read_tiles_match_library(client, svs_uri, synthetic_svs) -> None:
+    spec = tile_spec(mpp=0.5, tile_size=256, min_tissue_fraction=0.25)
+    plan = client.plan(svs_uri, spec, include_tissue_mask=True)
+    assert plan.plan.mpp == 0.5 and plan.plan.footprint == pytest.approx(512)
+    assert 0.05 < plan.tissue_fraction < 0.9
+    assert plan.tissue_mask.media_type == "image/png"
+    tiles = plan.plan.tiles
+    assert len(tiles) > 0 and all(t.tissue_fraction >= 0.25 for t in tiles)
+    assert plan.plan.plan_hash == client.plan(svs_uri, spec).plan.plan_hash
+
+    n = min(40, len(tiles))
+    assert n > 16
+    got, offsets = [], []
+    for response, pixels in client.read_tiles(svs_uri, spec, tiles[:n], batch_size=16):
+        assert response.total == n
+        offsets.append(response.offset)
+        got.append(pixels)
+    assert offsets == list(range(0, n, 16))
+    pixels = np.concatenate(got)
+    slide = Slide.open(synthetic_svs.path)
+    g = tile_geometry(slide.info, mpp=0.5, tile_size=256, overlap=0)
+    xs = np.array([t.x for t in tiles[:n]])
+    ys = np.array([t.y for t in tiles[:n]])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool, TileReader(slide, g, pool) as reader:
+        expected = reader.read(xs, ys)
+    assert np.array_equal(pixels, expected)
+
+
+def test_read_whole_plan_when_no_tiles_given(client, svs_uri) -> None:
+    spec = tile_spec(mpp=2.0, tile_size=128)
+    planned = len(client.plan(svs_uri, spec).plan.tiles)
+    streamed = sum(len(r.tiles) for r, _ in client.read_tiles(svs_uri, spec))
+    assert streamed == planned > 0
+
+
+def test_missing_object_and_bucket_are_not_found(client) -> None:
+    assert _code(lambda: client.describe(f"s3://{BUCKET}/nope.svs")) == grpc.StatusCode.NOT_FOUND
+    assert _code(lambda: client.describe("s3://no-such-bucket/a.svs")) == grpc.StatusCode.NOT_FOUND
+
+
+def _bad_payloads(synthetic_svs, openslide_fixtures: Path) -> dict[str, bytes]:
+    svs = synthetic_svs.path.read_bytes()
+    tiff = bytearray((openslide_fixtures / "boxes.tiff").read_bytes())
+    tiff[len(tiff) // 4 :] = (
+        np.random.default_rng(1)
+        .integers(0, 256, len(tiff) - len(tiff) // 4, dtype=np.uint8)
+        .tobytes()
+    )
+    return {
+        "zero.svs": b"",
+        "truncated.svs": svs[: len(svs) // 3],
+        "corrupted.tiff": bytes(tiff),
+        "notes.svs": b"this is not a slide\n" * 50,
+    }
+
+
+def test_bad_slides_are_invalid_argument_and_replica_survives(
+    client, store, svs_uri, synthetic_svs, openslide_fixtures
+) -> None:
+    for name, payload in _bad_payloads(synthetic_svs, openslide_fixtures).items():
+        ref = ObjectRef(BUCKET, f"bad/{name}")
+        store.put_bytes(ref, payload)
+        uri = f"s3://{BUCKET}/bad/{name}"
+
+        def describe_and_read(uri: str = uri):
+            client.describe(uri)
+            spec = tile_spec(mpp=0.25, min_tissue_fraction=0.0)
+            return list(client.read_tiles(uri, spec))
+
+        with pytest.raises(grpc.RpcError) as err:
+            describe_and_read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+        assert "Traceback" not in err.value.details()
+        assert client.describe(svs_uri).width == 6144  # still serving
+
+
+def test_bad_requests(client, svs_uri) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: client.describe("")) == invalid
+    assert _code(lambda: client.describe("s3://Bad_Bucket/x.svs")) == invalid
+    assert _code(lambda: client.describe("s3://slides/../etc/passwd")) == invalid
+    assert _code(lambda: client.describe("/etc/passwd")) == invalid  # outside local roots
+    assert _code(lambda: client.plan(svs_uri, tile_spec(tile_size=8))) == invalid
+    assert _code(lambda: client.plan(svs_uri, tile_spec(mpp=0.5, overlap=300))) == invalid
+    outside = tiling_pb2.Tile(x=10**9, y=0)
+    assert _code(lambda: list(client.read_tiles(svs_uri, tile_spec(), [outside]))) == invalid
+
+
+def test_roi_without_mpp_is_failed_precondition(client, store, tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "roi.png"
+    Image.fromarray(np.full((64, 64, 3), (180, 60, 140), np.uint8)).save(path)
+    store.upload(path, ObjectRef(BUCKET, "roi/roi.png"))
+    uri = f"s3://{BUCKET}/roi/roi.png"
+    assert client.describe(uri).vendor == "image"
+    assert _code(lambda: client.plan(uri)) == grpc.StatusCode.FAILED_PRECONDITION
+    plan = client.plan(
+        uri, tile_spec(mpp=0.5, tile_size=32, min_tissue_fraction=0), mpp_override=0.5
+    )
+    assert len(plan.plan.tiles) == 4
+
+
+def test_local_fixture_paths_within_roots(client, openslide_fixtures: Path) -> None:
+    for name in ("small.svs", "boxes.tiff", "boxes_0.dcm", "boxes_1.dcm"):
+        info = client.describe(str(openslide_fixtures / name))
+        assert info.width > 0
+
+
+def test_concurrent_clients(client, svs_uri) -> None:
+    errors: list[BaseException] = []
+    spec = tile_spec(mpp=1.0, tile_size=128)
+
+    def work() -> None:
+        try:
+            assert sum(len(r.tiles) for r, _ in client.read_tiles(svs_uri, spec)) > 0
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_health_without_application_metadata(grpc_channel) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc_channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == serving
+    tiler = health_pb2.HealthCheckRequest(service="smartpath.v1.SlideTiler")
+    assert stub.Check(tiler, timeout=10).status == serving
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(iter(watch)).status == serving
+    watch.cancel()
+
+
+def test_reflection_lists_services(grpc_channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc_channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"smartpath.v1.SlideTiler", "grpc.health.v1.Health"} <= names
