@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import simplejpeg
 import tifffile
 from PIL import Image, JpegImagePlugin
 
@@ -93,10 +94,12 @@ def run_ceiling(path: Path, plan, workers: int) -> tuple[float, int]:
     size = (tw // scale, th // scale)
 
     def decode(blob: bytes) -> None:
-        image = JpegImagePlugin.JpegImageFile(io.BytesIO(blob))
+        if not rgb:  # ordinary YCbCr JPEG: libjpeg-turbo's TurboJPEG API, DCT-scaled
+            simplejpeg.decode_jpeg(blob, min_factor=scale, min_width=size[0], min_height=size[1])
+            return
+        image = JpegImagePlugin.JpegImageFile(io.BytesIO(blob))  # RGB-coded (Aperio)
         image.draft("RGB", size)
-        if rgb:
-            image.tile = [image.tile[0]._replace(args=("RGB", "RGB"))]
+        image.tile = [image.tile[0]._replace(args=("RGB", "RGB"))]
         image.load()
 
     with ThreadPoolExecutor(workers) as pool:
@@ -143,7 +146,6 @@ def main() -> None:
         tiler = Tiler(config)
         opened = tiler.open(str(path))
         plan, tissue = tiler.plan(opened, TileRequest(mpp=TARGET_MPP, tile_size=TILE))
-        tiler.close()
         slide = opened.slide
         print(f"plan: {len(plan)} tissue tiles of {plan.geometry.cols * plan.geometry.rows}")
 
@@ -151,6 +153,7 @@ def main() -> None:
         ceiling_s, source_tiles = run_ceiling(path, plan, args.workers)
         tiler_s, _ = run_tiler(slide, plan, args.workers, args.batch_size)
         naive_s = run_naive(path, plan)
+        tiler.close()
 
     n = len(plan)
     result = {

@@ -29,7 +29,7 @@ def draw_plan_overlay(
     base = Image.fromarray(thumbnail).convert("RGB")
     mask = Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize(base.size, Image.NEAREST)
     tint = Image.new("RGB", base.size, TISSUE_TINT)
-    image = Image.composite(Image.blend(base, tint, 0.35), base, mask)
+    image = Image.composite(Image.blend(base, tint, 0.2), base, mask)
     edge = outline(np.asarray(mask) > 0)
     pixels = np.asarray(image).copy()
     pixels[edge] = TISSUE_TINT

@@ -3,26 +3,30 @@
 Design decisions:
 - Fast path for JPEG-tiled TIFF levels (Aperio SVS, generic tiled TIFF): read the compressed
   source tiles straight from the file (``os.pread``), decode each tile needed by a batch
-  exactly once, at the output scale where libjpeg's DCT scaling allows it (Pillow's
-  ``draft``: 1/2, 1/4, 1/8), then assemble output tiles by copying and finish any remaining
-  integer downsample with a block mean. Decoding releases the GIL, so a thread pool uses
-  every core.
-- Colour follows OpenSlide: a TIFF whose Photometric is RGB holds JPEG data in RGB (no
-  YCbCr conversion, as Aperio writes it); Photometric YCbCr is ordinary JPEG.
+  exactly once, at the output scale where libjpeg-turbo's DCT scaling allows it (1/2, 1/4,
+  1/8), then assemble output tiles by copying straight into the batch array and finish any
+  remaining integer downsample with a block mean. Decoding releases the GIL, so a thread
+  pool uses every core.
+- Colour follows OpenSlide: Photometric YCbCr is ordinary JPEG, decoded by simplejpeg
+  (libjpeg-turbo's TurboJPEG API, no Python header parsing); Photometric RGB means the JPEG
+  data are RGB with no YCbCr conversion (as Aperio writes them), which only Pillow's decoder
+  can be told, so those go through Pillow's ``draft``.
 - Everything else (NDPI, MRXS, DICOM, non-JPEG TIFF, PNG/JPEG ROIs) reads through OpenSlide's
   ``read_region`` in parallel and resamples with an area filter.
-- Memory is bounded by one batch in flight plus one prefetched, whatever the slide's size.
+- Memory is bounded by the batch being used plus those in flight, whatever the slide's size.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import tifffile
 from PIL import Image, JpegImagePlugin
 
@@ -124,21 +128,25 @@ class TileReader:
         return self._read_jpeg(xs, ys)
 
     def iter_batches(
-        self, xs: np.ndarray, ys: np.ndarray, batch_size: int
+        self, xs: np.ndarray, ys: np.ndarray, batch_size: int, prefetch: int = 2
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (offset, tiles) batches in order, reading the next batch while one is used."""
-        starts = range(0, len(xs), batch_size)
-        with ThreadPoolExecutor(1, thread_name_prefix="tile-prefetch") as prefetch:
-            pending = None
+        """Yield (offset, tiles) batches in order, with ``prefetch`` more batches in flight.
+
+        Two in flight keep every core decoding while one batch is being assembled (the
+        GIL-bound part) and another is being consumed.
+        """
+        starts = list(range(0, len(xs), batch_size))
+        with ThreadPoolExecutor(prefetch, thread_name_prefix="tile-prefetch") as workers:
+            pending: deque[tuple[int, Future[np.ndarray]]] = deque()
             for start in starts:
-                nxt = prefetch.submit(
-                    self.read, xs[start : start + batch_size], ys[start : start + batch_size]
-                )
-                if pending is not None:
-                    yield pending[0], pending[1].result()
-                pending = (start, nxt)
-            if pending is not None:
-                yield pending[0], pending[1].result()
+                end = start + batch_size
+                pending.append((start, workers.submit(self.read, xs[start:end], ys[start:end])))
+                if len(pending) > prefetch:
+                    offset, future = pending.popleft()
+                    yield offset, future.result()
+            while pending:
+                offset, future = pending.popleft()
+                yield offset, future.result()
 
     # -- OpenSlide path ------------------------------------------------------------------
     def _read_via_openslide(self, x: int, y: int) -> np.ndarray:
@@ -181,7 +189,10 @@ class TileReader:
             jobs.append((lx, ly, k, keys))
         order = sorted(needed, key=lambda key: (key[1], key[0]))  # file order: rows of tiles
         decoded = dict(zip(order, self._pool.map(self._decode, order), strict=True))
-        return np.stack(list(self._pool.map(lambda job: self._assemble(job, decoded), jobs)))
+        out = np.empty((len(jobs), g.tile_size, g.tile_size, 3), dtype=np.uint8)
+        for i, job in enumerate(jobs):
+            self._assemble(job, decoded, out[i])
+        return out
 
     def _decode(self, key: SourceKey) -> np.ndarray | None:
         j = self._jpeg
@@ -196,40 +207,81 @@ class TileReader:
             raise InvalidArgumentError("slide file is truncated (a tile lies past its end)")
         if j.tables:
             data = j.tables[:-2] + data[2:]  # tables' SOI..DQT/DHT, then the tile after its SOI
+        width, height = j.tile_width // k, j.tile_height // k
         try:
-            image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-            image.draft("RGB", (j.tile_width // k, j.tile_height // k))
-            if j.rgb_colorspace:
+            if not j.rgb_colorspace:
+                tile = simplejpeg.decode_jpeg(
+                    data, min_factor=k, min_width=width, min_height=height
+                )
+            else:
+                image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+                image.draft("RGB", (width, height))
                 # Pillow has no public switch for "these components are RGB, not YCbCr";
                 # the decoder args (rawmode, jpegmode) are that switch.
                 image.tile = [image.tile[0]._replace(args=("RGB", "RGB"))]
-            return np.asarray(image)
+                tile = np.asarray(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise InvalidArgumentError(f"slide data is corrupt ({type(e).__name__})") from e
+        if tile.shape[:2] != (height, width):
+            raise InvalidArgumentError("slide tile has a different size than its TIFF says")
+        return tile
 
     def _assemble(
         self,
         job: tuple[int, int, int, list[SourceKey]],
         decoded: dict[SourceKey, np.ndarray | None],
-    ) -> np.ndarray:
+        out: np.ndarray,
+    ) -> None:
+        """Write one output tile into ``out`` from its decoded source tiles."""
         g, j = self._geometry, self._jpeg
         assert j is not None
         lx, ly, k, keys = job
         side = g.read_size // k
-        region = np.full((side, side, 3), 255, dtype=np.uint8)
+        direct = side == g.tile_size  # no resampling left: copy straight into the batch
+        region = out if direct else np.empty((side, side, 3), dtype=np.uint8)
         tw, th = j.tile_width // k, j.tile_height // k
         level_w, level_h = -(-j.width // k), -(-j.height // k)
         rx, ry = lx // k, ly // k  # region origin in reduced level pixels
+        covered = 0
         for tx, ty, _ in keys:
             tile = decoded[(tx, ty, k)]
             if tile is None:
                 continue
             # Intersection of the source tile (clipped to the level) with the region.
             sx0, sy0 = tx * tw, ty * th
-            x0, x1 = max(sx0, rx), min(sx0 + tile.shape[1], rx + side, level_w)
-            y0, y1 = max(sy0, ry), min(sy0 + tile.shape[0], ry + side, level_h)
+            x0, x1 = max(sx0, rx), min(sx0 + tw, rx + side, level_w)
+            y0, y1 = max(sy0, ry), min(sy0 + th, ry + side, level_h)
             if x0 < x1 and y0 < y1:
                 region[y0 - ry : y1 - ry, x0 - rx : x1 - rx] = tile[
-                    y0 - sy0 : y1 - sy0, x0 - sx0 : x1 - sx0, :3
+                    y0 - sy0 : y1 - sy0, x0 - sx0 : x1 - sx0
                 ]
-        return resize(region, g.tile_size, g.tile_size)
+                covered += (x1 - x0) * (y1 - y0)
+        if covered < side * side:
+            _whiten_uncovered(region, keys, decoded, rx, ry, tw, th, level_w, level_h)
+        if not direct:
+            out[:] = resize(region, g.tile_size, g.tile_size)
+
+
+def _whiten_uncovered(
+    region: np.ndarray,
+    keys: list[SourceKey],
+    decoded: dict[SourceKey, np.ndarray | None],
+    rx: int,
+    ry: int,
+    tw: int,
+    th: int,
+    level_w: int,
+    level_h: int,
+) -> None:
+    """Paint white what no decoded tile covered: beyond the level's edge, or sparse tiles."""
+    side = region.shape[0]
+    covered = np.zeros((side, side), dtype=bool)
+    for key in keys:
+        if decoded[key] is None:
+            continue
+        tx, ty, _ = key
+        x0, x1 = max(tx * tw, rx), min(tx * tw + tw, rx + side, level_w)
+        y0, y1 = max(ty * th, ry), min(ty * th + th, ry + side, level_h)
+        if x0 < x1 and y0 < y1:
+            covered[y0 - ry : y1 - ry, x0 - rx : x1 - rx] = True
+    region[~covered] = 255

@@ -1,7 +1,9 @@
 """Tissue detection on a low-resolution thumbnail.
 
-Saturation separates stained tissue from glass far better than brightness; an Otsu threshold
-adapts to stain intensity, a floor keeps near-grey glass, dust and shadows out, morphology
+Saturation separates stained tissue from glass far better than brightness. Otsu's threshold
+is taken on log-saturation: glass sits near 0.01 and pale eosin near 0.2, purple nuclei near
+0.4, so in linear units Otsu tends to split pale from dark tissue instead of tissue from
+glass. A floor keeps near-grey glass, dust and shadows out, morphology
 closes gaps, and area filters (in µm², so they mean the same at any thumbnail scale) drop
 specks and fill small holes.
 """
@@ -37,6 +39,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1 + int(np.argmax(between))])  # class 0 is every bin up to here
 
 
+def log_otsu_threshold(sat: np.ndarray, floor: float = 0.01) -> float:
+    """Otsu's threshold of saturation computed on log10(sat + floor), returned in sat units."""
+    lo, hi = np.log10(floor), np.log10(1.0 + floor)
+    t = otsu_threshold((np.log10(sat + floor) - lo) / (hi - lo))
+    return float(10 ** (lo + t * (hi - lo)) - floor)
+
+
 def detect_tissue(
     rgb: np.ndarray,
     *,
@@ -50,7 +59,7 @@ def detect_tissue(
     candidates = sat[bright < MAX_BRIGHTNESS]
     if candidates.size == 0 or candidates.max() < MIN_SATURATION:
         return np.zeros(sat.shape, dtype=bool)
-    threshold = max(otsu_threshold(sat), MIN_SATURATION)
+    threshold = max(log_otsu_threshold(sat), MIN_SATURATION)
     mask = (sat > threshold) & (bright < MAX_BRIGHTNESS)
 
     px_area = um_per_px**2

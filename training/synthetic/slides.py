@@ -5,21 +5,27 @@ Design decisions
 - Procedural, resolution-independent tissue. :class:`SyntheticTissue` is a pure function of
   level-0 coordinates: any region can be rendered at any downsample without holding an image, and
   tiles agree across boundaries and across pyramid levels.
-- Hash-based value noise, evaluated as two small matrix products. Lattice values come from an
-  integer hash of (lattice index, seed, octave), so nothing random is stored. Interpolation is
-  separable, so a field over a w x h region is ``Wy @ G @ Wx.T``; the weights integrate the
-  smoothstep kernel exactly over each output pixel's footprint (a box filter), which makes lower
-  levels the area average of level 0 instead of an aliased point sample. Octaves much finer than
-  a pixel are replaced by their mean, and thresholded features (fibres, fat membranes, nuclei)
-  fade to their mean coverage as they become sub-pixel. Weight matrices are cached (all lattice
-  periods are whole pixels, so tiles repeat the same few offsets).
-- Tissue = a few ellipses, unioned and deformed by noise, stored as a coarse signed-distance
-  lattice (in level-0 pixels); a threshold calibrated on an overview hits a seeded tissue fraction
-  in [0.25, 0.42]. Because the lattice interpolation is a convex combination and every noise octave
-  is bounded, :meth:`SyntheticTissue.is_glass` proves a region is bare glass from a handful of
-  lattice values, so glass tiles cost nothing to render.
+- Value noise from a seeded 1024 x 1024 table of lattice values, evaluated as two small matrix
+  products: interpolation is separable, so a field over a w x h block is ``Wy @ G @ Wx.T``. The
+  weights integrate the smoothstep kernel exactly over each output pixel's footprint (a box
+  filter), so a lower level is the area average of level 0, not an aliased point sample. Octaves
+  much finer than a pixel are dropped (mean 0); thresholded features (fibres, fat membranes,
+  nuclei) fade to their intensity-equivalent mean as they become sub-pixel, so levels agree in
+  colour. Lattice periods are whole pixels, so tiles on a grid repeat a few offsets and the
+  weight matrices are cached. Blocks are at most 256 px (weights grow with the square of the
+  side); GEMMs are split to stay on OpenBLAS's single-threaded path (waking its threads for tiny
+  products is slower than the product, and they compete with the tile workers).
+- Large, smooth fields (tissue outline, tissue classes) are precomputed on coarse global lattices
+  at construction, with rotated noise (no axis-aligned artefacts), and only interpolated per
+  block: cheap, and identical for every tile, so tiles agree at their seams.
+- Tissue = 2-4 domain-warped ellipses in distinct cells of a 3 x 2 layout plus small fragments,
+  as a signed distance in level-0 px with ragged-edge noise on top; a threshold calibrated on an
+  overview hits a seeded tissue fraction in [0.25, 0.42]. Interpolation weights are convex and
+  every octave is bounded, so :meth:`SyntheticTissue.is_glass` proves a block is bare glass (and
+  a twin test proves it all tissue) from a handful of lattice values: glass costs nothing.
 - Colour by Beer-Lambert: each texture sets hematoxylin and eosin concentrations, converted to RGB
-  with fixed optical-density vectors over a near-white glass, so every mix looks like H&E.
+  with fixed optical-density vectors over near-white glass (through a 0.01-step lookup table, no
+  per-pixel exp), so every mix looks like H&E.
 - Writing streams pre-encoded JPEG tiles to tifffile (``data=`` an iterator of bytes), rendering
   each level straight from the procedural function, in a bounded thread pool, in file order. Bare
   glass tiles reuse one cached encoding. Memory is O(tile x workers), independent of slide size.
@@ -52,11 +58,13 @@ from typing import Literal, TypeVar
 import imagecodecs
 import numpy as np
 import tifffile
+from tqdm import tqdm
 
 __all__ = ["SyntheticSlide", "SyntheticTissue", "write_synthetic_slide"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+Field = np.ndarray | float  # a per-pixel plane, or a Python float when constant over a block
 
 _MASK32 = 0xFFFFFFFF
 # Glass and stain optical densities (-ln(I/255)) per RGB channel.
@@ -69,12 +77,17 @@ _LUT_H, _LUT_E = 480, 320  # table size: hematoxylin up to 4.8, eosin up to 3.2
 _NUCLEUS_CELL = 13  # px: jittered-grid cell size of the nuclei layer
 _NUCLEUS_R = (2.6, 4.4)  # px: nucleus radius range
 # Mean values of the thresholded features, used once they are finer than a pixel.
-_FIBRE_MEAN = 0.42
-_FAT_WALL_MEAN = 0.22
-
-
+# (Intensity-equivalent means: the value whose colour matches the average colour, measured.)
+_FIBRE_MEAN = 0.37
+_FAT_WALL_MEAN = 0.06
+# Hematoxylin per unit of sub-pixel nucleus coverage: a nucleus adds 1.55, but averaging light
+# (not stain) over a pixel dilutes it: -ln(1 - f * (1 - e^(-1.55 * 0.8))) / 0.8 ~= 0.9 f.
+_NUCLEUS_H = 1.55
+_NUCLEUS_H_FADED = 0.9
 _GEMM_SINGLE = 1 << 18  # OpenBLAS multithreads GEMMs above 65536 * 4 multiply-adds
-_TABLE = 1024  # lattice values repeat every _TABLE nodes (>= 6k px even for the finest octave)
+_BLOCK = 256  # px: regions are rendered in blocks of at most this side
+_PAD = -4  # coarse lattices start this many nodes before the slide's origin
+_TABLE = 1024  # lattice values repeat every _TABLE nodes (>= 7k px even for the finest octave)
 
 
 def _kernel_integral(u: np.ndarray) -> np.ndarray:
@@ -120,33 +133,49 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=64)
-def _upsample_weights(n: int, step: int) -> np.ndarray:
-    """(n, n // step + 2) linear interpolation from samples at pixels 0, step, 2*step, ..."""
-    t = np.arange(n, dtype=np.float64) / step
-    k = np.floor(t).astype(np.int64)
-    f = (t - k).astype(np.float32)
-    w = np.zeros((n, (n - 1) // step + 2), dtype=np.float32)
-    w[np.arange(n), k] = 1.0 - f
-    w[np.arange(n), k + 1] = f
-    w.setflags(write=False)
-    return w
-
-
 @lru_cache(maxsize=1)
 def _stain_luts() -> tuple[np.ndarray, np.ndarray]:
-    """Beer-Lambert colours for hematoxylin x eosin concentrations in 1/_LUT_SCALE steps, as
-    packed RGBX (uint32, little-endian) and as 3-byte records (for contiguous RGB output)."""
-    hema = np.arange(_LUT_H, dtype=np.float64)[:, None, None] / _LUT_SCALE
-    eosin = np.arange(_LUT_E, dtype=np.float64)[None, :, None] / _LUT_SCALE
+    """Beer-Lambert colours of (hematoxylin, eosin) concentration bins of width 1/_LUT_SCALE,
+    at bin centres; entry 0 is exactly bare glass. As packed RGBX (uint32, little-endian) and as
+    3-byte records (for contiguous RGB output)."""
+    hema = (np.arange(_LUT_H, dtype=np.float64)[:, None, None] + 0.5) / _LUT_SCALE
+    eosin = (np.arange(_LUT_E, dtype=np.float64)[None, :, None] + 0.5) / _LUT_SCALE
     od = _GLASS_OD + hema * _HEMATOXYLIN_OD + eosin * _EOSIN_OD
     rgb = np.rint(255.0 * np.exp(-od)).astype(np.uint8).reshape(-1, 3)
+    rgb[0] = np.rint(_GLASS_RGB)
     rgbx = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
     packed = rgbx.view(np.uint32).reshape(-1)
     records = rgb.view(np.dtype((np.void, 3))).reshape(-1)
     packed.setflags(write=False)
     records.setflags(write=False)
     return packed, records
+
+
+def _check_region(w: int, h: int, downsample: float) -> float:
+    """Validate a region's size and downsample; return the downsample as a float."""
+    d = float(downsample)
+    if w < 1 or h < 1 or not d > 0 or not math.isfinite(d):
+        raise ValueError(f"bad region {w}x{h} at downsample {downsample}")
+    return d
+
+
+def _blocks(w: int, h: int) -> Iterator[tuple[int, int, int, int]]:
+    """(row, col, height, width) of the _BLOCK-px blocks covering a w x h region."""
+    for r in range(0, h, _BLOCK):
+        for c in range(0, w, _BLOCK):
+            yield r, c, min(_BLOCK, h - r), min(_BLOCK, w - c)
+
+
+def _plane(v: Field, h: int, w: int) -> np.ndarray:
+    """``v`` as a writable (h, w) float32 array (a new one unless it already is one)."""
+    if isinstance(v, np.ndarray) and v.shape == (h, w) and v.dtype == np.float32:
+        return v
+    return np.broadcast_to(np.asarray(v, dtype=np.float32), (h, w)).copy()
+
+
+def _density(w_cell: Field, w_fat: Field) -> Field:
+    """Fraction of nucleus candidates present: 0.85 in cellular, 0.16 in stroma, 0.04 in fat."""
+    return 0.16 + 0.69 * w_cell - 0.12 * w_fat
 
 
 def _smoothstep(lo: float, hi: float, v: np.ndarray | float) -> np.ndarray | float:
@@ -162,20 +191,19 @@ def _fade(d: float, size: float) -> float:
 
 @dataclass(frozen=True)
 class _Octave:
-    """One value-noise octave: table offsets, lattice periods (px) and amplitude."""
+    """One value-noise octave: table offsets, lattice periods (px), amplitude, rotation."""
 
     ox: int
     oy: int
     period_x: int
     period_y: int
     amp: float
-
-
-Field = np.ndarray | float
+    angle: float  # radians; used by the point-sampled (init-time) fields only
 
 
 class SyntheticTissue:
-    """Deterministic procedural H&E-like tissue on white glass, evaluable for any region at any scale.
+    """Deterministic procedural H&E-like tissue on white glass, evaluable for any region at any
+    scale.
 
     Coordinates are level-0 pixels. ``render(x, y, w, h, d)`` returns the w x h image whose pixel
     (i, j) approximates the area average over ``[x + j*d, x + (j+1)*d) x [y + i*d, y + (i+1)*d)``;
@@ -194,53 +222,62 @@ class SyntheticTissue:
 
         def octave(period: float, amp: float, aspect: float = 1.0) -> _Octave:
             ox, oy = (int(v) for v in rng.integers(0, _TABLE, size=2))
-            return _Octave(ox, oy, max(2, round(period)), max(2, round(period * aspect)), amp)
+            px, py = max(2, round(period)), max(2, round(period * aspect))
+            return _Octave(ox, oy, px, py, amp, float(rng.uniform(0.0, math.pi)))
 
         # Tissue pieces: ellipses in distinct cells of a 3 x 2 layout plus a few small fragments,
-        # as a coarse signed-distance lattice (px, positive inside), warped by slide-scale noise.
+        # domain-warped, as a coarse signed-distance lattice (px, positive inside).
         p = self._blob_period = max(8, math.ceil(max(self.width, self.height) / 64))
-        k0 = self._blob_k0 = -4
         nx, ny = math.ceil(self.width / p) + 9, math.ceil(self.height / p) + 9
-        gx, gy = np.meshgrid((np.arange(nx) + k0) * float(p), (np.arange(ny) + k0) * float(p))
+        gx = ((np.arange(nx) + _PAD) * float(p))[None, :]
+        gy = ((np.arange(ny) + _PAD) * float(p))[:, None]
+        wx = gx + self._noise_at((octave(size / 3, 0.08 * size),), gx, gy)
+        wy = gy + self._noise_at((octave(size / 3, 0.08 * size),), gx, gy)
         cols, rows = (3, 2) if self.width >= self.height else (2, 3)
         cw, ch = self.width / cols, self.height / rows
         blobs = []
         for cell in rng.choice(cols * rows, size=int(rng.integers(2, 5)), replace=False):
-            cx = (cell % cols + rng.uniform(0.35, 0.65)) * cw
-            cy = (cell // cols + rng.uniform(0.35, 0.65)) * ch
-            blobs.append((cx, cy, rng.uniform(0.25, 0.45) * cw, rng.uniform(0.25, 0.45) * ch))
+            cx = (cell % cols + rng.uniform(0.4, 0.6)) * cw
+            cy = (cell // cols + rng.uniform(0.4, 0.6)) * ch
+            blobs.append((cx, cy, rng.uniform(0.2, 0.36) * cw, rng.uniform(0.2, 0.36) * ch))
         for _ in range(int(rng.integers(1, 4))):
             cx, cy = rng.uniform(0.1, 0.9) * self.width, rng.uniform(0.1, 0.9) * self.height
             blobs.append((cx, cy, *(rng.uniform(0.015, 0.04, size=2) * size)))
-        sdf = np.full(gx.shape, -np.inf)
+        sdf = np.full((ny, nx), -np.inf)
         for cx, cy, ra, rb in blobs:
             ang = rng.uniform(0.0, math.pi)
-            u = (gx - cx) * math.cos(ang) + (gy - cy) * math.sin(ang)
-            v = (gy - cy) * math.cos(ang) - (gx - cx) * math.sin(ang)
+            u = (wx - cx) * math.cos(ang) + (wy - cy) * math.sin(ang)
+            v = (wy - cy) * math.cos(ang) - (wx - cx) * math.sin(ang)
             q = np.sqrt((u / ra) ** 2 + (v / rb) ** 2)
             sdf = np.maximum(sdf, (1.0 - q) * math.sqrt(ra * rb))
-        warp = (octave(size / 4, 0.10 * size), octave(size / 12, 0.04 * size))
-        sdf += self._field(warp, (k0 - 0.5) * p, (k0 - 0.5) * p, nx, ny, float(p))
+        sdf += self._noise_at((octave(size / 10, 0.04 * size),), gx, gy)
         self._blob = sdf.astype(np.float32)
 
         # Ragged edges at physical scales (px amplitudes), tamer on small slides.
         rag = min(1.0, size / 10000) ** 0.5
         self._edge = (octave(330, 120.0 * rag), octave(90, 36.0 * rag), octave(26, 10.0 * rag))
         self._edge_bound = 0.5 * sum(o.amp for o in self._edge)
-        # Tissue-class fields (stroma / cellular / fat), sampled on a lattice of their own.
+
+        # Tissue classes (stroma / cellular / fat) and fibre orientation: smooth fields, kept
+        # on a lattice of their own and interpolated per region.
         cls = min(max(size / 4, 300.0), 2600.0)
-        self._class_a = (octave(cls, 1.0), octave(cls / 3, 0.45))
-        self._class_b = (octave(cls, 1.0), octave(cls / 3, 0.45))
-        self._orient = (octave(700, 1.0),)
-        cp = self._class_period = max(16, round(cls / 12))
-        cnx, cny = math.ceil(self.width / cp) + 9, math.ceil(self.height / cp) + 9
-        self._class_nodes = self._classes(-4.5 * cp, -4.5 * cp, cnx, cny, float(cp))
+        class_a = (octave(cls, 1.0), octave(cls / 3, 0.45))
+        class_b = (octave(cls, 1.0), octave(cls / 3, 0.45))
+        orient = (octave(700, 1.0),)
+        cp = self._class_period = max(16, round(cls / 16))
+        px = ((np.arange(math.ceil(self.width / cp) + 9) + _PAD) * float(cp))[None, :]
+        py = ((np.arange(math.ceil(self.height / cp) + 9) + _PAD) * float(cp))[:, None]
+        w_cell = _smoothstep(0.10, 0.22, self._noise_at(class_a, px, py))
+        w_fat = _smoothstep(0.12, 0.24, self._noise_at(class_b, px, py)) * (1.0 - w_cell)
+        mix = _smoothstep(-0.15, 0.15, self._noise_at(orient, px, py))
+        self._class_nodes = np.stack([w_cell, w_fat, mix]).astype(np.float32)
+
         # Textures at physical scales.
         self._fibre_h = (octave(70, 1.0, 0.16), octave(23, 0.35, 0.3))
         self._fibre_v = (octave(11, 1.0, 6.4), octave(7, 0.35, 3.3))
         self._fat = (octave(52, 1.0), octave(17, 0.3))
         self._cyto = (octave(18, 1.0),)
-        self._speck = (octave(7, 1.0),)
+        self._speck = (octave(10, 1.0),)
         self._nuc = tuple(octave(_NUCLEUS_CELL, 1.0) for _ in range(4))
 
         # Calibrate the tissue threshold on an overview to a seeded tissue fraction.
@@ -252,6 +289,25 @@ class SyntheticTissue:
         self._offset = float(np.quantile(overview, 1.0 - self.target_fraction))
 
     # ---------------------------------------------------------------- noise machinery
+
+    def _noise_at(self, octaves: Iterable[_Octave], px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """Point-sampled sum of ``amp * noise`` at positions (broadcast), each octave on its own
+        rotated lattice: hides value noise's axis-aligned look in the large init-time fields."""
+        total = np.zeros(np.broadcast_shapes(px.shape, py.shape), dtype=np.float64)
+        t, mask = self._table, _TABLE - 1
+        for o in octaves:
+            cos, sin = math.cos(o.angle), math.sin(o.angle)
+            u = (px * cos - py * sin) / o.period_x
+            v = (px * sin + py * cos) / o.period_y
+            i, j = np.floor(u), np.floor(v)
+            fu, fv = _smoothstep(0.0, 1.0, u - i), _smoothstep(0.0, 1.0, v - j)
+            i0 = (i.astype(np.int64) + o.ox) & mask
+            j0 = (j.astype(np.int64) + o.oy) & mask
+            i1, j1 = (i0 + 1) & mask, (j0 + 1) & mask
+            top = t[j0, i0] + fu * (t[j0, i1] - t[j0, i0])
+            bottom = t[j1, i0] + fu * (t[j1, i1] - t[j1, i0])
+            total += o.amp * (top + fv * (bottom - top))
+        return total
 
     def _lattice(self, o: _Octave, kx: np.ndarray, ky: np.ndarray) -> np.ndarray:
         """Lattice values in [-0.5, 0.5) for node indices ``ky x kx``."""
@@ -301,7 +357,7 @@ class SyntheticTissue:
 
     def _blob_nodes(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
         """The blob-lattice nodes that can influence a region (a view; clamped at the border)."""
-        p, k0 = self._blob_period, self._blob_k0
+        p, k0 = self._blob_period, _PAD
         ny, nx = self._blob.shape
         i0 = min(max(math.floor(y / p) - 1 - k0, 0), ny - 1)
         i1 = min(max(math.floor((y + h * d) / p) + 2 - k0, i0 + 1), ny)
@@ -311,7 +367,7 @@ class SyntheticTissue:
 
     def _tissue_field(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
         """Approximate signed distance to the tissue boundary in level-0 px (positive = tissue)."""
-        p, k0 = self._blob_period, self._blob_k0
+        p, k0 = self._blob_period, _PAD
         bx, by = math.floor(x / p), math.floor(y / p)
         kx0, wx = _axis_weights(float(x - bx * p), w, float(d), p)
         ky0, wy = _axis_weights(float(y - by * p), h, float(d), p)
@@ -322,16 +378,6 @@ class SyntheticTissue:
         t -= np.float32(self._offset)
         return t
 
-    def _classes(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
-        """(3, h, w): cellular weight, fat weight and fibre orientation mix, all in [0, 1]."""
-        out = np.empty((3, h, w), dtype=np.float32)
-        a = self._field(self._class_a, x, y, w, h, d)
-        b = self._field(self._class_b, x, y, w, h, d)
-        out[0] = _smoothstep(0.10, 0.22, a)
-        out[1] = _smoothstep(0.12, 0.24, b) * (1.0 - out[0])
-        out[2] = _smoothstep(-0.08, 0.08, self._field(self._orient, x, y, w, h, d))
-        return out
-
     def _class_planes(self, x: float, y: float, w: int, h: int, d: float) -> list[Field]:
         """Cellular weight, fat weight and fibre orientation mix over a region, interpolated from
         their values on a global lattice (smooth fields; the lattice makes them cheap and
@@ -341,8 +387,8 @@ class SyntheticTissue:
         kx0, wx = _axis_weights(float(x - bx * p), w, float(d), p)
         ky0, wy = _axis_weights(float(y - by * p), h, float(d), p)
         _, ny, nx = self._class_nodes.shape
-        ix = np.clip(np.arange(wx.shape[1]) + bx + kx0 + 4, 0, nx - 1)
-        iy = np.clip(np.arange(wy.shape[1]) + by + ky0 + 4, 0, ny - 1)
+        ix = np.clip(np.arange(wx.shape[1]) + bx + kx0 - _PAD, 0, nx - 1)
+        iy = np.clip(np.arange(wy.shape[1]) + by + ky0 - _PAD, 0, ny - 1)
         nodes = self._class_nodes.take(iy, axis=1).take(ix, axis=2)
         planes: list[Field] = []
         for c in nodes:
@@ -370,34 +416,48 @@ class SyntheticTissue:
 
     def tissue_mask(self, x: int, y: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
         """(h, w) bool ground truth: True where the pixel's footprint is mostly tissue."""
-        if self.is_glass(x, y, w, h, downsample):
-            return np.zeros((h, w), dtype=bool)
-        if self._is_interior(x, y, w, h, downsample):
-            return np.ones((h, w), dtype=bool)
-        return self._tissue_field(x, y, w, h, float(downsample)) > 0
+        d = _check_region(w, h, downsample)
+        out = np.empty((h, w), dtype=bool)
+        for r, c, bh, bw in _blocks(w, h):
+            bx, by = x + c * d, y + r * d
+            if self.is_glass(bx, by, bw, bh, d):
+                out[r : r + bh, c : c + bw] = False
+            elif self._is_interior(bx, by, bw, bh, d):
+                out[r : r + bh, c : c + bw] = True
+            else:
+                out[r : r + bh, c : c + bw] = self._tissue_field(bx, by, bw, bh, d) > 0
+        return out
 
     def render(self, x: int, y: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
         """(h, w, 3) uint8 RGB of the region at (x, y) level-0 px, each pixel covering
         ``downsample`` level-0 px."""
-        index = self._stain_index(x, y, w, h, downsample)
-        if index is None:
-            return np.broadcast_to(np.array(self.glass_rgb, np.uint8), (h, w, 3)).copy()
-        return _stain_luts()[1].take(index).view(np.uint8).reshape(h, w, 3)
+        return self._render(x, y, w, h, downsample, channels=3)
 
-    def _render_rgbx(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray:
+    def _render_rgbx(self, x: float, y: float, w: int, h: int, downsample: float) -> np.ndarray:
         """Like :meth:`render` but (h, w, 4) RGBX, which JPEG encodes without a repacking copy."""
-        index = self._stain_index(x, y, w, h, downsample)
-        if index is None:
-            return np.broadcast_to(np.array((*self.glass_rgb, 255), np.uint8), (h, w, 4)).copy()
-        return _stain_luts()[0].take(index).view(np.uint8).reshape(h, w, 4)
+        return self._render(x, y, w, h, downsample, channels=4)
 
-    def _stain_index(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray | None:
-        """(h, w) int32 stain-table index of each pixel, or None for bare glass."""
-        x, y, w, h, d = float(x), float(y), int(w), int(h), float(downsample)
-        if w < 1 or h < 1 or not d > 0:
-            raise ValueError(f"bad region {w}x{h} at downsample {downsample}")
+    def _render(
+        self, x: float, y: float, w: int, h: int, downsample: float, channels: int
+    ) -> np.ndarray:
+        """Render in blocks of at most _BLOCK px: the weight matrices grow with the square of the
+        block side, so large regions are done piecewise (blocks agree at their seams)."""
+        d = _check_region(w, h, downsample)
+        packed, records = _stain_luts()
+        lut = packed if channels == 4 else records
+        if w <= _BLOCK and h <= _BLOCK:
+            index = self._stain_index(float(x), float(y), w, h, d)
+            return lut.take(index).view(np.uint8).reshape(h, w, channels)
+        out = np.empty((h, w, channels), dtype=np.uint8)
+        for r, c, bh, bw in _blocks(w, h):
+            index = self._stain_index(x + c * d, y + r * d, bw, bh, d)
+            out[r : r + bh, c : c + bw] = lut.take(index).view(np.uint8).reshape(bh, bw, channels)
+        return out
+
+    def _stain_index(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
+        """(h, w) int32 index into the stain colour tables (0 is bare glass) for one block."""
         if self.is_glass(x, y, w, h, d):
-            return None
+            return np.zeros((h, w), dtype=np.int32)
         alpha: Field = 1.0
         if not self._is_interior(x, y, w, h, d):
             t = self._tissue_field(x, y, w, h, d)
@@ -437,27 +497,27 @@ class SyntheticTissue:
             eosin = eosin + w_fat * (0.04 + 0.85 * wall)
             hema = hema + w_fat * (0.03 * wall)
 
-        nuclei = self._nuclei(x, y, w, h, d, w_cell, w_fat)
-        hema = hema + 1.55 * nuclei
-        eosin = eosin * (1.0 - 0.6 * nuclei)
-        scale = 1.0 + 0.9 * self._field(self._speck, x, y, w, h, d, cutoff=0.5)
-        scale = scale * alpha
-        f32 = np.float32
-        hema, eosin = hema * scale, eosin * scale
-        hq = np.broadcast_to(np.asarray(hema, f32) * f32(_LUT_SCALE) + f32(0.5), (h, w))
-        eq = np.broadcast_to(np.asarray(eosin, f32) * f32(_LUT_SCALE) + f32(0.5), (h, w))
-        hi = np.clip(hq, 0.0, _LUT_H - 1).astype(np.int32)
-        hi *= _LUT_E
-        hi += np.clip(eq, 0.0, _LUT_E - 1).astype(np.int32)
-        return hi
+        disc, faded = self._nuclei(x, y, w, h, d, w_cell, w_fat)
+        hema = hema + (_NUCLEUS_H * disc + _NUCLEUS_H_FADED * faded)
+        eosin = eosin * (1.0 - (0.6 * disc + 0.35 * faded))
+        # Concentrations -> table steps, with speckle and the tissue edge's coverage folded in.
+        speck = self._field(self._speck, x, y, w, h, d, cutoff=0.5)
+        steps = (0.9 * _LUT_SCALE) * speck + _LUT_SCALE
+        steps = steps * alpha
+        hq = _plane(hema * steps, h, w)
+        index = np.minimum(hq, _LUT_H - 1, out=hq).astype(np.int32)
+        index *= _LUT_E
+        eq = _plane(eosin * steps, h, w)
+        index += np.minimum(eq, _LUT_E - 1, out=eq).astype(np.int32)
+        return index
 
     def _nuclei(
-        self, x: int, y: int, w: int, h: int, d: float, w_cell: Field, w_fat: Field
-    ) -> Field:
-        """Nucleus coverage (0..1): discs on a jittered grid, one candidate per cell."""
+        self, x: float, y: float, w: int, h: int, d: float, w_cell: Field, w_fat: Field
+    ) -> tuple[Field, Field]:
+        """Nuclei as (resolved disc coverage, sub-pixel mean coverage), both 0..1: discs on a
+        jittered grid, one candidate per cell, fading to their mean as they shrink below a px."""
         c = _NUCLEUS_CELL
         r_lo, r_hi = _NUCLEUS_R
-        mean_cov = math.pi * ((r_lo + r_hi) / 2) ** 2 / (c * c)
         fade = _fade(d, 2.0 * r_lo)
         disc: Field = 0.0
         if fade < 1.0:
@@ -472,15 +532,14 @@ class SyntheticTissue:
             ky = np.arange(ky0, ky0 + len(cnt_y), dtype=np.int64)
             u = [self._lattice(o, kx, ky) + np.float32(0.5) for o in self._nuc]
             radius = r_lo + (r_hi - r_lo) * u[2]
-            margin = radius + 0.6 * max(1.0, d)
+            margin = np.minimum(radius + 0.6 * max(1.0, d), 0.5 * c)
             # Presence: compare with the nucleus density over the cell.
             cell_cls = self._class_planes(kx0 * c, ky0 * c, len(kx), len(ky), float(c))
-            density = 0.16 + 0.69 * cell_cls[0] - 0.12 * cell_cls[1]
             params = np.stack(
                 [
                     margin + (c - 2.0 * margin) * u[0],
                     margin + (c - 2.0 * margin) * u[1],
-                    np.where(u[3] < density, radius * radius, -1e4),
+                    np.where(u[3] < _density(cell_cls[0], cell_cls[1]), radius * radius, -1e4),
                 ]
             ).astype(np.float32)
             full = np.repeat(np.repeat(params, cnt_y, axis=1), cnt_x, axis=2)
@@ -494,9 +553,9 @@ class SyntheticTissue:
             dist += np.float32(0.5)
             disc = np.clip(dist, 0.0, 1.0, out=dist)
         if fade <= 0.0:
-            return disc
-        density_full = 0.16 + 0.69 * w_cell - 0.12 * w_fat
-        return (1.0 - fade) * disc + fade * mean_cov * density_full
+            return disc, 0.0
+        mean_cov = math.pi * ((r_lo + r_hi) / 2) ** 2 / (c * c)
+        return (1.0 - fade) * disc, fade * mean_cov * _density(w_cell, w_fat)
 
 
 # -------------------------------------------------------------------- writer
@@ -516,9 +575,7 @@ class SyntheticSlide:
     seed: int
 
 
-def _level_shapes(
-    width: int, height: int, tile: int, factor: int
-) -> list[tuple[int, int, int]]:
+def _level_shapes(width: int, height: int, tile: int, factor: int) -> list[tuple[int, int, int]]:
     """(downsample, width, height) per level, down to the first level that fits in one tile."""
     levels = [(1, width, height)]
     while max(levels[-1][1], levels[-1][2]) > tile:
@@ -561,18 +618,7 @@ def _jpeg(tile: np.ndarray, quality: int) -> bytes:
     )
 
 
-def _render_image(tissue: SyntheticTissue, w: int, h: int, d: float) -> np.ndarray:
-    """Render a small whole-slide picture (thumbnail, macro) in 256-px blocks: block-sized
-    temporaries, like tiles, whatever the picture size."""
-    out = np.empty((h, w, 3), dtype=np.uint8)
-    for r in range(0, h, 256):
-        for c in range(0, w, 256):
-            bh, bw = min(256, h - r), min(256, w - c)
-            out[r : r + bh, c : c + bw] = tissue.render(c * d, r * d, bw, bh, d)
-    return out
-
-
-def _label_image(seed: int, slide_w: int, slide_h: int) -> np.ndarray:
+def _label_image(seed: int) -> np.ndarray:
     """A slide label: cream paper, a seeded 2-D barcode block and text-like bars."""
     rng = np.random.default_rng([seed & _MASK32, 0x1ABE1])
     img = np.full((400, 400, 3), (246, 244, 236), np.uint8)
@@ -601,10 +647,37 @@ def _macro_image(tissue: SyntheticTissue, label: np.ndarray) -> np.ndarray:
     ds = max(tissue.width / area_w, tissue.height / area_h)
     tw = max(1, min(area_w, math.ceil(tissue.width / ds)))
     th = max(1, min(area_h, math.ceil(tissue.height / ds)))
-    view = _render_image(tissue, tw, th, ds).astype(np.float32) * (218.0 / 243.0)
+    view = tissue.render(0, 0, tw, th, ds).astype(np.float32) * (218.0 / 243.0)
     y0, x0 = 20 + (area_h - th) // 2, lab_w + 20 + (area_w - tw) // 2
     img[y0 : y0 + th, x0 : x0 + tw] = np.clip(view, 0, 255).astype(np.uint8)
     return img
+
+
+def _encoded_tiles(
+    tissue: SyntheticTissue,
+    level: tuple[int, int, int],
+    tile: int,
+    quality: int,
+    glass: bytes,
+    pool: ThreadPoolExecutor | None,
+    window: int,
+    bar: tqdm | None,
+) -> Iterator[bytes]:
+    """The JPEG tiles of one level in file order (rows of tiles, left to right), each rendered
+    straight from ``tissue`` at the level's downsample; provably-glass tiles reuse ``glass``."""
+    ds, lw, lh = level
+
+    def encode(job: tuple[int, int]) -> bytes:
+        x0, y0 = job[1] * tile * ds, job[0] * tile * ds
+        if tissue.is_glass(x0, y0, tile, tile, ds):
+            return glass
+        return _jpeg(tissue._render_rgbx(x0, y0, tile, tile, ds), quality)
+
+    jobs = ((ty, tx) for ty in range(math.ceil(lh / tile)) for tx in range(math.ceil(lw / tile)))
+    for data in _ordered_map(encode, jobs, pool, window):
+        if bar is not None:
+            bar.update(1)
+        yield data
 
 
 def write_synthetic_slide(
@@ -626,8 +699,9 @@ def write_synthetic_slide(
 
     ``fmt="svs"`` writes an Aperio SVS (OpenSlide vendor "aperio", with thumbnail, label and macro
     associated images); ``fmt="tiff"`` a generic tiled TIFF (vendor "generic-tiff"). Levels go
-    down by ``level_factor`` until one fits in a tile. ``app_mag`` defaults to ``10 / mpp``.
-    ``workers`` threads render and encode tiles (default: CPU count, at most 8).
+    down by ``level_factor`` until one fits in a tile. ``app_mag`` (SVS only) defaults to
+    ``10 / mpp``. ``workers`` threads render and encode tiles (default: CPU count, at most 8).
+    The same arguments always give the same file, byte for byte.
     """
     if fmt not in ("svs", "tiff"):
         raise ValueError(f"fmt must be 'svs' or 'tiff', got {fmt!r}")
@@ -639,98 +713,82 @@ def write_synthetic_slide(
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if level_factor < 2:
         raise ValueError(f"level_factor must be >= 2, got {level_factor}")
-    if not mpp > 0:
+    if not (mpp > 0 and math.isfinite(mpp)):
         raise ValueError(f"mpp must be positive, got {mpp}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     path = Path(path)
     mag = 10.0 / mpp if app_mag is None else float(app_mag)
     mag_text = str(round(mag)) if abs(mag - round(mag)) < 1e-9 else f"{mag:g}"
     tissue = SyntheticTissue(width, height, seed)
     levels = _level_shapes(width, height, tile_size, level_factor)
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    total_tiles = sum(math.ceil(w / tile_size) * math.ceil(h / tile_size) for _, w, h in levels)
+    glass = _jpeg(tissue._render_rgbx(-4 * tile_size, 0, tile_size, tile_size, 1.0), quality)
 
-    glass_bytes = _jpeg(tissue._render_rgbx(-4 * tile_size, 0, tile_size, tile_size, 1.0), quality)
-    header = "Aperio Image Library v12.0.0 \n"
-    base = f"{width}x{height} [0,0 {width}x{height}]"
-    pixels_per_cm = 1e4 / mpp
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_tiles, unit="tile", desc=path.name)
-
-    def encode(job: tuple[int, int, int]) -> bytes:
-        ds, tx, ty = job
-        x0, y0 = tx * tile_size * ds, ty * tile_size * ds
-        if tissue.is_glass(x0, y0, tile_size, tile_size, ds):
-            data = glass_bytes
-        else:
-            data = _jpeg(tissue._render_rgbx(x0, y0, tile_size, tile_size, ds), quality)
-        if bar is not None:
-            bar.update(1)
-        return data
-
+    aperio = "Aperio Image Library v12.0.0 \n"
+    region = f"{width}x{height} [0,0 {width}x{height}]"
+    props = f"|AppMag = {mag_text}|MPP = {float(mpp)!r}"
     common = {
         "photometric": "rgb",
-        "metadata": None,
-        "resolution": (pixels_per_cm, pixels_per_cm),
+        "metadata": None,  # no tifffile JSON description
+        "resolution": (1e4 / mpp, 1e4 / mpp),  # pixels per centimetre
         "resolutionunit": "CENTIMETER",
     }
+    # JPEG tiles can't outgrow the raw pixels, so classic TIFF's 4 GiB is safe below 2 GiB raw.
     bigtiff = width * height * 3 > 2**31
+    bar = None
+    if progress:
+        total = sum(math.ceil(w / tile_size) * math.ceil(h / tile_size) for _, w, h in levels)
+        bar = tqdm(total=total, unit="tile", desc=path.name)
     pool = ThreadPoolExecutor(n_workers) if n_workers > 1 else None
     try:
         with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
-            for index, (ds, lw, lh) in enumerate(levels):
-                jobs = (
-                    (ds, tx, ty)
-                    for ty in range(math.ceil(lh / tile_size))
-                    for tx in range(math.ceil(lw / tile_size))
-                )
-                if fmt == "svs" and index == 0:
-                    desc = (
-                        f"{header}{base} ({tile_size}x{tile_size}) JPEG/RGB Q={quality}"
-                        f"|AppMag = {mag_text}|MPP = {float(mpp)!r}"
-                    )
-                elif fmt == "svs":
-                    desc = f"{header}{base} -> {lw}x{lh} JPEG/RGB Q={quality}"
-                else:
+            for index, level in enumerate(levels):
+                _, lw, lh = level
+                if fmt == "tiff":
                     desc = None
+                elif index == 0:
+                    desc = f"{aperio}{region} ({tile_size}x{tile_size}) JPEG/RGB Q={quality}{props}"
+                else:
+                    desc = f"{aperio}{region} -> {lw}x{lh} JPEG/RGB Q={quality}"
                 tif.write(
-                    _ordered_map(encode, jobs, pool, 4 * n_workers),
+                    _encoded_tiles(
+                        tissue, level, tile_size, quality, glass, pool, 4 * n_workers, bar
+                    ),
                     shape=(lh, lw, 3),
                     dtype=np.uint8,
                     tile=(tile_size, tile_size),
-                    compression="jpeg",
+                    compression="jpeg",  # tags only: the tiles come pre-encoded
                     description=desc,
-                    subfiletype=0 if index == 0 else 1,
+                    subfiletype=0 if index == 0 else 1,  # 1 = reduced-resolution image
                     **common,
                 )
                 if fmt == "svs" and index == 0:
+                    # Aperio: the second directory is always the stripped thumbnail.
                     tds = max(1.0, max(width, height) / 1024)
                     tw, th = max(1, round(width / tds)), max(1, round(height / tds))
                     tif.write(
-                        _render_image(tissue, tw, th, tds),
+                        tissue.render(0, 0, tw, th, tds),
                         compression="jpeg",
                         compressionargs={"level": quality},
-                        description=f"{header}{width}x{height} -> {tw}x{th} - "
-                        f"|AppMag = {mag_text}|MPP = {float(mpp)!r}",
+                        description=f"{aperio}{width}x{height} -> {tw}x{th} - {props}",
                         **common,
                     )
             if fmt == "svs":
-                label = _label_image(seed, width, height)
+                label = _label_image(seed)
                 macro = _macro_image(tissue, label)
                 tif.write(
                     label,
                     compression="lzw",
-                    description=f"{header}label {label.shape[1]}x{label.shape[0]}",
+                    description=f"{aperio}label {label.shape[1]}x{label.shape[0]}",
                     subfiletype=1,
                     **common,
                 )
                 tif.write(
                     macro,
                     compression="jpeg",
-                        compressionargs={"level": quality},
-                    description=f"{header}macro {macro.shape[1]}x{macro.shape[0]}",
+                    compressionargs={"level": quality},
+                    description=f"{aperio}macro {macro.shape[1]}x{macro.shape[0]}",
                     subfiletype=9,
                     **common,
                 )
@@ -740,13 +798,12 @@ def write_synthetic_slide(
         if bar is not None:
             bar.close()
 
-    downsamples = tuple((width / lw + height / lh) / 2 for _, lw, lh in levels)
     return SyntheticSlide(
         path=path,
         width=width,
         height=height,
         mpp=float(mpp),
-        level_downsamples=downsamples,
+        level_downsamples=tuple((width / lw + height / lh) / 2 for _, lw, lh in levels),
         format=fmt,
         seed=int(seed),
     )

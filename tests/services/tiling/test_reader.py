@@ -141,3 +141,13 @@ def test_corrupt_tile_data_is_invalid_argument(synthetic_svs, tmp_path: Path, po
     x, y = (index % cols) * 256, (index // cols) * 256
     with TileReader(slide, g, pool) as reader, pytest.raises(InvalidArgumentError):
         reader.read(np.array([x]), np.array([y]))
+
+
+def test_rgb_coded_jpeg_decodes_like_openslide(openslide_fixtures: Path, pool) -> None:
+    """Aperio's JPEG tiles hold RGB without YCbCr conversion (TIFF Photometric RGB)."""
+    slide = Slide.open(openslide_fixtures / "small.svs")
+    g = tile_geometry(slide.info, mpp=slide.info.mpp, tile_size=16, overlap=0)
+    with TileReader(slide, g, pool) as reader:
+        assert reader.fast_path
+        tile = reader.read(np.array([0]), np.array([0]))
+    assert np.array_equal(tile[0], slide.read_region(0, 0, 0, 16, 16))
