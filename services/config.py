@@ -125,6 +125,9 @@ class ServeConfig(BaseModel):
     request_timeout_s: float | None = Field(
         None, gt=0, description="End-to-end gRPC timeout at the proxy (None: client deadline only)."
     )
+    log_encoding: Literal["TEXT", "JSON"] = Field(
+        "TEXT", description="Replica log format; JSON lines carry the request id (use in clusters)."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; None starts Ray locally (the embedded default)."
     )

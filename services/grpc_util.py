@@ -1,8 +1,9 @@
 """gRPC plumbing shared by every SmartPath deployment behind Ray Serve's gRPC proxy.
 
 - ``unary`` / ``server_stream`` wrap deployment methods so that domain errors become their
-  status code with a plain message, and anything else becomes INTERNAL with only a request
-  id (the stack trace goes to the server log, never to the client).
+  status code with a plain message, and anything else becomes INTERNAL with only a reference
+  id (the stack trace goes to the server log, never to the client). Each outcome is passed
+  to the servicer's ``record_rpc(method, code)`` when it has one (Prometheus counters).
 - ``add_health_servicer`` puts a standard ``grpc.health.v1.Health`` on the proxy itself as a
   passthrough service: generic clients and Kubernetes probes send no ``application``
   metadata, which the proxy would need to route to a replica.
@@ -36,6 +37,12 @@ class RpcFailed(Exception):
     """Ends a failed server stream after its status was set on the context."""
 
 
+def _record(servicer: Any, method: str, code: grpc.StatusCode) -> None:
+    record = getattr(servicer, "record_rpc", None)
+    if record is not None:
+        record(method, code)
+
+
 def _report(context: Any, error: BaseException, method: str) -> None:
     """Set the status for ``error`` on the context; log without the message (it may hold
     caller-supplied names) unless it is a bug."""
@@ -60,12 +67,15 @@ def unary(
     def wrap(fn: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         async def method(self: Any, request: Req, grpc_context: Any = None) -> Resp:
             try:
-                return await fn(self, request)
+                response = await fn(self, request)
             except Exception as e:
                 # Returning (not raising) with the code set keeps Serve from logging a stack
                 # trace for every bad request; the proxy sends the code and details.
                 _report(grpc_context, e, fn.__name__)
+                _record(self, fn.__name__, grpc_context.code())
                 return response_type()
+            _record(self, fn.__name__, grpc.StatusCode.OK)
+            return response
 
         return _named(method, fn)
 
@@ -83,9 +93,11 @@ def server_stream(
                 yield response
         except Exception as e:
             _report(grpc_context, e, fn.__name__)
+            _record(self, fn.__name__, grpc_context.code())
             # A stream that ends without yielding never carries the context back to the
             # proxy, so raise; the proxy prefers the details set on the context.
             raise RpcFailed(grpc_context.code().name) from None
+        _record(self, fn.__name__, grpc.StatusCode.OK)
 
     return _named(method, fn)
 

@@ -9,9 +9,11 @@ import io
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import numpy as np
 from PIL import Image
 from ray import serve
+from ray.serve import metrics
 
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.errors import InvalidArgumentError
@@ -134,6 +136,18 @@ class SlideTilerService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.tiler = Tiler(SmartPathConfig(**config))
+        self._rpcs = metrics.Counter(
+            "smartpath_tiler_rpcs",
+            description="SlideTiler RPCs by method and gRPC status code.",
+            tag_keys=("method", "code"),
+        )
+        self._tiles = metrics.Counter(
+            "smartpath_tiler_tiles", description="Tiles decoded and returned."
+        )
+
+    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Count one RPC outcome (called by the gRPC wrappers)."""
+        self._rpcs.inc(tags={"method": method, "code": code.name})
 
     # -- Python API (DeploymentHandle) -----------------------------------------------------
     async def describe(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
@@ -160,6 +174,7 @@ class SlideTilerService:
         opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
         batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
         async for batch in _iterate_in_thread(batches):
+            self._tiles.inc(len(batch[1]))
             yield batch
 
     # -- gRPC API ------------------------------------------------------------------------
@@ -211,6 +226,7 @@ class SlideTilerService:
         ys = np.fromiter((t.y for t in tiles), dtype=np.int64, count=len(tiles))
         batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
         async for offset, pixels in _iterate_in_thread(batches):
+            self._tiles.inc(len(pixels))
             yield await asyncio.to_thread(
                 tile_batch,
                 tiles[offset : offset + len(pixels)],
@@ -251,6 +267,7 @@ def tiler_deployment(config: SmartPathConfig) -> serve.Application:
         ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         max_ongoing_requests=d.max_ongoing_requests,
         max_queued_requests=d.max_queued_requests,
+        logging_config={"encoding": config.serve.log_encoding, "log_level": config.log_level},
         autoscaling_config={
             "min_replicas": d.autoscaling.min_replicas,
             "max_replicas": d.autoscaling.max_replicas,

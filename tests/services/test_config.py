@@ -20,15 +20,15 @@ def test_defaults_are_the_embedded_mode() -> None:
 def test_yaml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "smartpath.yaml"
     path.write_text(
-        "storage:\n  endpoint: minio:9000\n  access_key: a\n  secret_key: b\n"
+        "storage:\n  endpoint: minio:9000\n  access_key: a\n  secret_key: s3cr3t-value\n"
         "tiling:\n  tile_size: 512\n"
         "serve:\n  tiler:\n    autoscaling:\n      max_replicas: 8\n"
     )
     monkeypatch.setenv("SMARTPATH_TILING__TILE_SIZE", "224")
     config = load_config(path)
     assert config.storage.endpoint == "minio:9000"
-    assert config.storage.secret_key.get_secret_value() == "b"
-    assert "b" not in repr(config.storage)  # secrets are masked in reprs and logs
+    assert config.storage.secret_key.get_secret_value() == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(config)  # secrets are masked in reprs and logs
     assert config.tiling.tile_size == 224  # environment wins
     assert config.serve.tiler.autoscaling.max_replicas == 8
 

@@ -433,9 +433,16 @@ class SyntheticTissue:
         ``downsample`` level-0 px."""
         return self._render(x, y, w, h, downsample, channels=3)
 
-    def _render_rgbx(self, x: float, y: float, w: int, h: int, downsample: float) -> np.ndarray:
-        """Like :meth:`render` but (h, w, 4) RGBX, which JPEG encodes without a repacking copy."""
-        return self._render(x, y, w, h, downsample, channels=4)
+    def _tile_rgbx(self, x: float, y: float, size: int, downsample: float) -> np.ndarray | None:
+        """One (size, size, 4) RGBX tile (JPEG encodes it without a repacking copy), or None when
+        it is bare glass."""
+        if size > _BLOCK:
+            glass = self.is_glass(x, y, size, size, downsample)
+            return None if glass else self._render(x, y, size, size, downsample, channels=4)
+        index = self._stain_index(x, y, size, size, downsample)
+        if index is None:
+            return None
+        return _stain_luts()[0].take(index).view(np.uint8).reshape(size, size, 4)
 
     def _render(
         self, x: float, y: float, w: int, h: int, downsample: float, channels: int
@@ -445,25 +452,32 @@ class SyntheticTissue:
         d = _check_region(w, h, downsample)
         packed, records = _stain_luts()
         lut = packed if channels == 4 else records
-        if w <= _BLOCK and h <= _BLOCK:
-            index = self._stain_index(float(x), float(y), w, h, d)
-            return lut.take(index).view(np.uint8).reshape(h, w, channels)
         out = np.empty((h, w, channels), dtype=np.uint8)
         for r, c, bh, bw in _blocks(w, h):
             index = self._stain_index(x + c * d, y + r * d, bw, bh, d)
-            out[r : r + bh, c : c + bw] = lut.take(index).view(np.uint8).reshape(bh, bw, channels)
+            block = out[r : r + bh, c : c + bw]
+            if index is None:
+                block[...] = lut[:1].view(np.uint8)
+            else:
+                block[...] = lut.take(index).view(np.uint8).reshape(bh, bw, channels)
         return out
 
-    def _stain_index(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
-        """(h, w) int32 index into the stain colour tables (0 is bare glass) for one block."""
+    def _stain_index(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray | None:
+        """(h, w) int32 index into the stain colour tables for one block, or None if the block
+        is bare glass."""
         if self.is_glass(x, y, w, h, d):
-            return np.zeros((h, w), dtype=np.int32)
+            return None
         alpha: Field = 1.0
         if not self._is_interior(x, y, w, h, d):
+            # alpha = clip(t / (2 * edge) + 0.5, 0, 1): 0 below -edge, 1 above +edge.
             t = self._tissue_field(x, y, w, h, d)
-            t *= np.float32(1.0 / (1.5 * max(1.0, d)))
-            t += np.float32(0.5)
-            alpha = np.clip(t, 0.0, 1.0, out=t)
+            edge = 0.75 * max(1.0, d)
+            if float(t.max()) <= -edge:
+                return None
+            if float(t.min()) < edge:
+                t *= np.float32(0.5 / edge)
+                t += np.float32(0.5)
+                alpha = np.clip(t, 0.0, 1.0, out=t)
 
         w_cell, w_fat, mix = self._class_planes(x, y, w, h, d)
         w_str = 1.0 - w_cell - w_fat
@@ -664,14 +678,13 @@ def _encoded_tiles(
     bar: tqdm | None,
 ) -> Iterator[bytes]:
     """The JPEG tiles of one level in file order (rows of tiles, left to right), each rendered
-    straight from ``tissue`` at the level's downsample; provably-glass tiles reuse ``glass``."""
+    straight from ``tissue`` at the level's downsample; bare-glass tiles reuse ``glass``."""
     ds, lw, lh = level
 
     def encode(job: tuple[int, int]) -> bytes:
         x0, y0 = job[1] * tile * ds, job[0] * tile * ds
-        if tissue.is_glass(x0, y0, tile, tile, ds):
-            return glass
-        return _jpeg(tissue._render_rgbx(x0, y0, tile, tile, ds), quality)
+        rgbx = tissue._tile_rgbx(x0, y0, tile, ds)
+        return glass if rgbx is None else _jpeg(rgbx, quality)
 
     jobs = ((ty, tx) for ty in range(math.ceil(lh / tile)) for tx in range(math.ceil(lw / tile)))
     for data in _ordered_map(encode, jobs, pool, window):
@@ -723,7 +736,7 @@ def write_synthetic_slide(
     tissue = SyntheticTissue(width, height, seed)
     levels = _level_shapes(width, height, tile_size, level_factor)
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    glass = _jpeg(tissue._render_rgbx(-4 * tile_size, 0, tile_size, tile_size, 1.0), quality)
+    glass = _jpeg(tissue._render(0, 0, tile_size, tile_size, 1.0, channels=4), quality)
 
     aperio = "Aperio Image Library v12.0.0 \n"
     region = f"{width}x{height} [0,0 {width}x{height}]"

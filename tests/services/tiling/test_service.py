@@ -211,3 +211,29 @@ def test_reflection_lists_services(grpc_channel) -> None:
     response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
     names = {s.name for s in response.list_services_response.service}
     assert {"smartpath.v1.SlideTiler", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("encoding", "magic"),
+    [(tiling_pb2.TILE_ENCODING_JPEG, b"\xff\xd8"), (tiling_pb2.TILE_ENCODING_PNG, b"\x89PNG")],
+)
+def test_encoded_tiles(client, svs_uri, encoding, magic) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from smartpath.v1 import common_pb2
+
+    spec = tile_spec(mpp=1.0, tile_size=128)
+    tiles = client.plan(svs_uri, spec).plan.tiles[:5]
+    request = tiling_pb2.ReadTilesRequest(
+        slide=common_pb2.SlideRef(uri=svs_uri), spec=spec, tiles=tiles, encoding=encoding
+    )
+    responses = list(client.stub.ReadTiles(request, metadata=client.metadata, timeout=60))
+    images = [img for r in responses for img in r.images]
+    assert len(images) == 5 and all(img.startswith(magic) for img in images)
+    assert not any(r.pixels for r in responses)
+    raw = np.concatenate([p for _, p in client.read_tiles(svs_uri, spec, tiles)])
+    decoded = np.stack([np.asarray(Image.open(BytesIO(img))) for img in images])
+    tolerance = 0 if encoding == tiling_pb2.TILE_ENCODING_PNG else 4
+    assert np.abs(decoded.astype(int) - raw).mean() <= tolerance

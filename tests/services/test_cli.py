@@ -1,0 +1,47 @@
+"""The CLI against the session's Serve instance: synthetic slide, plan overlay and GeoJSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smartpath.services.cli import main
+
+
+def test_synth_slide_then_plan_outputs(
+    serve_instance, slides_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slide = slides_dir / "cli.tiff"
+    assert main(["synth-slide", str(slide), "--width", "3072", "--format", "tiff"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["width"] == 3072
+
+    address = f"127.0.0.1:{serve_instance.serve.grpc_port}"
+    out = tmp_path / "plan"
+    assert main(["plan", str(slide), "--address", address, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tiles"] > 0
+
+    overlay = np.asarray(Image.open(summary["overlay"]))
+    assert overlay.ndim == 3 and max(overlay.shape[:2]) == 1024
+    blue = (overlay[..., 2] > 180) & (overlay[..., 0] < 60) & (overlay[..., 1] < 100)
+    assert blue.sum() > 100, "tile grid should be drawn"
+
+    collection = json.loads(Path(summary["geojson"]).read_text())
+    assert collection["type"] == "FeatureCollection"
+    assert len(collection["features"]) == summary["tiles"]
+    ring = collection["features"][0]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) == 5
+    side = ring[1][0] - ring[0][0]
+    assert side == pytest.approx(256 * 0.5 / 0.25)  # 256 px at 0.5 µm/px on a 0.25 slide
+
+
+def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiling:\n  tile_size: 1\n")
+    with pytest.raises(SystemExit) as err:
+        main(["--config", str(bad), "serve"])
+    assert err.value.code == 2
