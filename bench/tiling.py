@@ -11,7 +11,9 @@ tile at 0.5 µm/px and 256 px, then measures on the same plan:
 
 Checks that the tiler's output matches a direct read-and-resize, then prints one JSON line.
 
-    python bench/tiling.py [--size 40960] [--workers N] [--keep DIR]
+    python bench/tiling.py [--size 40960] [--workers N] [--prefetch N] [--keep DIR]
+
+--keep DIR writes the slide there and reuses it on later runs (for tuning).
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ from smartpath.training.synthetic.slides import write_synthetic_slide
 TARGET_MPP, TILE = 0.5, 256
 
 
-def run_tiler(slide: Slide, plan, workers: int, batch_size: int) -> tuple[float, np.ndarray]:
-    """Seconds to read every plan tile with the project's reader; a checksum per tile."""
-    sums = np.empty(len(plan), np.int64)
+def run_tiler(slide: Slide, plan, workers: int, batch_size: int, prefetch: int) -> float:
+    """Seconds to read every plan tile with the project's reader (the consumer only counts)."""
     with ThreadPoolExecutor(workers) as pool, TileReader(slide, plan.geometry, pool) as reader:
         assert reader.fast_path, "benchmark slide should take the JPEG fast path"
         start = time.perf_counter()
-        for offset, tiles in reader.iter_batches(plan.x, plan.y, batch_size):
-            sums[offset : offset + len(tiles)] = tiles.reshape(len(tiles), -1).sum(1)
-        return time.perf_counter() - start, sums
+        n = sum(
+            len(tiles) for _, tiles in reader.iter_batches(plan.x, plan.y, batch_size, prefetch)
+        )
+        elapsed = time.perf_counter() - start
+    assert n == len(plan)
+    return elapsed
 
 
 def run_naive(path: Path, plan) -> float:
@@ -102,9 +106,15 @@ def run_ceiling(path: Path, plan, workers: int) -> tuple[float, int]:
         image.tile = [image.tile[0]._replace(args=("RGB", "RGB"))]
         image.load()
 
+    def decode_all(chunk: list[bytes]) -> None:
+        for blob in chunk:
+            decode(blob)
+
+    # Tasks of 64 blobs: the pool's per-task cost stays out of the ceiling.
+    chunks = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
     with ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()
-        list(pool.map(decode, blobs, chunksize=16))
+        list(pool.map(decode_all, chunks))
         return time.perf_counter() - start, len(blobs)
 
 
@@ -131,15 +141,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=40_960, help="slide edge, px (>= 40000)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prefetch", type=int, default=2, help="batches read ahead")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for tiler and ceiling")
     parser.add_argument("--keep", type=Path, help="write the slide here and keep it")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "bench.svs"
+        path = folder / f"bench-{args.size}.svs"
         t0 = time.perf_counter()
-        write_synthetic_slide(path, width=args.size, height=args.size, seed=1, progress=True)
+        if not (args.keep and path.exists()):
+            write_synthetic_slide(path, width=args.size, height=args.size, seed=1, progress=True)
         write_s = time.perf_counter() - t0
 
         config = load_config(tiling={"local_slide_roots": [folder]})
@@ -150,8 +163,14 @@ def main() -> None:
         print(f"plan: {len(plan)} tissue tiles of {plan.geometry.cols * plan.geometry.rows}")
 
         fidelity = check_fidelity(slide, plan, args.workers)
-        ceiling_s, source_tiles = run_ceiling(path, plan, args.workers)
-        tiler_s, _ = run_tiler(slide, plan, args.workers, args.batch_size)
+        # Best of N: the machine is shared and a single run swings by ±15%.
+        ceiling_s, source_tiles = min(
+            run_ceiling(path, plan, args.workers) for _ in range(args.repeats)
+        )
+        tiler_s = min(
+            run_tiler(slide, plan, args.workers, args.batch_size, args.prefetch)
+            for _ in range(args.repeats)
+        )
         naive_s = run_naive(path, plan)
         tiler.close()
 
@@ -161,6 +180,9 @@ def main() -> None:
         "slide_px": [args.size, args.size],
         "write_s": round(write_s, 1),
         "workers": args.workers,
+        "batch_size": args.batch_size,
+        "prefetch": args.prefetch,
+        "repeats": args.repeats,
         "tiles": n,
         "source_tiles_decoded": source_tiles,
         "tissue_fraction": round(tissue.fraction, 3),

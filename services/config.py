@@ -78,6 +78,13 @@ class TilingConfig(BaseModel):
     )
     read_workers: int = Field(0, ge=0, description="Tile decode threads; 0 means one per core.")
     batch_size: int = Field(64, ge=1, le=1024, description="Tiles per streamed batch.")
+    prefetch_batches: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Batches read ahead of the one being streamed; 2 keeps every core decoding "
+        "while one batch is assembled (the GIL-bound part) and another is sent.",
+    )
     max_tiles_per_request: int = Field(
         0, ge=0, description="Refuse ReadTiles asking for more tiles (0 means unbounded)."
     )

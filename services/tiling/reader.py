@@ -21,9 +21,10 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import simplejpeg
@@ -38,6 +39,11 @@ FAST_VENDORS = {"aperio", "generic-tiff"}
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
 DCT_SCALES = (8, 4, 2)
 
+# Work per pool task, large enough to amortise the pool's per-task cost (~30 µs, GIL-bound).
+DECODE_TASK = 64  # source tiles
+ASSEMBLE_TASK = 16  # output tiles
+
+T = TypeVar("T")
 SourceKey = tuple[int, int, int]  # (tile column, tile row, DCT scale)
 
 
@@ -130,11 +136,7 @@ class TileReader:
     def iter_batches(
         self, xs: np.ndarray, ys: np.ndarray, batch_size: int, prefetch: int = 2
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (offset, tiles) batches in order, with ``prefetch`` more batches in flight.
-
-        Two in flight keep every core decoding while one batch is being assembled (the
-        GIL-bound part) and another is being consumed.
-        """
+        """Yield (offset, tiles) batches in order, reading ``prefetch`` batches ahead."""
         starts = list(range(0, len(xs), batch_size))
         with ThreadPoolExecutor(prefetch, thread_name_prefix="tile-prefetch") as workers:
             pending: deque[tuple[int, Future[np.ndarray]]] = deque()
@@ -188,11 +190,20 @@ class TileReader:
             needed.update(keys)
             jobs.append((lx, ly, k, keys))
         order = sorted(needed, key=lambda key: (key[1], key[0]))  # file order: rows of tiles
-        decoded = dict(zip(order, self._pool.map(self._decode, order), strict=True))
+        decoded: dict[SourceKey, np.ndarray | None] = {}
+        for chunk in self._pool.map(self._decode_chunk, _chunks(order, DECODE_TASK)):
+            decoded.update(chunk)
         out = np.empty((len(jobs), g.tile_size, g.tile_size, 3), dtype=np.uint8)
-        for i, job in enumerate(jobs):
-            self._assemble(job, decoded, out[i])
+
+        def assemble(indices: range) -> None:
+            for i in indices:
+                self._assemble(jobs[i], decoded, out[i])
+
+        list(self._pool.map(assemble, _chunks(range(len(jobs)), ASSEMBLE_TASK)))
         return out
+
+    def _decode_chunk(self, keys: list[SourceKey]) -> list[tuple[SourceKey, np.ndarray | None]]:
+        return [(key, self._decode(key)) for key in keys]
 
     def _decode(self, key: SourceKey) -> np.ndarray | None:
         j = self._jpeg
@@ -260,6 +271,10 @@ class TileReader:
             _whiten_uncovered(region, keys, decoded, rx, ry, tw, th, level_w, level_h)
         if not direct:
             out[:] = resize(region, g.tile_size, g.tile_size)
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _whiten_uncovered(

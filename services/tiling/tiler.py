@@ -229,4 +229,6 @@ class Tiler:
                 f"tile {i} at ({xs[i]}, {ys[i]}) lies outside the {info.width}x{info.height} slide"
             )
         with TileReader(opened.slide, geometry, self.pool) as reader:
-            yield from reader.iter_batches(xs, ys, batch_size or self.config.batch_size)
+            yield from reader.iter_batches(
+                xs, ys, batch_size or self.config.batch_size, self.config.prefetch_batches
+            )

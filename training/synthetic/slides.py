@@ -208,6 +208,7 @@ class SyntheticTissue:
     Coordinates are level-0 pixels. ``render(x, y, w, h, d)`` returns the w x h image whose pixel
     (i, j) approximates the area average over ``[x + j*d, x + (j+1)*d) x [y + i*d, y + (i+1)*d)``;
     the same seed always gives the same pixels, and regions outside the slide are glass.
+    ``target_fraction`` is the seeded share of the slide covered by tissue (0.25-0.42).
     """
 
     def __init__(self, width: int, height: int, seed: int = 0) -> None:
@@ -267,10 +268,13 @@ class SyntheticTissue:
         cp = self._class_period = max(16, round(cls / 16))
         px = ((np.arange(math.ceil(self.width / cp) + 9) + _PAD) * float(cp))[None, :]
         py = ((np.arange(math.ceil(self.height / cp) + 9) + _PAD) * float(cp))[:, None]
-        w_cell = _smoothstep(0.10, 0.22, self._noise_at(class_a, px, py))
-        w_fat = _smoothstep(0.12, 0.24, self._noise_at(class_b, px, py)) * (1.0 - w_cell)
-        mix = _smoothstep(-0.15, 0.15, self._noise_at(orient, px, py))
-        self._class_nodes = np.stack([w_cell, w_fat, mix]).astype(np.float32)
+        self._class_nodes = np.empty((3, py.shape[0], px.shape[1]), dtype=np.float32)
+        for r in range(0, py.shape[0], 64):  # row bands keep the temporaries small
+            band = py[r : r + 64]
+            w_cell = _smoothstep(0.10, 0.22, self._noise_at(class_a, px, band))
+            w_fat = _smoothstep(0.12, 0.24, self._noise_at(class_b, px, band)) * (1.0 - w_cell)
+            mix = _smoothstep(-0.15, 0.15, self._noise_at(orient, px, band))
+            self._class_nodes[:, r : r + 64] = np.stack([w_cell, w_fat, mix])
 
         # Textures at physical scales.
         self._fibre_h = (octave(70, 1.0, 0.16), octave(23, 0.35, 0.3))
@@ -359,10 +363,11 @@ class SyntheticTissue:
         """The blob-lattice nodes that can influence a region (a view; clamped at the border)."""
         p, k0 = self._blob_period, _PAD
         ny, nx = self._blob.shape
-        i0 = min(max(math.floor(y / p) - 1 - k0, 0), ny - 1)
-        i1 = min(max(math.floor((y + h * d) / p) + 2 - k0, i0 + 1), ny)
-        j0 = min(max(math.floor(x / p) - 1 - k0, 0), nx - 1)
-        j1 = min(max(math.floor((x + w * d) / p) + 2 - k0, j0 + 1), nx)
+        # Node k's kernel covers ((k - 1) p, (k + 1) p): nodes floor(x/p) .. ceil(x_end/p).
+        i0 = min(max(math.floor(y / p) - k0, 0), ny - 1)
+        i1 = min(max(math.ceil((y + h * d) / p) + 1 - k0, i0 + 1), ny)
+        j0 = min(max(math.floor(x / p) - k0, 0), nx - 1)
+        j1 = min(max(math.ceil((x + w * d) / p) + 1 - k0, j0 + 1), nx)
         return self._blob[i0:i1, j0:j1]
 
     def _tissue_field(self, x: float, y: float, w: int, h: int, d: float) -> np.ndarray:
