@@ -242,11 +242,6 @@ class SlideTilerService:
         override = slide.mpp_override or None
         return await asyncio.to_thread(self.tiler.open, slide.uri, override)
 
-    def __del__(self) -> None:
-        tiler = getattr(self, "tiler", None)
-        if tiler is not None:
-            tiler.close()
-
 
 async def _iterate_in_thread(iterator: Any) -> AsyncIterator[Any]:
     """Drive a blocking iterator from the event loop without blocking it."""
