@@ -1,0 +1,141 @@
+"""The slide aggregator: N tile features with level-0 coordinates -> a fixed budget of LM tokens.
+
+Design decisions:
+- A Perceiver-style resampler: ``num_tokens`` learned queries cross-attend over every tile.
+  The token budget the LM sees is fixed whatever the slide's size (1 to 100,000+ tiles).
+- Tiles carry a 2-D sine-cosine encoding of their position in micrometres (level-0 px × mpp),
+  so layouts mean the same at any scan resolution; wavelengths span 0.1–100 mm.
+- Attention is computed chunk by chunk over tiles with an online (streaming) softmax, so
+  memory is O(chunk_size), not O(N); the result equals full attention up to float rounding.
+- Any tile encoder can feed it: the input feature dimension is a constructor argument.
+- A two-layer MLP projector (LLaVA-style) maps the resampled tokens into the LM's embedding
+  space, where they replace the slide placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MIN_WAVELENGTH_UM = 100.0
+MAX_WAVELENGTH_UM = 100_000.0
+
+
+def position_encoding(coords_um: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sine-cosine encoding of (x, y) positions in µm: (N, 2) -> (N, dim)."""
+    if dim % 4:
+        raise ValueError(f"position encoding dim must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    ratio = MAX_WAVELENGTH_UM / MIN_WAVELENGTH_UM
+    wavelengths = MIN_WAVELENGTH_UM * ratio ** (
+        torch.arange(quarter, dtype=torch.float32, device=coords_um.device) / max(1, quarter - 1)
+    )
+    angles = coords_um.float()[..., None] * (2 * math.pi / wavelengths)  # (N, 2, dim/4)
+    x, y = angles[:, 0], angles[:, 1]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)  # (N, dim)
+
+
+class SlideAggregator(nn.Module):
+    """Resample (N, D) tile features to (num_tokens, out_dim) LM input embeddings."""
+
+    def __init__(
+        self,
+        feature_dim: int,
+        out_dim: int,
+        *,
+        hidden_dim: int = 256,
+        num_tokens: int = 32,
+        num_heads: int = 4,
+        chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        if hidden_dim % num_heads or hidden_dim % 4:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} must be divisible by num_heads={num_heads} and by 4"
+            )
+        if chunk_size < 1 or num_tokens < 1:
+            raise ValueError("chunk_size and num_tokens must be positive")
+        self.hidden_dim, self.num_heads, self.chunk_size = hidden_dim, num_heads, chunk_size
+        self.input_proj = nn.Linear(feature_dim, hidden_dim)
+        self.input_norm = nn.LayerNorm(hidden_dim)
+        self.queries = nn.Parameter(torch.randn(num_tokens, hidden_dim) * 0.02)
+        self.query_norm = nn.LayerNorm(hidden_dim)
+        self.q = nn.Linear(hidden_dim, hidden_dim)
+        self.k = nn.Linear(hidden_dim, hidden_dim)
+        self.v = nn.Linear(hidden_dim, hidden_dim)
+        self.o = nn.Linear(hidden_dim, hidden_dim)
+        self.mlp_norm = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_dim, 4 * hidden_dim), nn.GELU(), nn.Linear(4 * hidden_dim, hidden_dim)
+        )
+        self.projector = nn.Sequential(
+            nn.LayerNorm(hidden_dim),
+            nn.Linear(hidden_dim, out_dim),
+            nn.GELU(),
+            nn.Linear(out_dim, out_dim),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.queries.shape[0]
+
+    def forward(
+        self, features: torch.Tensor, coords: torch.Tensor, mpp: float = 1.0
+    ) -> torch.Tensor:
+        """(N, D) features and (N, 2) level-0 (x, y) of one slide -> (num_tokens, out_dim)."""
+        if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+            raise ValueError(
+                f"expected features (N, D) and coords (N, 2), got {tuple(features.shape)} "
+                f"and {tuple(coords.shape)}"
+            )
+        if features.shape[0] == 0:
+            raise ValueError("a slide needs at least one tile feature")
+        h, m = self.num_heads, self.num_tokens
+        d = self.hidden_dim // h
+        q = self.q(self.query_norm(self.queries)).view(m, h, d).transpose(0, 1)  # (H, M, d)
+        attended = self._chunked_attention(q, features, coords * mpp)  # (H, M, d)
+        x = self.queries + self.o(attended.transpose(0, 1).reshape(m, self.hidden_dim))
+        x = x + self.mlp(self.mlp_norm(x))  # (M, hidden)
+        return self.projector(x)  # (M, out_dim)
+
+    def _chunked_attention(
+        self, q: torch.Tensor, features: torch.Tensor, coords_um: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax(q kᵀ/√d) v over all tiles, streamed in chunks (online softmax)."""
+        h, m, d = q.shape
+        running_max = torch.full((h, m, 1), -math.inf, dtype=q.dtype, device=q.device)
+        running_sum = torch.zeros((h, m, 1), dtype=q.dtype, device=q.device)
+        acc = torch.zeros((h, m, d), dtype=q.dtype, device=q.device)
+        for start in range(0, features.shape[0], self.chunk_size):
+            chunk = features[start : start + self.chunk_size]
+            pos = position_encoding(coords_um[start : start + self.chunk_size], self.hidden_dim)
+            x = self.input_norm(self.input_proj(chunk.to(q.dtype)) + pos.to(q.dtype))  # (C, hid)
+            k = self.k(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
+            v = self.v(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
+            scores = q @ k.transpose(1, 2) / math.sqrt(d)  # (H, M, C)
+            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+            correction = torch.exp(running_max - new_max)
+            weights = torch.exp(scores - new_max)  # (H, M, C)
+            running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
+            acc = acc * correction + weights @ v
+            running_max = new_max
+        return acc / running_sum
+
+    def reference_attention(
+        self, features: torch.Tensor, coords: torch.Tensor, mpp: float = 1.0
+    ) -> torch.Tensor:
+        """The same forward with unchunked attention (for tests; O(N) memory)."""
+        h, m = self.num_heads, self.num_tokens
+        d = self.hidden_dim // h
+        q = self.q(self.query_norm(self.queries)).view(m, h, d).transpose(0, 1)
+        pos = position_encoding(coords * mpp, self.hidden_dim)
+        x = self.input_norm(self.input_proj(features) + pos)
+        k = self.k(x).view(-1, h, d).transpose(0, 1)
+        v = self.v(x).view(-1, h, d).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+        x = self.queries + self.o(attended.transpose(0, 1).reshape(m, self.hidden_dim))
+        x = x + self.mlp(self.mlp_norm(x))
+        return self.projector(x)
