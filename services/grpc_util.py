@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,7 +44,12 @@ def _record(servicer: Any, method: str, code: grpc.StatusCode) -> None:
         record(method, code)
 
 
-def _report(context: Any, error: BaseException, method: str) -> None:
+def _redact(details: str) -> str:
+    """Blank quoted caller input ('…'): Serve logs a failed stream's details."""
+    return re.sub(r"'[^']*'", "'…'", details)
+
+
+def _report(context: Any, error: BaseException, method: str, *, redact: bool = False) -> None:
     """Set the status for ``error`` on the context; log without the message (it may hold
     caller-supplied names) unless it is a bug."""
     if isinstance(error, SmartPathError):
@@ -56,7 +62,7 @@ def _report(context: Any, error: BaseException, method: str) -> None:
     if context is None:  # called outside the gRPC proxy (tests, direct calls)
         raise error
     context.set_code(code)
-    context.set_details(details)
+    context.set_details(_redact(details) if redact else details)
 
 
 def unary(
@@ -92,7 +98,7 @@ def server_stream(
             async for response in fn(self, request):
                 yield response
         except Exception as e:
-            _report(grpc_context, e, fn.__name__)
+            _report(grpc_context, e, fn.__name__, redact=True)
             _record(self, fn.__name__, grpc_context.code())
             # A stream that ends without yielding never carries the context back to the
             # proxy, so raise; the proxy prefers the details set on the context.

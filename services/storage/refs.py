@@ -44,7 +44,8 @@ class ObjectRef:
         return f"s3://{self.bucket}/{self.key}"
 
     def __str__(self) -> str:
-        return self.uri
+        # Quoted like show(): messages read "object 's3://b/k'", and callers can redact quotes.
+        return repr(self.uri)
 
 
 def show(value: object, limit: int = _SHOW_CHARS) -> str:

@@ -91,7 +91,9 @@ def test_huge_input_is_truncated_in_message() -> None:
 def test_object_ref_properties() -> None:
     assert ObjectRef("b12", "a/").is_folder
     assert not ObjectRef("b12", "a/x.svs").is_folder
-    assert str(ObjectRef("b12", "a/x.svs")) == "s3://b12/a/x.svs"
+    ref = ObjectRef("b12", "a/x.svs")
+    assert ref.uri == "s3://b12/a/x.svs"
+    assert str(ref) == "'s3://b12/a/x.svs'"  # quoted, as messages show caller input
 
 
 def test_validators_pass_good_values_through() -> None:

@@ -237,3 +237,11 @@ def test_encoded_tiles(client, svs_uri, encoding, magic) -> None:
     decoded = np.stack([np.asarray(Image.open(BytesIO(img))) for img in images])
     tolerance = 0 if encoding == tiling_pb2.TILE_ENCODING_PNG else 4
     assert np.abs(decoded.astype(int) - raw).mean() <= tolerance
+
+
+def test_failed_stream_details_do_not_echo_slide_names(client) -> None:
+    uri = f"s3://{BUCKET}/patients/jane-doe-1234.svs"
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.read_tiles(uri, tile_spec()))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "jane-doe" not in err.value.details()
