@@ -52,7 +52,7 @@ def test_100k_slide_plans_and_reads_in_bounded_memory(tmp_path: Path) -> None:
     """Write, plan and read every tissue tile of a 100,000² px slide in a fresh process."""
     script = textwrap.dedent(
         f"""
-        import json, resource
+        import json, re
         from concurrent.futures import ThreadPoolExecutor
         from smartpath.services.config import load_config
         from smartpath.services.tiling.reader import TileReader
@@ -65,7 +65,9 @@ def test_100k_slide_plans_and_reads_in_bounded_memory(tmp_path: Path) -> None:
         opened = tiler.open(str(path))
         plan, tissue = tiler.plan(opened, TileRequest(mpp=1.0, tile_size=256))
         n = sum(len(b) for _, b in tiler.read(opened, plan.geometry, plan.x, plan.y, 64))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM: the peak of this process image (ru_maxrss would include the forked parent's).
+        status = open("/proc/self/status").read()
+        rss = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024
         print(json.dumps({{"tiles": n, "planned": len(plan), "rss_mb": rss}}))
         tiler.close()
         """
