@@ -1,0 +1,191 @@
+"""SmartPathModel: the Qwen2.5-VL base with a slide aggregator, an expert router and
+mixture-of-LoRA experts, composed into one module.
+
+Design decisions:
+- The base model stays a stock ``Qwen2_5_VLForConditionalGeneration`` (frozen), so real
+  checkpoints load unchanged; SmartPath's parts sit beside it: the slide aggregator, the
+  router, and MixtureLoRALinear layers swapped into the LM's target projections.
+- Inputs are embedded here: text embeddings, ROI image features (the base's own vision tower)
+  at ``<|image_pad|>`` tokens, aggregated slide tokens at ``<|slide_pad|>`` tokens; then the
+  base runs on ``inputs_embeds`` with Qwen's 3-D (M-RoPE) positions computed from the ids.
+  Slide tokens take ordinary 1-D text positions (their layout is in the aggregator's encoding).
+- The router sees the task, the scale and the mean of the request's visual tokens; its top-k
+  gate becomes the per-request ExpertRouting for the whole forward pass. Its load-balancing
+  loss is returned, scaled, beside the LM loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from smartpath.model.aggregator import SlideAggregator
+from smartpath.model.config import ModelConfig
+from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
+from smartpath.model.grammar import Scale, Task
+from smartpath.model.router import ExpertRouter, RouterOutput
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SlideInput:
+    """One slide's tile features (N, D), level-0 tile coordinates (N, 2) and µm/px."""
+
+    features: Tensor
+    coords: Tensor
+    mpp: float = 1.0
+
+
+@dataclass
+class MultimodalBatch:
+    """A batch of requests: token ids with image/slide placeholders, and their visual inputs.
+
+    ``pixel_values``/``image_grid_thw`` hold every ROI image of the batch in request order
+    (Qwen2.5-VL's packed layout); ``slides[i]`` is request i's slide or None.
+    """
+
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T) 1 = real token
+    task_ids: Tensor  # (B,) smartpath Task values
+    scale_ids: Tensor  # (B,) smartpath Scale values
+    pixel_values: Tensor | None = None  # (patches, C·t·p·p)
+    image_grid_thw: Tensor | None = None  # (images, 3)
+    slides: Sequence[SlideInput | None] | None = None
+
+
+@dataclass
+class SmartPathOutput:
+    """Logits (B, T, V), the LM loss when labels were given, and the router's decision."""
+
+    logits: Tensor
+    router: RouterOutput
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
+class SmartPathModel(nn.Module):
+    """The SmartPath MLLM (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, base: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        hidden = base.config.text_config.hidden_size
+        self.image_token_id = base.config.image_token_id
+        self.slide_token_id = tokenizer.convert_tokens_to_ids("<|slide_pad|>")
+        e = cfg.experts
+        self.expert_layers = attach_experts(base, e.target_modules, e.num_experts, e.rank, e.alpha)
+        a = cfg.aggregator
+        self.aggregator = SlideAggregator(
+            a.feature_dim,
+            hidden,
+            hidden_dim=hidden,
+            num_tokens=a.num_tokens,
+            num_heads=a.num_heads,
+            chunk_size=a.chunk_size,
+        )
+        self.router = ExpertRouter(
+            num_tasks=max(Task) + 1,
+            num_scales=max(Scale) + 1,
+            visual_dim=hidden,
+            num_experts=e.num_experts,
+            top_k=e.top_k,
+            hidden_dim=cfg.router.hidden_size,
+        )
+
+    @property
+    def slide_tokens(self) -> int:
+        """``<|slide_pad|>`` tokens a prompt must hold per slide."""
+        return self.aggregator.num_tokens
+
+    def embed(self, batch: MultimodalBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs_embeds (B, T, H), position_ids (3, B, T), pooled visual (B, H))."""
+        ids = batch.input_ids
+        embeds = self.base.get_input_embeddings()(ids)  # (B, T, H)
+        b, _, h = embeds.shape
+        pooled = embeds.new_zeros(b, h)
+        counts = embeds.new_zeros(b, 1)
+        image_mask = ids == self.image_token_id  # (B, T)
+        if batch.pixel_values is not None:
+            images = self.base.model.get_image_features(batch.pixel_values, batch.image_grid_thw)
+            image_embeds = torch.cat(images.pooler_output).to(embeds.dtype)  # (n_img_tok, H)
+            if int(image_mask.sum()) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{int(image_mask.sum())} <|image_pad|> tokens for "
+                    f"{image_embeds.shape[0]} image features; expand the prompt's image pads"
+                )
+            embeds = embeds.masked_scatter(image_mask[..., None], image_embeds)
+            pooled = pooled + (image_mask[..., None] * embeds).sum(1)
+            counts = counts + image_mask.sum(1, keepdim=True)
+        slide_mask = ids == self.slide_token_id  # (B, T)
+        if any(s is not None for s in batch.slides or ()):
+            embeds = embeds.clone()  # written per request below
+        for i, slide in enumerate(batch.slides or ()):
+            if slide is None:
+                continue
+            tokens = self.aggregator(slide.features, slide.coords, slide.mpp)  # (M, H)
+            row = slide_mask[i]
+            if int(row.sum()) != tokens.shape[0]:
+                raise ValueError(
+                    f"request {i} has {int(row.sum())} <|slide_pad|> tokens; a slide needs "
+                    f"{tokens.shape[0]}"
+                )
+            embeds[i, row] = tokens.to(embeds.dtype)
+            pooled[i] = pooled[i] + tokens.sum(0)
+            counts[i] = counts[i] + tokens.shape[0]
+        pooled = pooled / counts.clamp_min(1)
+        mm_types = image_mask.int()  # 1 = image token; slide tokens count as text (0)
+        if batch.image_grid_thw is not None:
+            positions, _ = self.base.model.get_rope_index(
+                ids,
+                mm_types,
+                image_grid_thw=batch.image_grid_thw,
+                attention_mask=batch.attention_mask,
+            )
+        else:
+            pos = (batch.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
+            positions = pos[None].expand(3, -1, -1)
+        return embeds, positions, pooled
+
+    def route(self, batch: MultimodalBatch, pooled: Tensor) -> RouterOutput:
+        """The router's top-k decision per request."""
+        return self.router(batch.task_ids, batch.scale_ids, pooled)
+
+    def forward(
+        self,
+        batch: MultimodalBatch,
+        labels: Tensor | None = None,
+        routing: ExpertRouting | None = None,
+    ) -> SmartPathOutput:
+        """Logits for the batch; with ``labels`` (B, T, IGNORE_INDEX outside answers) the loss.
+
+        ``routing`` overrides the router (e.g. to force an expert in tests or SFT).
+        """
+        embeds, positions, pooled = self.embed(batch)
+        decision = self.route(batch, pooled)
+        if routing is None:
+            # Gate weights stay attached so the LM loss trains the router too.
+            routing = ExpertRouting(decision.indices, decision.weights)
+        with apply_routing(self.base, routing):
+            out = self.base(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=positions,
+                use_cache=False,
+            )
+        result = SmartPathOutput(logits=out.logits, router=decision)
+        if labels is not None:
+            shift_logits = out.logits[:, :-1].flatten(0, 1)  # (B·(T-1), V)
+            shift_labels = labels[:, 1:].flatten()  # (B·(T-1),)
+            result.loss = F.cross_entropy(
+                shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX
+            )
+            result.aux_loss = self.cfg.router.load_balance_weight * self.router.aux_loss(decision)
+        return result

@@ -1,0 +1,153 @@
+"""Batched generation with per-request experts: reference equivalence, stops, sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts, expert_modules
+from smartpath.model.generation import generate, generate_stream
+from tests.model.tiny import VOCAB, randomise_experts, tiny_qwen
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_qwen(seed=2)
+
+
+@pytest.fixture(scope="module")
+def moe(base):
+    model = copy.deepcopy(base)
+    attach_experts(model, ["q_proj", "v_proj"], num_experts=4, rank=4, alpha=8)
+    randomise_experts(model, seed=4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (4, 9, 6, 2)]
+
+
+@pytest.fixture(scope="module")
+def routing() -> ExpertRouting:
+    return ExpertRouting(
+        torch.tensor([[0, 1], [2, 3], [3, 1], [1, 2]]),
+        torch.tensor([[0.7, 0.3], [0.5, 0.5], [1.0, 0.0], [0.2, 0.8]]),
+    )
+
+
+def greedy_without_cache(model, prompt: list[int], routing, new: int) -> list[int]:
+    """Reference: re-run the whole sequence every step (no KV cache, no padding)."""
+    seq = list(prompt)
+    with torch.no_grad(), apply_routing(model, routing):
+        for _ in range(new):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt) :]
+
+
+def test_matches_transformers_generate_for_one_request(base, moe, prompts) -> None:
+    for model in (base, moe):  # moe without routing must be the base model
+        for prompt in prompts[:2]:
+            ids = torch.tensor([prompt])
+            ref = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+            assert generate(model, [prompt], max_new_tokens=NEW) == [ref]
+    # And for a left-padded batch (transformers pads on the left itself here).
+    pad = max(len(p) for p in prompts[:2])
+    ids = torch.tensor([[0] * (pad - len(p)) + p for p in prompts[:2]])
+    mask = (torch.arange(pad)[None] >= torch.tensor([[pad - len(p)] for p in prompts[:2]])).long()
+    ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    assert generate(base, prompts[:2], max_new_tokens=NEW) == ref[:, pad:].tolist()
+
+
+def test_batched_mixed_experts_equal_each_request_alone(moe, prompts, routing) -> None:
+    batched = generate(moe, prompts, routing, max_new_tokens=NEW)
+    alone = [
+        generate(moe, [p], routing.select([i]), max_new_tokens=NEW)[0]
+        for i, p in enumerate(prompts)
+    ]
+    assert batched == alone
+    for i, p in enumerate(prompts):
+        assert batched[i] == greedy_without_cache(moe, p, routing.select([i]), NEW)
+    # Experts matter: the same prompts with no routing decode differently.
+    assert generate(moe, prompts, None, max_new_tokens=NEW) != batched
+    # Per-request routings (None = base for that request) equal the stacked routing.
+    per_request = [routing.select([0]), None, ExpertRouting.single([3], [1.0]), routing.select([3])]
+    mixed = generate(moe, prompts, per_request, max_new_tokens=NEW)
+    assert mixed[0] == batched[0] and mixed[3] == batched[3]
+    assert mixed[1] == generate(moe, [prompts[1]], None, max_new_tokens=NEW)[0]
+    assert mixed[2] == batched[2]  # row 2 of `routing` is expert 3 with weight 1
+    assert all(m.routing is None for m in expert_modules(moe).values())
+
+
+def mid_stop_token(outputs: list[list[int]]) -> int:
+    """A token some request first emits mid-way (step ≥ 2) and some other request never emits."""
+    for out in outputs:
+        for step, token in enumerate(out):
+            if step >= 2 and token not in out[:step] and any(token not in o for o in outputs):
+                return token
+    raise AssertionError("no suitable stop token in these outputs")
+
+
+def test_requests_stop_independently(moe, prompts, routing) -> None:
+    free = generate(moe, prompts, routing, max_new_tokens=NEW)
+    stop = mid_stop_token(free)
+    stopped = generate(moe, prompts, routing, max_new_tokens=NEW, stop_token_ids=[stop])
+    for got, full in zip(stopped, free, strict=True):
+        want = full[: full.index(stop) + 1] if stop in full else full
+        assert got == want  # stop token included; the others are unaffected
+    lengths = sorted(len(s) for s in stopped)
+    assert 3 <= lengths[0] < NEW and lengths[-1] == NEW  # one stopped mid-way, one ran on
+    # EOS behaves like a stop token.
+    assert generate(moe, prompts, routing, max_new_tokens=NEW, eos_token_id=stop) == stopped
+
+
+def test_stream_yields_each_active_request_per_step(moe, prompts, routing) -> None:
+    stop = mid_stop_token(generate(moe, prompts, routing, max_new_tokens=NEW))
+    events = list(generate_stream(moe, prompts, routing, max_new_tokens=NEW, stop_token_ids=[stop]))
+    collected: list[list[int]] = [[] for _ in prompts]
+    for request, token in events:
+        collected[request].append(token)
+    assert collected == generate(moe, prompts, routing, max_new_tokens=NEW, stop_token_ids=[stop])
+    # Step-major order: the first len(prompts) events are step 0 of requests 0..3.
+    assert [r for r, _ in events[: len(prompts)]] == list(range(len(prompts)))
+    # Closing the stream early restores the model's routing.
+    stream = generate_stream(moe, prompts, routing, max_new_tokens=NEW)
+    next(stream)
+    assert all(m.routing is not None for m in expert_modules(moe).values())
+    stream.close()
+    assert all(m.routing is None for m in expert_modules(moe).values())
+
+
+def test_seeded_sampling_is_reproducible(moe, prompts, routing) -> None:
+    kw = {"max_new_tokens": NEW, "temperature": 1.5, "top_p": 0.95}
+    a = generate(moe, prompts, routing, seed=11, **kw)
+    b = generate(moe, prompts, routing, seed=11, **kw)
+    c = generate(moe, prompts, routing, seed=12, **kw)
+    greedy = generate(moe, prompts, routing, max_new_tokens=NEW)
+    assert a == b
+    assert a != c and a != greedy
+    assert generate(moe, prompts, routing, max_new_tokens=NEW, temperature=0.0, seed=5) == greedy
+    # A tiny nucleus keeps only the most likely token: sampling collapses to greedy.
+    assert (
+        generate(moe, prompts, routing, seed=3, max_new_tokens=NEW, temperature=1.0, top_p=1e-6)
+        == greedy
+    )
+
+
+def test_rejects_bad_inputs(moe, prompts, routing) -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(moe, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="routing is for 4 requests"):
+        generate(moe, prompts[:2], routing, max_new_tokens=2)
+    assert generate(moe, prompts, routing, max_new_tokens=0) == [[], [], [], []]
