@@ -21,6 +21,10 @@ Design decisions:
 - The routing is set on the model for the duration of the call (also between the streaming
   variant's yields): don't run other forwards on the same model instance meanwhile.
 - The model should be in eval mode (dropout would make decoding non-deterministic).
+- Multimodal prompts prefill from embeddings: ``prefill_embeds`` (B, L, H) and
+  ``prefill_positions`` (3, B, L) laid out like the left-padded prompts (SmartPathModel.embed
+  builds both, with image features and slide tokens in place); later steps feed token ids at
+  the last prompt position + 1, as Qwen2.5-VL's M-RoPE continues text after vision tokens.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ def generate_stream(
     stop_token_ids: Sequence[int] = (),
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    prefill_embeds: Tensor | None = None,
+    prefill_positions: Tensor | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield ``(request_index, token_id)`` for every request still running, step by step.
 
@@ -125,6 +131,20 @@ def generate_stream(
         mask[i, length - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, L)
+    if (prefill_embeds is None) != (prefill_positions is None):
+        raise ValueError("prefill_embeds and prefill_positions go together")
+    if prefill_embeds is not None:
+        if prefill_embeds.shape[:2] != (batch, length) or prefill_positions.shape != (
+            3,
+            batch,
+            length,
+        ):
+            raise ValueError(
+                f"prefill must match the left-padded prompts (B={batch}, L={length}); got "
+                f"embeds {tuple(prefill_embeds.shape)} and positions "
+                f"{tuple(prefill_positions.shape)}"
+            )
+        positions = prefill_positions[0].to(device)  # text rows: the three M-RoPE rows agree
     active = torch.arange(batch, device=device)  # original request index of each row
     cache = None
     modules = list(expert_modules(model).values())
@@ -132,8 +152,12 @@ def generate_stream(
     with apply_routing(model, batch_routing):
         for step in range(max_new_tokens):
             pos = positions[None].expand(3, -1, -1) if mrope else positions  # (3, b, t) | (b, t)
+            inputs = {"input_ids": ids}
+            if step == 0 and prefill_embeds is not None:
+                inputs = {"inputs_embeds": prefill_embeds.to(device)}
+                pos = prefill_positions.to(device)
             out = model(
-                input_ids=ids,
+                **inputs,
                 attention_mask=mask,
                 position_ids=pos,
                 past_key_values=cache,

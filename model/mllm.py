@@ -16,7 +16,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from smartpath.model.aggregator import SlideAggregator
 from smartpath.model.config import ModelConfig
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
+from smartpath.model.generation import generate_stream
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.router import ExpertRouter, RouterOutput
 
@@ -189,3 +190,47 @@ class SmartPathModel(nn.Module):
             )
             result.aux_loss = self.cfg.router.load_balance_weight * self.router.aux_loss(decision)
         return result
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        batch: MultimodalBatch,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        eos_token_id: int | None = None,
+        routing: ExpertRouting | None = None,
+    ) -> Iterator[tuple[int, int]]:
+        """Yield (request index, token id) for a left-padded batch, each request with the
+        experts its router picked (or ``routing``), prefilled with its image/slide inputs."""
+        mask = batch.attention_mask.bool()
+        if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
+            raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
+        embeds, positions, pooled = self.embed(batch)
+        if routing is None:
+            routing = self.route(batch, pooled).routing()
+        prompts = [row[m].tolist() for row, m in zip(batch.input_ids, mask, strict=True)]
+        yield from generate_stream(
+            self.base,
+            prompts,
+            routing,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            eos_token_id=eos_token_id,
+            pad_token_id=int(batch.input_ids[~mask].flatten()[0]) if (~mask).any() else 0,
+            prefill_embeds=embeds,
+            prefill_positions=positions,
+        )
+
+    def generate(self, batch: MultimodalBatch, **kwargs) -> list[list[int]]:
+        """Every request's new tokens (see :meth:`generate_stream` for the arguments)."""
+        outputs: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0])]
+        for row, token in self.generate_stream(batch, **kwargs):
+            outputs[row].append(token)
+        return outputs

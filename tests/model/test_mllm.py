@@ -111,3 +111,77 @@ def test_placeholder_count_mismatch_is_a_clear_error(model: SmartPathModel) -> N
     short = (tokens[:3] + tokens[4:], task, scale, roi, slide)  # one slide pad fewer
     with pytest.raises(ValueError, match="slide_pad"):
         model(_batch([short]))
+
+
+def test_generation_mixed_batch_equals_alone_and_stops(model: SmartPathModel) -> None:
+    requests = _requests(model)
+    batch = _batch(requests)
+    together = model.generate(batch, max_new_tokens=6)
+    assert all(len(t) == 6 for t in together)
+    with torch.no_grad():
+        decision = model(batch).router
+    for i, request in enumerate(requests):
+        routing = ExpertRouting(decision.indices[i : i + 1], decision.weights[i : i + 1])
+        alone = model.generate(_batch([request]), max_new_tokens=6, routing=routing)
+        assert alone[0] == together[i]
+    # A stop token ends only the request that produced it.
+    stop = together[1][2]
+    stopped = model.generate(batch, max_new_tokens=6, stop_token_ids=[stop])
+    assert stopped[1] == together[1][: together[1].index(stop) + 1]
+
+
+def test_generation_prefill_matches_full_forward(model: SmartPathModel) -> None:
+    """Greedy token 1 from the KV-cached prefill equals the argmax of a plain forward."""
+    batch = _batch(_requests(model))
+    with torch.no_grad():
+        out = model(batch)
+        expected = out.logits[:, -1].argmax(-1).tolist()
+        first = [t[0] for t in model.generate(batch, max_new_tokens=1)]
+    assert first == expected
+
+
+def test_generation_needs_left_padding(model: SmartPathModel) -> None:
+    batch = _batch(_requests(model))
+    batch.attention_mask = batch.attention_mask.flip(-1)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(batch, max_new_tokens=1)
+
+
+def test_cached_decoding_continues_positions_after_images(model: SmartPathModel) -> None:
+    """Tokens from the KV cache equal full forwards over prompt + tokens so far (M-RoPE after
+    an image continues at the vision block's max position + 1, not at the token count)."""
+    processor = make_image_processor(model.cfg.vision)
+    image = np.random.default_rng(3).integers(0, 255, (196, 280, 3), dtype=np.uint8)
+    roi = prepare_roi(image, processor)  # 14x20 patches -> 70 tokens over 10 positions
+    prompt = expand_image_pads(f"{VISION_START}{IMAGE_PAD}{VISION_END} grade", roi.num_image_tokens)
+    request = (model.tokenizer(prompt)["input_ids"], Task.CLASSIFICATION, Scale.ROI, roi, None)
+    batch = _batch([request])
+    routing = ExpertRouting.single([0, 1], [0.5, 0.5])
+    with torch.no_grad():
+        tokens = model.generate(batch, max_new_tokens=4, routing=routing)[0]
+        for k in range(1, 4):
+            extended = (request[0] + tokens[:k], *request[1:])
+            logits = model(_batch([extended]), routing=routing).logits[0, -1]
+            assert logits.argmax().item() == tokens[k], k
+
+
+def test_decode_positions_follow_the_vision_block(model: SmartPathModel) -> None:
+    processor = make_image_processor(model.cfg.vision)
+    image = np.random.default_rng(3).integers(0, 255, (196, 280, 3), dtype=np.uint8)
+    roi = prepare_roi(image, processor)
+    prompt = expand_image_pads(f"{VISION_START}{IMAGE_PAD}{VISION_END} grade", roi.num_image_tokens)
+    batch = _batch(
+        [(model.tokenizer(prompt)["input_ids"], Task.CLASSIFICATION, Scale.ROI, roi, None)]
+    )
+    seen: list[torch.Tensor] = []
+    hook = model.base.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        model.generate(batch, max_new_tokens=3)
+    finally:
+        hook.remove()
+    prefill_max = int(seen[0].max())
+    assert prefill_max < batch.input_ids.shape[1] - 1  # 70 image tokens span only 10 positions
+    assert [int(p.max()) for p in seen[1:]] == [prefill_max + 1, prefill_max + 2]
+    assert all(bool((p == p[0]).all()) for p in seen[1:])  # text: the 3 M-RoPE rows agree
