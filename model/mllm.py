@@ -16,14 +16,17 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smartpath.model.aggregator import SlideAggregator
+from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, save_checkpoint
 from smartpath.model.config import ModelConfig
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
@@ -72,9 +75,10 @@ class SmartPathOutput:
 class SmartPathModel(nn.Module):
     """The SmartPath MLLM (see module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, base: nn.Module, tokenizer) -> None:
+    def __init__(self, cfg: ModelConfig, base: nn.Module, tokenizer: Any) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tokenizer = tokenizer
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -234,3 +238,62 @@ class SmartPathModel(nn.Module):
         for row, token in self.generate_stream(batch, **kwargs):
             outputs[row].append(token)
         return outputs
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint stores: everything for a built preset; only SmartPath's own
+        parameters (experts, aggregator, router) when the base comes from ``cfg.base_path``."""
+        seen: set[int] = set()
+        tensors: dict[str, Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            own = not name.startswith("base.") or ".lora_" in name
+            if self.cfg.base_path is not None and not own:
+                continue
+            if tensor.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) once
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous()
+        return tensors
+
+    def save(
+        self,
+        dest: str | Path,
+        store: Any = None,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        overwrite: bool = False,
+    ) -> Manifest:
+        """Write a SmartPath checkpoint (safetensors + manifest) to a folder or ``s3://``."""
+        manifest = Manifest(
+            model=self.cfg,
+            experts=[
+                ExpertInfo(name=f"expert-{e}", index=e) for e in range(self.cfg.experts.num_experts)
+            ],
+            metrics=dict(metrics or {}),
+        )
+        return save_checkpoint(
+            dest, self.checkpoint_tensors(), manifest, self.tokenizer, store, overwrite=overwrite
+        )
+
+    @classmethod
+    def load(cls, src: str | Path, store: Any = None) -> SmartPathModel:
+        """Rebuild a model saved with :meth:`save` (never unpickles)."""
+        from smartpath.model.base import base_from_config, load_base
+        from smartpath.model.tokenizer import load_tokenizer
+
+        tensors, manifest, tokenizer_dir = load_checkpoint(src, store)
+        cfg = manifest.model
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if cfg.base_path is not None:
+            base, _ = load_base(cfg.base_path, cfg, store=store)
+        else:
+            base, _ = base_from_config(cfg, tokenizer)
+        model = cls(cfg, base, tokenizer)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        expected_missing = set(model.state_dict()) - set(model.checkpoint_tensors())
+        if unexpected or set(missing) - expected_missing:
+            raise ValueError(
+                f"checkpoint does not fit {cfg.preset}: missing {sorted(set(missing))[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return model.eval()

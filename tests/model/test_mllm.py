@@ -27,7 +27,6 @@ def model() -> SmartPathModel:
     for layer in expert_modules(m.base).values():  # non-zero experts, so mixing matters
         with torch.no_grad():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-    m.tokenizer = tokenizer
     return m
 
 
@@ -185,3 +184,17 @@ def test_decode_positions_follow_the_vision_block(model: SmartPathModel) -> None
     assert prefill_max < batch.input_ids.shape[1] - 1  # 70 image tokens span only 10 positions
     assert [int(p.max()) for p in seen[1:]] == [prefill_max + 1, prefill_max + 2]
     assert all(bool((p == p[0]).all()) for p in seen[1:])  # text: the 3 M-RoPE rows agree
+
+
+def test_checkpoint_round_trip_through_s3(model: SmartPathModel, s3_config) -> None:
+    from smartpath.services.storage import make_store
+
+    store = make_store(s3_config)
+    store.ensure_bucket("models")
+    manifest = model.save("s3://models/smartpath/tiny/v1/", store, metrics={"f1": 0.5})
+    assert [e.index for e in manifest.experts] == list(range(model.cfg.experts.num_experts))
+    loaded = SmartPathModel.load("s3://models/smartpath/tiny/v1/", store)
+    batch = _batch(_requests(model))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, model(batch).logits, atol=0, rtol=0)
+    assert loaded.generate(batch, max_new_tokens=3) == model.generate(batch, max_new_tokens=3)
