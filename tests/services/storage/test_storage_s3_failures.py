@@ -17,8 +17,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -34,32 +32,13 @@ import pytest
 from smartpath.services.config import StorageConfig
 from smartpath.services.errors import NotFoundError, PermissionDeniedError, UnavailableError
 from smartpath.services.storage import ObjectRef, S3Store
+from tests.conftest import free_port, moto_server
 
 AUTH_BUCKET = "auth-bucket"
 ALLOW_ALL_S3 = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("auth moto_server did not start")
 
 
 @dataclass(frozen=True)
@@ -83,15 +62,8 @@ class AuthServer:
 @pytest.fixture(scope="module")
 def auth_server() -> Iterator[AuthServer]:
     """A moto_server of its own that enforces IAM authentication and authorization."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_listening(port, proc)
-        url = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
+        url = f"http://{endpoint}"
         iam = boto3.client(
             "iam",
             endpoint_url=url,
@@ -107,7 +79,7 @@ def auth_server() -> Iterator[AuthServer]:
         iam.create_user(UserName="nobody")
         weak = iam.create_access_key(UserName="nobody")["AccessKey"]
         server = AuthServer(
-            endpoint=f"127.0.0.1:{port}",
+            endpoint=endpoint,
             good=(good["AccessKeyId"], good["SecretAccessKey"]),
             no_policy=(weak["AccessKeyId"], weak["SecretAccessKey"]),
         )
@@ -121,9 +93,6 @@ def auth_server() -> Iterator[AuthServer]:
         with urllib.request.urlopen(enable, timeout=10) as response:
             assert response.status == 200
         yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_valid_credentials_work_on_auth_server(auth_server: AuthServer) -> None:
@@ -194,7 +163,7 @@ def _cfg(endpoint: str, **kw: object) -> StorageConfig:
 
 @pytest.mark.parametrize("op", ["stat", "get_bytes", "list", "ensure_bucket", "download"])
 def test_unreachable_endpoint_is_unavailable_after_retries(op: str, tmp_path: Path) -> None:
-    endpoint = f"127.0.0.1:{_free_port()}"  # nothing listens here
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens here
     store = S3Store(_cfg(endpoint, backoff_s=0.05))
     ref = ObjectRef("bkt", "a.svs")
     calls = {
@@ -219,7 +188,7 @@ def test_unreachable_endpoint_is_unavailable_after_retries(op: str, tmp_path: Pa
 
 
 def test_no_retries_when_configured_off() -> None:
-    store = S3Store(_cfg(f"127.0.0.1:{_free_port()}", retries=0, backoff_s=5))
+    store = S3Store(_cfg(f"127.0.0.1:{free_port()}", retries=0, backoff_s=5))
     start = time.monotonic()
     with pytest.raises(UnavailableError, match="1 attempt\\)"):
         store.stat(ObjectRef("bkt", "a"))
