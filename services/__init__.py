@@ -1,0 +1,1 @@
+"""SmartPath services: config, storage, the Ray Serve deployments (one folder each), CLI."""

@@ -1,0 +1,1 @@
+"""SmartPath training: data, synthetic pathology, rewards and metrics, SFT and GRPO."""

@@ -1,0 +1,1 @@
+"""Procedural pathology data: pyramidal slides and ROI samples, seeded, no downloads."""
