@@ -1,0 +1,550 @@
+"""Seeded synthetic H&E regions of interest (ROIs) with ground truth for every ROI task.
+
+Design decisions
+----------------
+- One scene per sample: :func:`render_roi` draws a tissue class (tumour, stroma, normal gland,
+  necrosis, lymphocyte-rich) and renders it at 224-448 px with its ground truth (nuclei as
+  ellipses with analytic boxes, glands / tumour nests as smooth star-shaped regions with a pixel
+  mask and a polygon outline). Every sample type (classification, detection, segmentation, VQA)
+  is read off the same scene, so answers are true of the pixels.
+- Colour by Beer-Lambert from hematoxylin / eosin concentration maps (as in ``slides.py``), so
+  every pixel looks like H&E. Per-sample stain jitter (concentration scale per stain, stain
+  vector tilt, brightness) is wide on purpose: class mean colours overlap (tumour vs
+  lymphocyte-rich, stroma vs necrosis), so a classifier has to use texture, nuclei size, shape
+  and density, and layout (glands' lumina, fibres), not the mean colour.
+- Vectorised numpy: smooth noise is a low-resolution Gaussian grid upsampled by PIL (bilinear),
+  fibres are warped sinusoids on a randomly rotated axis, and all nuclei are rendered at once as
+  stacked patches scattered into the image with one ``np.bincount``. Nuclei sit on a jittered
+  grid (one per cell at most, radius below half a cell), so they never overlap and every box
+  covers exactly one nucleus. Necrotic debris is sub-nuclear speckle, not detected.
+- Boxes are the ellipse's analytic extent (pixel-edge coordinates) clipped to the image,
+  normalised to 0-1000 and rounded to 0.1; polygons are 32 samples of the smooth outline,
+  clamped to the image, so the polygon rasterises to the generator's mask within a few percent.
+- VQA questions never contain their answer: yes/no presence questions are balanced (the queried
+  class is the true one half the time), the dominant-class and nuclei-count questions are closed
+  with the answer among shuffled options, and the open "describe" question is answered by a short
+  class-specific description whose words do not appear in the question.
+- Determinism: every random draw comes from ``np.random.default_rng`` seeded from
+  ``(seed, task, index)``; PIL resizing is deterministic, so the same arguments give the same
+  pixels and targets on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from smartpath.model.grammar import (
+    Answer,
+    Detection,
+    DetectionAnswer,
+    LabelAnswer,
+    Polygon,
+    Scale,
+    SegmentationAnswer,
+    Task,
+    TextAnswer,
+    format_answer,
+)
+from smartpath.model.prompts import build_prompt
+
+__all__ = [
+    "COUNT_OPTIONS",
+    "NUCLEUS_LABELS",
+    "REGION_LABELS",
+    "TISSUE_CLASSES",
+    "Nucleus",
+    "Region",
+    "RoiSample",
+    "RoiScene",
+    "count_option",
+    "generate_roi_samples",
+    "make_roi_sample",
+    "render_roi",
+]
+
+TISSUE_CLASSES: tuple[str, ...] = (
+    "tumour",
+    "stroma",
+    "normal gland",
+    "necrosis",
+    "lymphocyte-rich",
+)
+NUCLEUS_LABELS: tuple[str, ...] = ("tumour nucleus", "lymphocyte", "other nucleus")
+REGION_LABELS: tuple[str, ...] = ("gland", "tumour")
+COUNT_OPTIONS: tuple[str, ...] = ("0-20", "21-60", "61-120", "more than 120")
+ROI_SIZES: tuple[int, ...] = (224, 256, 288, 320, 352, 384, 416, 448)
+
+_GLASS_OD = -np.log(np.array([243.0, 242.0, 240.0]) / 255.0)
+_H_OD = np.array([0.62, 0.80, 0.28])
+_E_OD = np.array([0.10, 0.95, 0.42])
+_N_VERTS = 32
+
+_DESCRIPTIONS = {
+    "tumour": "sheets of large pleomorphic atypical cells with crowded hyperchromatic nuclei",
+    "stroma": "wavy pink collagen fibres with sparse spindle cells",
+    "normal gland": "round glands lined by orderly epithelium around open lumina",
+    "necrosis": "amorphous eosinophilic debris with scattered karyorrhectic fragments",
+    "lymphocyte-rich": "dense infiltrate of small round dark lymphoid cells",
+}
+_PRESENCE = {
+    "tumour": "Is tumour present in this region?",
+    "stroma": "Is this region predominantly fibrous stroma?",
+    "normal gland": "Are normal glands present?",
+    "necrosis": "Is necrosis present?",
+    "lymphocyte-rich": "Is there a dense lymphocytic infiltrate?",
+}
+_VQA_KINDS = ("presence", "dominant", "count", "describe")
+
+
+@dataclass(frozen=True)
+class Nucleus:
+    """One rendered nucleus: an ellipse in pixel coordinates and its box (pixel edges)."""
+
+    label: str
+    cx: float
+    cy: float
+    a: float  # semi-axis along ``angle``
+    b: float
+    angle: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Region:
+    """A gland or tumour nest: its pixel mask and polygon outline (pixel coordinates)."""
+
+    label: str
+    points: np.ndarray  # (N, 2) float x, y
+    mask: np.ndarray  # (H, W) bool
+
+
+@dataclass(frozen=True)
+class RoiScene:
+    """A rendered ROI and its ground truth."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    tissue_class: str
+    nuclei: tuple[Nucleus, ...]
+    regions: tuple[Region, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.image.shape[0], self.image.shape[1]
+
+
+@dataclass(frozen=True)
+class RoiSample:
+    """One training sample: image, prompt and typed target (``target_text`` is canonical)."""
+
+    id: str
+    image: np.ndarray
+    task: Task
+    scale: str
+    prompt: str
+    labels: tuple[str, ...] | None
+    options: tuple[str, ...] | None
+    question: str | None
+    target: Answer
+    target_text: str
+    tissue_class: str
+    scene: RoiScene
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering helpers
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Smooth zero-mean, unit-ish noise with features about ``cell`` px across."""
+    gh, gw = max(2, math.ceil(h / cell) + 2), max(2, math.ceil(w / cell) + 2)
+    grid = rng.standard_normal((gh, gw)).astype(np.float32)
+    img = Image.fromarray(grid, mode="F").resize(
+        (w, h), Image.Resampling.BICUBIC, box=(0.5, 0.5, gw - 1.5, gh - 1.5)
+    )
+    return np.asarray(img, dtype=np.float32)
+
+
+def _star_shape(
+    rng: np.random.Generator, cx: float, cy: float, r: float, irregular: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth star-shaped outline: Fourier coefficients (k=2..5) of its radius function."""
+    ks = np.arange(2, 6)
+    amps = rng.uniform(0.0, irregular, size=4) / ks
+    phases = rng.uniform(0.0, 2 * math.pi, size=4)
+    return np.stack([amps, phases]), np.array([cx, cy, r])
+
+
+def _radius(coef: np.ndarray, geo: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Radius function at unit complex directions ``z`` (cos(k theta + phi) = Re(e^(i phi) z^k),
+    by repeated products: no trigonometry per pixel)."""
+    amps, phases = coef
+    zk = z * z
+    wave = np.zeros(z.shape, dtype=np.float64)
+    for amp, phase in zip(amps, phases, strict=True):
+        wave += amp * (zk * complex(math.cos(phase), math.sin(phase))).real
+        zk = zk * z
+    return geo[2] * (1.0 + wave)
+
+
+def _unit(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance and unit complex direction of offsets (dx, dy)."""
+    d = np.hypot(dx, dy)
+    return d, (dx + 1j * dy) / np.maximum(d, 1e-9)
+
+
+def _region(
+    coef: np.ndarray, geo: np.ndarray, label: str, yy: np.ndarray, xx: np.ndarray
+) -> Region:
+    h, w = yy.shape[0], xx.shape[1]
+    d, z = _unit(xx - geo[0], yy - geo[1])
+    mask = d < _radius(coef, geo, z)
+    theta = np.linspace(0.0, 2 * math.pi, _N_VERTS, endpoint=False)
+    r = _radius(coef, geo, np.exp(1j * theta))
+    pts = np.stack([geo[0] + r * np.cos(theta), geo[1] + r * np.sin(theta)], axis=1)
+    pts[:, 0] = np.clip(pts[:, 0], 0.0, w)
+    pts[:, 1] = np.clip(pts[:, 1], 0.0, h)
+    return Region(label, pts, mask)
+
+
+def _grid_points(rng: np.random.Generator, h: int, w: int, cell: float, keep: float) -> np.ndarray:
+    """Jittered-grid points (one per cell at most, kept with probability ``keep``), (N, 2)."""
+    nx, ny = math.ceil(w / cell), math.ceil(h / cell)
+    gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
+    jit = rng.uniform(0.3, 0.7, size=(2, ny, nx))
+    pts = np.stack([(gx + jit[0]) * cell, (gy + jit[1]) * cell], axis=-1).reshape(-1, 2)
+    pts = pts[rng.random(len(pts)) < keep]
+    return pts[(pts[:, 0] < w) & (pts[:, 1] < h)]
+
+
+def _nuclei_layer(
+    nuclei: list[Nucleus], h: int, w: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (0-1) and per-nucleus darkness maps of all nuclei, rendered at once."""
+    cover = np.zeros(h * w, dtype=np.float64)
+    dark = np.zeros(h * w, dtype=np.float64)
+    if not nuclei:
+        return cover.reshape(h, w), dark.reshape(h, w)
+    arr = np.array([(n.cx, n.cy, n.a, n.b, n.angle) for n in nuclei], dtype=np.float64)
+    strength = rng.uniform(0.85, 1.15, size=len(nuclei))
+    half = math.ceil(arr[:, 2].max()) + 2
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    ix = np.floor(arr[:, 0])[:, None, None] + offs[None, None, :]
+    iy = np.floor(arr[:, 1])[:, None, None] + offs[None, :, None]
+    dx = ix + 0.5 - arr[:, 0, None, None]
+    dy = iy + 0.5 - arr[:, 1, None, None]
+    c, s = np.cos(arr[:, 4])[:, None, None], np.sin(arr[:, 4])[:, None, None]
+    u, v = dx * c + dy * s, -dx * s + dy * c
+    q = np.sqrt((u / arr[:, 2, None, None]) ** 2 + (v / arr[:, 3, None, None]) ** 2)
+    cov = np.clip((1.0 - q) * arr[:, 3, None, None] + 0.5, 0.0, 1.0)
+    ok = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h) & (cov > 0)
+    ok = np.broadcast_to(ok, cov.shape)
+    flat = (np.broadcast_to(iy, cov.shape) * w + np.broadcast_to(ix, cov.shape))[ok].astype(
+        np.int64
+    )
+    cover += np.bincount(flat, weights=cov[ok], minlength=h * w)
+    dark += np.bincount(flat, weights=(cov * strength[:, None, None])[ok], minlength=h * w)
+    return np.minimum(cover, 1.0).reshape(h, w), dark.reshape(h, w)
+
+
+def _make_nucleus(
+    label: str, cx: float, cy: float, a: float, b: float, angle: float, h: int, w: int
+) -> Nucleus:
+    hx = math.sqrt((a * math.cos(angle)) ** 2 + (b * math.sin(angle)) ** 2)
+    hy = math.sqrt((a * math.sin(angle)) ** 2 + (b * math.cos(angle)) ** 2)
+    box = (max(0.0, cx - hx), max(0.0, cy - hy), min(float(w), cx + hx), min(float(h), cy + hy))
+    return Nucleus(label, cx, cy, a, b, angle, box)
+
+
+def _add_nuclei(
+    out: list[Nucleus],
+    rng: np.random.Generator,
+    pts: np.ndarray,
+    label: str,
+    a_range: tuple[float, float],
+    aspect: tuple[float, float],
+    h: int,
+    w: int,
+    angle: float | None = None,
+) -> None:
+    for x, y in pts:
+        a = rng.uniform(*a_range)
+        b = a / rng.uniform(*aspect)
+        ang = rng.uniform(0, math.pi) if angle is None else angle + rng.normal(0, 0.15)
+        out.append(_make_nucleus(label, float(x), float(y), a, b, ang, h, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+
+
+def render_roi(
+    rng: np.random.Generator, tissue_class: str | None = None, size: int | None = None
+) -> RoiScene:
+    """Render one ROI of ``tissue_class`` (random if None) at ``size`` px square (random
+    224-448 if None), with its nuclei and regions."""
+    if tissue_class is None:
+        tissue_class = str(rng.choice(TISSUE_CLASSES))
+    if tissue_class not in TISSUE_CLASSES:
+        raise ValueError(f"unknown tissue class {tissue_class!r}; one of {TISSUE_CLASSES}")
+    n = int(rng.choice(ROI_SIZES)) if size is None else int(size)
+    if not 32 <= n <= 2048:
+        raise ValueError(f"ROI size must be in 32..2048 px, got {n}")
+    h = w = n
+    yy = np.arange(h, dtype=np.float32)[:, None] + np.float32(0.5)
+    xx = np.arange(w, dtype=np.float32)[None, :] + np.float32(0.5)
+
+    # Fibrous background (used by most classes): warped sinusoid on a random axis.
+    theta = rng.uniform(0, math.pi)
+    period = rng.uniform(7.0, 14.0)
+    warp = _noise(rng, h, w, 40.0) * rng.uniform(1.0, 3.0)
+    k = np.float32(2 * math.pi / period)
+    axis = xx * np.float32(k * math.cos(theta)) + yy * np.float32(k * math.sin(theta))
+    fibre = np.sin(axis + warp)
+    fibre = 0.5 + 0.5 * fibre
+    fibre = fibre * fibre * fibre
+    mottle = _noise(rng, h, w, 24.0)
+    fine = _noise(rng, h, w, 3.0)
+
+    nuclei: list[Nucleus] = []
+    regions: list[Region] = []
+    hema = np.full((h, w), 0.08) + 0.03 * fine
+    eosin = 0.45 + 0.55 * fibre + 0.08 * mottle
+
+    if tissue_class == "stroma":
+        pts = _grid_points(rng, h, w, 26.0, rng.uniform(0.25, 0.5))
+        _add_nuclei(nuclei, rng, pts, "other nucleus", (6.0, 9.0), (2.5, 3.5), h, w, theta)
+    elif tissue_class == "necrosis":
+        eosin = 0.75 + 0.18 * mottle + 0.05 * fine
+        hema = 0.18 + 0.06 * _noise(rng, h, w, 12.0)
+        debris = np.clip(_noise(rng, h, w, 2.0) - 1.6, 0.0, None)
+        hema = hema + 1.2 * debris
+        pts = _grid_points(rng, h, w, 30.0, rng.uniform(0.1, 0.3))
+        _add_nuclei(nuclei, rng, pts, "other nucleus", (2.6, 3.4), (1.0, 1.2), h, w)
+    elif tissue_class == "lymphocyte-rich":
+        eosin = 0.35 + 0.2 * fibre + 0.08 * mottle
+        hema = hema + 0.12
+        pts = _grid_points(rng, h, w, rng.uniform(9.5, 12.0), rng.uniform(0.55, 0.85))
+        _add_nuclei(nuclei, rng, pts, "lymphocyte", (2.8, 3.8), (1.0, 1.15), h, w)
+    elif tissue_class == "normal gland":
+        eosin = 0.35 + 0.45 * fibre + 0.08 * mottle
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(int(rng.integers(2, 6))):
+            for _try in range(12):
+                r = rng.uniform(0.09, 0.2) * n
+                cx, cy = rng.uniform(0.12, 0.88, size=2) * n
+                if all(math.hypot(cx - px, cy - py) > 1.5 * (r + pr) for px, py, pr in placed):
+                    break
+            else:
+                continue
+            placed.append((cx, cy, r))
+            coef, geo = _star_shape(rng, cx, cy, r, 0.35)
+            reg = _region(coef, geo, "gland", yy, xx)
+            regions.append(reg)
+            # Lumen: inner 65 % of the radius function.
+            dist, z = _unit(xx - cx, yy - cy)
+            lumen = dist < 0.62 * _radius(coef, geo, z)
+            eosin = np.where(reg.mask, np.where(lumen, 0.06, 0.55 + 0.1 * mottle), eosin)
+            hema = np.where(reg.mask, np.where(lumen, 0.02, 0.25), hema)
+            # Basal nuclei along the rim, oriented radially.
+            k = max(6, int(2 * math.pi * r / 11.0))
+            angs = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.uniform(0, 1)
+            rr = _radius(coef, geo, np.exp(1j * angs)) * 0.84
+            for ang, rad in zip(angs, rr, strict=True):
+                px, py = cx + rad * math.cos(ang), cy + rad * math.sin(ang)
+                if 0 <= px < w and 0 <= py < h:
+                    a = rng.uniform(4.0, 5.0)
+                    nuclei.append(_make_nucleus("other nucleus", px, py, a, a / 1.6, ang, h, w))
+        pts = _grid_points(rng, h, w, 30.0, 0.3)
+        for px, py, pr in placed:
+            pts = pts[np.hypot(pts[:, 0] - px, pts[:, 1] - py) > 1.5 * pr + 8.0]
+        _add_nuclei(nuclei, rng, pts, "other nucleus", (6.0, 8.0), (2.5, 3.5), h, w, theta)
+    else:  # tumour: large irregular nests of crowded pleomorphic cells in desmoplastic stroma
+        eosin = 0.45 + 0.5 * fibre + 0.08 * mottle
+        inside = np.zeros((h, w), dtype=bool)
+        for _ in range(int(rng.integers(1, 4))):
+            r = rng.uniform(0.22, 0.4) * n
+            cx, cy = rng.uniform(0.15, 0.85, size=2) * n
+            coef, geo = _star_shape(rng, cx, cy, r, 0.6)
+            reg = _region(coef, geo, "tumour", yy, xx)
+            if reg.mask.sum() < 0.05 * n * n or (reg.mask & inside).any():
+                continue
+            regions.append(reg)
+            inside |= reg.mask
+        eosin = np.where(inside, 0.42 + 0.1 * mottle, eosin)
+        hema = np.where(inside, 0.38 + 0.06 * fine, hema)
+        cell = rng.uniform(17.0, 21.0)
+        pts = _grid_points(rng, h, w, cell, 0.9)
+        ins = inside[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+        _add_nuclei(nuclei, rng, pts[ins], "tumour nucleus", (5.0, 7.8), (1.1, 1.7), h, w)
+        lym = _grid_points(rng, h, w, 16.0, 0.2)
+        grown = inside.copy()
+        grown[:-6] |= inside[6:]
+        grown[6:] |= inside[:-6]
+        grown[:, :-6] |= inside[:, 6:]
+        grown[:, 6:] |= inside[:, :-6]
+        lym = lym[~grown[lym[:, 1].astype(int), lym[:, 0].astype(int)]]
+        _add_nuclei(nuclei, rng, lym, "lymphocyte", (2.8, 3.6), (1.0, 1.15), h, w)
+
+    cover, dark = _nuclei_layer(nuclei, h, w, rng)
+    nuc_h = {"tumour": 1.5, "lymphocyte-rich": 1.7, "necrosis": 1.8}.get(tissue_class, 1.35)
+    hema = hema + dark * nuc_h * np.clip(1.0 + 0.2 * fine, 0.75, 1.25)
+    eosin = eosin * (1.0 - 0.6 * cover)
+
+    # Stain jitter: per-stain concentration scale, stain-vector tilt, brightness.
+    h_scale, e_scale = rng.uniform(0.6, 1.45, size=2)
+    h_od = _H_OD * rng.uniform(0.85, 1.15, size=3)
+    e_od = _E_OD * rng.uniform(0.85, 1.15, size=3)
+    od = (
+        _GLASS_OD.astype(np.float32)
+        + (h_scale * hema).astype(np.float32)[..., None] * h_od.astype(np.float32)
+        + (e_scale * np.clip(eosin, 0.0, None)).astype(np.float32)[..., None]
+        * e_od.astype(np.float32)
+    )
+    rgb = np.exp(-od)
+    rgb *= np.float32(255.0 * rng.uniform(0.9, 1.05))
+    rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(2.0)
+    image = np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
+    return RoiScene(image, tissue_class, tuple(nuclei), tuple(regions))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def _norm(v: float, extent: int) -> float:
+    return round(min(1000.0, max(0.0, v / extent * 1000.0)), 1)
+
+
+def count_option(n: int) -> str:
+    """The ``COUNT_OPTIONS`` bin holding ``n`` nuclei."""
+    if n <= 20:
+        return COUNT_OPTIONS[0]
+    if n <= 60:
+        return COUNT_OPTIONS[1]
+    if n <= 120:
+        return COUNT_OPTIONS[2]
+    return COUNT_OPTIONS[3]
+
+
+def _detections(scene: RoiScene) -> DetectionAnswer:
+    h, w = scene.size
+    dets = []
+    for nuc in scene.nuclei:
+        x1, y1, x2, y2 = nuc.box
+        box = (_norm(x1, w), _norm(y1, h), _norm(x2, w), _norm(y2, h))
+        if box[2] - box[0] >= 0.5 and box[3] - box[1] >= 0.5:  # drop slivers at the border
+            dets.append(Detection(nuc.label, box))
+    dets.sort(key=lambda d: (d.box[1], d.box[0]))
+    return DetectionAnswer(tuple(dets))
+
+
+def _segments(scene: RoiScene) -> SegmentationAnswer:
+    h, w = scene.size
+    polys = []
+    for reg in scene.regions:
+        pts = tuple((_norm(x, w), _norm(y, h)) for x, y in reg.points)
+        pts = tuple(dict.fromkeys(pts))  # clamping can repeat vertices
+        if len(pts) >= 3:
+            polys.append(Polygon(reg.label, pts))
+    return SegmentationAnswer(tuple(polys))
+
+
+def make_roi_sample(
+    task: Task,
+    seed: int,
+    index: int = 0,
+    *,
+    tissue_class: str | None = None,
+    vqa_kind: str | None = None,
+    size: int | None = None,
+) -> RoiSample:
+    """One seeded sample for ``task``; the same arguments always give the same sample.
+
+    ``vqa_kind`` (VQA only) is one of ``presence``, ``dominant``, ``count`` (closed) or
+    ``describe`` (open); random when None.
+    """
+    task = Task(task)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(task), int(index), 0x201])
+    if task is Task.SEGMENTATION and tissue_class is None:
+        # Mostly classes with regions; some negatives whose answer is [].
+        tissue_class = str(rng.choice(["normal gland", "tumour", "stroma"], p=[0.45, 0.45, 0.1]))
+    if task is Task.DETECTION and size is None:
+        size = int(rng.choice([224, 256]))  # keeps dense-lymphocyte targets a few hundred boxes
+    scene = render_roi(rng, tissue_class, size)
+    labels: tuple[str, ...] | None = None
+    options: tuple[str, ...] | None = None
+    question: str | None = None
+    target: Answer
+    if task is Task.CLASSIFICATION:
+        labels = TISSUE_CLASSES
+        target = LabelAnswer(scene.tissue_class)
+    elif task is Task.DETECTION:
+        labels = NUCLEUS_LABELS
+        question = "Detect every nucleus and give its type."
+        target = _detections(scene)
+    elif task is Task.SEGMENTATION:
+        labels = REGION_LABELS
+        question = "Segment every gland and tumour region."
+        target = _segments(scene)
+    elif task is Task.VQA:
+        kind = vqa_kind or str(rng.choice(_VQA_KINDS))
+        if kind == "presence":
+            asked = scene.tissue_class
+            if rng.random() < 0.5:
+                asked = str(rng.choice([c for c in TISSUE_CLASSES if c != asked]))
+            question = _PRESENCE[asked]
+            options = ("yes", "no")
+            target = TextAnswer("yes" if asked == scene.tissue_class else "no")
+        elif kind == "dominant":
+            question = "Which tissue type dominates this region?"
+            options = tuple(str(c) for c in rng.permutation(TISSUE_CLASSES))
+            target = TextAnswer(scene.tissue_class)
+        elif kind == "count":
+            question = "How many nuclei are visible?"
+            options = COUNT_OPTIONS
+            target = TextAnswer(count_option(len(_detections(scene).detections)))
+        elif kind == "describe":
+            question = "Describe the dominant tissue in this region in one short phrase."
+            target = TextAnswer(_DESCRIPTIONS[scene.tissue_class])
+        else:
+            raise ValueError(f"unknown vqa_kind {kind!r}; one of {_VQA_KINDS}")
+    else:
+        raise ValueError(f"no ROI samples for task {task!r}")
+    prompt = build_prompt(task, Scale.ROI, question=question, labels=labels, options=options)
+    return RoiSample(
+        id=f"roi-{task.name.lower()}-{int(seed)}-{int(index):06d}",
+        image=scene.image,
+        task=task,
+        scale="roi",
+        prompt=prompt,
+        labels=labels,
+        options=options,
+        question=question,
+        target=target,
+        target_text=format_answer(target),
+        tissue_class=scene.tissue_class,
+        scene=scene,
+    )
+
+
+def generate_roi_samples(
+    task: Task, n: int, seed: int, classes: Sequence[str] | None = None
+) -> Iterator[RoiSample]:
+    """``n`` samples for ``task``; classification/VQA/detection classes cycle through
+    ``classes`` (default all) in seeded shuffled rounds, so classes are balanced."""
+    pool = tuple(classes) if classes is not None else TISSUE_CLASSES
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(Task(task)), 0xBA1])
+    order: list[str] = []
+    for i in range(n):
+        if not order:
+            order = [str(c) for c in rng.permutation(pool)]
+        cls = order.pop()
+        if Task(task) is Task.SEGMENTATION and classes is None:
+            cls = None  # segmentation picks its own mix of positives and negatives
+        yield make_roi_sample(task, seed, i, tissue_class=cls)
