@@ -166,6 +166,41 @@ def cmd_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
     return 0
 
 
+def cmd_train_submit(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.training.rayjob import (
+        PodResources,
+        RayJobSpec,
+        build_rayjob,
+        submit_rayjob,
+        to_yaml,
+        validate_rayjob,
+    )
+
+    fields = {
+        "kind": args.kind,
+        "name": args.name or f"smartpath-{args.kind}",
+        "namespace": args.namespace,
+        "image": args.image,
+        "workers": args.workers,
+        "worker": PodResources(cpus=args.cpus, memory=args.memory, gpus=args.gpus),
+        "config_map": args.config_map,
+        "s3_secret": args.s3_secret,
+    }
+    if config.storage.endpoint is None:
+        fields["storage_endpoint"] = args.storage_endpoint
+        spec = RayJobSpec(**fields)
+    else:
+        spec = RayJobSpec.from_config(config, **fields)
+    job = build_rayjob(spec)
+    validate_rayjob(job)
+    if args.dry_run:
+        print(to_yaml(job), end="")
+        return 0
+    created = submit_rayjob(job, args.namespace, kube_context=args.context)
+    print(f"created RayJob {created['metadata']['name']} in namespace {args.namespace}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartpath", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML config file (env SMARTPATH_* overrides)")
@@ -199,6 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mpp-override", type=float, default=0.0)
     plan.add_argument("--out", default="out/plan")
     plan.set_defaults(func=cmd_plan)
+
+    train = sub.add_parser("train", help="training on Kubernetes (KubeRay)")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    submit = train_sub.add_parser("submit", help="create a RayJob for SFT or GRPO")
+    submit.add_argument("kind", choices=["sft", "grpo"])
+    submit.add_argument("--image", required=True, help="image holding smartpath")
+    submit.add_argument("--name", help="RayJob name (default smartpath-<kind>)")
+    submit.add_argument("--namespace", default="default")
+    submit.add_argument("--workers", type=int, default=2)
+    submit.add_argument("--cpus", default="2", help="CPUs per worker (a Kubernetes quantity)")
+    submit.add_argument("--memory", default="8Gi", help="memory per worker")
+    submit.add_argument("--gpus", type=int, default=0, help="GPUs per worker (0: CPU)")
+    submit.add_argument(
+        "--storage-endpoint", default="minio:9000", help="used when storage.endpoint is unset"
+    )
+    submit.add_argument(
+        "--config-map", default="smartpath-config", help="ConfigMap with config.yaml"
+    )
+    submit.add_argument("--s3-secret", default="smartpath-s3", help="Secret with S3 keys")
+    submit.add_argument("--context", help="kubeconfig context")
+    submit.add_argument("--dry-run", action="store_true", help="print the YAML, create nothing")
+    submit.set_defaults(func=cmd_train_submit)
     return parser
 
 
@@ -210,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(f"bad config: {e}")
     logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args, config)
+    try:
+        return args.func(args, config)
+    except ValueError as e:  # bad arguments found past argparse (pydantic errors are ValueErrors)
+        print(f"smartpath: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -45,3 +45,21 @@ def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as err:
         main(["--config", str(bad), "serve"])
     assert err.value.code == 2
+
+
+def test_train_submit_dry_run_prints_a_valid_rayjob(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from smartpath.training.rayjob import validate_rayjob
+
+    argv = ["train", "submit", "grpo", "--image", "smartpath:dev", "--workers", "2"]
+    assert main([*argv, "--gpus", "1", "--dry-run"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    validate_rayjob(job)
+    assert job["kind"] == "RayJob" and "smartpath.training.grpo" in job["spec"]["entrypoint"]
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] in (1, "1")
+    assert main([*argv, "--name", "Not_DNS", "--dry-run"]) == 2
+    assert "DNS-1035" in capsys.readouterr().err
