@@ -19,6 +19,7 @@ from smartpath.services.config import SmartPathConfig
 from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.grpc_util import server_stream, unary
 from smartpath.services.tiling.plan import TileGeometry, TilePlan
+from smartpath.services.tiling.slide import SlideInfo
 from smartpath.services.tiling.tiler import OpenedSlide, Tiler, TileRequest, TissueMask
 from smartpath.v1 import common_pb2, tiling_pb2
 
@@ -150,9 +151,10 @@ class SlideTilerService:
         self._rpcs.inc(tags={"method": method, "code": code.name})
 
     # -- Python API (DeploymentHandle) -----------------------------------------------------
-    async def describe(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
-        """Open a slide; the result carries its SlideInfo and id."""
-        return await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+    async def describe(self, uri: str, mpp_override: float | None = None) -> tuple[SlideInfo, str]:
+        """The slide's metadata and content id."""
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        return opened.info, opened.slide_id
 
     async def plan(
         self, uri: str, request: TileRequest, mpp_override: float | None = None

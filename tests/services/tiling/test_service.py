@@ -245,3 +245,24 @@ def test_failed_stream_details_do_not_echo_slide_names(client) -> None:
         list(client.read_tiles(uri, tile_spec()))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "jane-doe" not in err.value.details()
+
+
+def test_python_methods_through_a_deployment_handle(serve_instance, svs_uri) -> None:
+    from ray import serve
+
+    from smartpath.services.tiling.tiler import TileRequest
+
+    handle = serve.get_deployment_handle("SlideTiler", app_name="tiler")
+    info, slide_id = handle.describe.remote(svs_uri).result(timeout_s=60)
+    assert (info.width, info.height) == (6144, 5120) and slide_id.startswith("s3:")
+    plan, tissue = handle.plan.remote(svs_uri, TileRequest(mpp=1.0, tile_size=128)).result(
+        timeout_s=60
+    )
+    assert len(plan) > 0 and 0 < tissue.fraction < 1
+    stream = handle.options(stream=True).read_tiles.remote(
+        svs_uri, plan.geometry, plan.x[:20], plan.y[:20], batch_size=8
+    )
+    batches = list(stream)
+    assert [offset for offset, _ in batches] == [0, 8, 16]
+    assert sum(len(tiles) for _, tiles in batches) == 20
+    assert batches[0][1].shape[1:] == (128, 128, 3)
