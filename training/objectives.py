@@ -7,8 +7,10 @@ thin and the math is tested on its own. Design decisions:
   ``input_ids[b, t]`` or ``IGNORE_INDEX``); the shift to next-token prediction happens in
   ``SmartPathModel.forward`` (``logits[:, :-1]`` against ``labels[:, 1:]``), as in HF models.
 - **SFT target = the completion only.** SmartPath-R1's SFT data carries no chain-of-thought
-  annotations, so the assistant completion is ``<answer>…</answer><|im_end|>`` and that whole
-  completion (closing ``<|im_end|>`` included, so the model learns to stop) is the loss target;
+  annotations, so the assistant completion is ``<think></think><answer>…</answer><|im_end|>``
+  (an empty think block teaches the output grammar that GRPO's format reward checks; see
+  ``training/collate.py``) and that whole completion (closing ``<|im_end|>`` included, so the
+  model learns to stop) is the loss target;
   the system/user prompt and the ``<|im_start|>assistant\\n`` header are not. ``<think>`` content,
   if a sample ever had any, would count as part of the completion: ``answer_only_labels`` does not
   look at token content. To restrict the loss to the ``<answer>…</answer>`` span alone, pass
