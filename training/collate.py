@@ -88,10 +88,10 @@ class Collator:
         messages.append({"role": "user", "content": [visual, {"type": "text", "text": text}]})
         return render_chat(self.tokenizer, messages, add_generation_prompt=True)
 
-    def encode(
+    def encode_prompt(
         self, sample: RoiSample | WsiSample, visual: np.ndarray | Image.Image | SlideInput
-    ) -> tuple[list[int], int, RoiInput | None, SlideInput | None]:
-        """(token ids, completion length, ROI input or None, slide or None) of one sample."""
+    ) -> tuple[list[int], RoiInput | None, SlideInput | None]:
+        """(prompt token ids, ROI input or None, slide or None) of one sample."""
         roi: RoiInput | None = None
         slide: SlideInput | None = None
         if isinstance(sample, WsiSample):
@@ -112,10 +112,17 @@ class Collator:
             prompt = self._prompt(sample, {"type": "image"})
             prompt = expand_image_pads(prompt, roi.num_image_tokens, IMAGE_PAD)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt_ids), roi, slide
+
+    def encode(
+        self, sample: RoiSample | WsiSample, visual: np.ndarray | Image.Image | SlideInput
+    ) -> tuple[list[int], int, RoiInput | None, SlideInput | None]:
+        """(token ids, completion length, ROI input or None, slide or None) of one sample."""
+        prompt_ids, roi, slide = self.encode_prompt(sample, visual)
         completion_ids = self.tokenizer(sft_completion(sample.target), add_special_tokens=False)[
             "input_ids"
         ]
-        return list(prompt_ids) + list(completion_ids), len(completion_ids), roi, slide
+        return prompt_ids + list(completion_ids), len(completion_ids), roi, slide
 
     def __call__(
         self, samples: Sequence[tuple[RoiSample | WsiSample, np.ndarray | Image.Image | SlideInput]]
@@ -123,7 +130,23 @@ class Collator:
         """Left-padded batch and its answer-only labels (B, T) for ``samples``."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        encoded = [self.encode(s, v) for s, v in samples]
+        return self._batch([s for s, _ in samples], [self.encode(s, v) for s, v in samples])
+
+    def prompts(
+        self, samples: Sequence[tuple[RoiSample | WsiSample, np.ndarray | Image.Image | SlideInput]]
+    ) -> MultimodalBatch:
+        """Left-padded prompts only (generation prompt included), for rollouts and evaluation."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        encoded = [(ids, 0, roi, slide) for ids, roi, slide in
+                   (self.encode_prompt(s, v) for s, v in samples)]  # fmt: skip
+        return self._batch([s for s, _ in samples], encoded)[0]
+
+    def _batch(
+        self,
+        samples: Sequence[RoiSample | WsiSample],
+        encoded: Sequence[tuple[list[int], int, RoiInput | None, SlideInput | None]],
+    ) -> tuple[MultimodalBatch, torch.Tensor]:
         length = max(len(ids) for ids, *_ in encoded)
         bsz = len(encoded)
         input_ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
@@ -132,15 +155,16 @@ class Collator:
         for i, (ids, n_completion, _, _) in enumerate(encoded):
             input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[i, length - len(ids) :] = 1
-            completion[i, length - n_completion :] = True
+            if n_completion:
+                completion[i, length - n_completion :] = True
         labels = answer_only_labels(input_ids, completion, attention)
         rois = [roi for _, _, roi, _ in encoded if roi is not None]
         slides = [slide for *_, slide in encoded]
-        scales = [Scale.ROI if isinstance(s, RoiSample) else Scale.WSI for s, _ in samples]
+        scales = [Scale.ROI if isinstance(s, RoiSample) else Scale.WSI for s in samples]
         batch = MultimodalBatch(
             input_ids=input_ids,
             attention_mask=attention,
-            task_ids=torch.tensor([int(Task[s.task.upper()]) for s, _ in samples]),
+            task_ids=torch.tensor([int(Task[s.task.upper()]) for s in samples]),
             scale_ids=torch.tensor([int(s) for s in scales]),
             pixel_values=torch.cat([r.pixel_values for r in rois]) if rois else None,
             image_grid_thw=torch.cat([r.image_grid_thw for r in rois]) if rois else None,
