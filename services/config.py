@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from smartpath.training.config import TrainingConfig
+
 GiB = 1024**3
 
 
@@ -153,6 +155,7 @@ class SmartPathConfig(BaseSettings):
     slide_cache: SlideCacheConfig = Field(default_factory=SlideCacheConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,313 @@
+"""Distributed plumbing shared by SFT and GRPO: Ray Train TorchTrainer, DeepSpeed ZeRO,
+checkpoints in object storage, resume, and the exported model.
+
+Design decisions:
+
+- One entry point per stage (:func:`run_stage`) builds a ``TorchTrainer`` whose workers all run
+  the stage's loop; ``distributed`` in the config picks 1 CPU worker, 2 CPU workers or N GPU
+  workers. Ray Train creates the process group (gloo on CPU, NCCL on GPU) and DeepSpeed joins
+  it.
+- DeepSpeed ZeRO-2 wraps the model with a plain ``torch.optim.AdamW`` over the trainable
+  parameters only (no DeepSpeed-built optimizer ops, so nothing compiles for the optimizer on
+  CPU; ``DS_ACCELERATOR=cpu`` is set when ``use_gpu`` is False). Frozen base weights are
+  excluded from checkpoints.
+- Checkpoints: every ``checkpoint_every`` steps each rank writes its DeepSpeed shard (model
+  states on rank 0, its optimizer partition on every rank, the step and the metric history as
+  client state) into a temp folder and reports it to Ray Train, which merges the ranks' files
+  into one checkpoint under ``{run}/{stage}/`` in the run's storage (local folder or S3).
+  A worker failure makes Ray Train restart the whole group (``FailureConfig``) and each rank
+  reloads the latest checkpoint: steps before it are not redone, steps after it are.
+- Per-step sampling is a pure function of (seed, rank, step), so a resumed run draws exactly the
+  batches the uninterrupted run would have drawn.
+- At the end rank 0 exports the model as a SmartPath checkpoint (safetensors + manifest, the
+  format serving loads) to ``{run}/{stage}/model`` and the history to
+  ``{run}/{stage}/history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smartpath.model.checkpoint import is_s3_uri, parse_prefix
+from smartpath.model.mllm import SmartPathModel
+from smartpath.services.config import SmartPathConfig, StorageConfig
+from smartpath.services.storage import make_store
+from smartpath.services.storage.base import ObjectStore
+from smartpath.services.storage.refs import ObjectRef
+from smartpath.training.config import DistributedConfig, OptimConfig
+
+__all__ = [
+    "DeepSpeedRun",
+    "read_history",
+    "run_stage",
+    "stage_main",
+    "storage_target",
+    "trainable_parameters",
+    "write_text",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "state"
+HISTORY_FILE = "history.jsonl"
+
+
+def trainable_parameters(model: SmartPathModel, train_base: bool) -> list[torch.nn.Parameter]:
+    """Unfreeze SmartPath's own parts (experts, aggregator, router) and, with ``train_base``,
+    every base weight; return the trainable parameters (tied weights once)."""
+    params: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        own = name.startswith(("aggregator.", "router.")) or name.endswith((".lora_A", ".lora_B"))
+        param.requires_grad_(own or train_base)
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+    return params
+
+
+def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+def deepspeed_config(dist: DistributedConfig, batch_size: int, optim: OptimConfig) -> dict:
+    """The DeepSpeed config: ZeRO stage, micro-batch per rank, clipping, bf16 on GPU."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": dist.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if optim.max_grad_norm is not None:
+        config["gradient_clipping"] = optim.max_grad_norm
+    if dist.use_gpu:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+class DeepSpeedRun:
+    """A model wrapped by DeepSpeed on this worker, with checkpoint save/restore via Ray."""
+
+    def __init__(
+        self,
+        model: SmartPathModel,
+        params: list[torch.nn.Parameter],
+        optim: OptimConfig,
+        dist: DistributedConfig,
+        *,
+        batch_size: int,
+        total_steps: int,
+    ) -> None:
+        import deepspeed
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim, total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(dist, batch_size, optim),
+        )
+        self.model: SmartPathModel = self.engine.module
+        self.dtype = torch.bfloat16 if dist.use_gpu else None
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def restore(self) -> tuple[int, list[dict[str, float]]]:
+        """(first step to run, history so far) from Ray Train's latest checkpoint, if any."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, []
+        with checkpoint.as_directory() as folder:
+            _, client = self.engine.load_checkpoint(
+                folder, tag=CHECKPOINT_TAG, load_module_strict=False
+            )
+        step = int(client["step"])
+        logger.info("resumed from the checkpoint at step %d", step)
+        return step, list(client["history"])
+
+    def report(
+        self, metrics: Mapping[str, float], *, step: int, history: list, checkpoint: bool
+    ) -> None:
+        """Report ``metrics`` to Ray Train, with a checkpoint of every rank when asked."""
+        import ray.train
+
+        if not checkpoint:
+            ray.train.report(dict(metrics))
+            return
+        with tempfile.TemporaryDirectory(prefix="smartpath-ckpt-") as folder:
+            self.engine.save_checkpoint(
+                folder,
+                tag=CHECKPOINT_TAG,
+                client_state={"step": step, "history": history},
+                exclude_frozen_parameters=True,
+            )
+            ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def all_reduce_mean(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Mean of each value over the ranks that logged it (for logging; keys may differ,
+        e.g. per-task rewards depend on each rank's draw)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return dict(values)
+        gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, dict(values))
+        keys = sorted({k for g in gathered for k in g})
+        return {
+            k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage of runs
+
+
+def storage_target(run_stage_dir: str, storage: StorageConfig) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    if not is_s3_uri(run_stage_dir):
+        return str(Path(run_stage_dir).expanduser().absolute()), None
+    import pyarrow.fs
+
+    if storage.endpoint is None:
+        raise ValueError("an s3:// run_root needs storage.endpoint")
+    bucket, prefix = parse_prefix(run_stage_dir)
+    make_store(storage).ensure_bucket(bucket)
+    fs = pyarrow.fs.S3FileSystem(
+        access_key=storage.access_key.get_secret_value() if storage.access_key else None,
+        secret_key=storage.secret_key.get_secret_value() if storage.secret_key else None,
+        endpoint_override=storage.endpoint,
+        scheme="https" if storage.secure else "http",
+        region=storage.region or "us-east-1",
+    )
+    return f"{bucket}/{prefix.rstrip('/')}", fs
+
+
+def write_text(uri: str, text: str, store: ObjectStore) -> None:
+    """Write a small text file to a local path or ``s3://bucket/key``."""
+    if is_s3_uri(uri):
+        bucket, key = parse_prefix(uri)
+        store.ensure_bucket(bucket)
+        store.put_bytes(ObjectRef(bucket, key.rstrip("/")), text.encode(), "text/plain")
+        return
+    path = Path(uri).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def read_history(stage_dir: str, store: ObjectStore) -> list[dict[str, float]]:
+    """The per-step history a stage wrote (``history.jsonl``)."""
+    uri = f"{stage_dir}/{HISTORY_FILE}"
+    if is_s3_uri(uri):
+        bucket, key = parse_prefix(uri)
+        text = store.get_bytes(ObjectRef(bucket, key.rstrip("/"))).decode()
+    else:
+        text = Path(uri).expanduser().read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def finish_stage(
+    run: DeepSpeedRun,
+    config: SmartPathConfig,
+    stage: str,
+    history: list[dict[str, float]],
+    metrics: Mapping[str, float],
+) -> None:
+    """Rank 0 exports the model and the history (other ranks return at once)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    store = make_store(config.storage)
+    t = config.training
+    run.model.save(t.model_uri(stage), store, metrics=dict(metrics), overwrite=True)
+    lines = "".join(json.dumps(row) + "\n" for row in history)
+    write_text(f"{t.stage_dir(stage)}/{HISTORY_FILE}", lines, store)
+
+
+def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None]) -> Any:
+    """Run ``loop`` on the configured Ray Train workers; return Ray Train's Result.
+
+    Starts a local Ray when none is running (the embedded default), joins
+    ``serve.ray_address`` when set.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = config.training
+    dist = t.distributed
+    if not ray.is_initialized():
+        address = config.serve.ray_address
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    env = {"DS_ACCELERATOR": "cuda" if dist.use_gpu else "cpu"}
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    storage_path, filesystem = storage_target(t.run_dir(), config.storage)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"config": config},
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers,
+            use_gpu=dist.use_gpu,
+            resources_per_worker={
+                "CPU": dist.cpus_per_worker,
+                **({"GPU": 1} if dist.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()
+
+
+def stage_main(stage: str, loop: Callable[[dict], None], argv: list[str] | None = None) -> None:
+    """Command-line entry of a stage: load the config once, run the stage, print where its
+    model went."""
+    import argparse
+
+    from smartpath.services.config import load_config
+
+    parser = argparse.ArgumentParser(prog=f"python -m smartpath.training.{stage}")
+    parser.add_argument("--config", help="SmartPath config YAML (the training section is used)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    result = run_stage(config, stage, loop)
+    if result.error is not None:
+        raise SystemExit(f"{stage} failed: {result.error}")
+    print(json.dumps({"stage": stage, "model": config.training.model_uri(stage), **result.metrics}))

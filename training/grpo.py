@@ -1,0 +1,123 @@
+"""Task-aware GRPO as a Ray Train + DeepSpeed job: ``python -m smartpath.training.grpo --config F``.
+
+Design decisions:
+
+- Start and reference: the policy starts from ``grpo.init`` (default: this run's SFT model); a
+  second, frozen copy of that model is the KL reference. Old log-probs are the policy's own,
+  computed without gradient right after the rollouts (so with one update per rollout the ratio
+  starts at 1 and the clip only matters for ``updates_per_rollout`` > 1, as in GRPO).
+- Each worker rolls out ``prompts_per_step`` scale-balanced prompts × G samples in one batched
+  mixed-expert generation (see :mod:`smartpath.training.rollout`), scores them with the task
+  rewards, normalises advantages within each prompt's group, and updates with the clipped
+  surrogate + β·k3 KL. The router keeps its load-balancing term.
+- Logged per step: mean reward, task reward per task/scale key, format rate, KL, clip fraction,
+  completion length and rollout/update times.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from smartpath.model.mllm import SmartPathModel
+from smartpath.services.config import SmartPathConfig
+from smartpath.services.storage import make_store
+from smartpath.training.collate import Collator
+from smartpath.training.data import load_items
+from smartpath.training.engine import DeepSpeedRun, finish_stage, trainable_parameters
+from smartpath.training.objectives import grpo_loss
+from smartpath.training.rewards import format_reward
+from smartpath.training.rollout import completion_logprobs, policy_batch, rollout, to_device
+from smartpath.training.sft import step_batch
+
+__all__ = ["main", "train_loop"]
+
+STAGE = "grpo"
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker GRPO loop (runs inside Ray Train)."""
+    import ray.train
+
+    config: SmartPathConfig = loop_config["config"]
+    t = config.training
+    g = t.grpo
+    rank = ray.train.get_context().get_world_rank()
+    store = make_store(config.storage)
+    init = g.init or t.model_uri("sft")
+    policy = SmartPathModel.load(init, store)
+    reference = SmartPathModel.load(init, store).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    params = trainable_parameters(policy, g.train_base)
+    batch_rows = g.prompts_per_step * g.group_size
+    run = DeepSpeedRun(
+        policy, params, g.optim, t.distributed, batch_size=batch_rows, total_steps=g.steps
+    )
+    reference.to(run.device, dtype=run.dtype or torch.float32)
+    items = load_items(t.data.manifests, t.data.train_split, store)
+    collator = Collator(run.model.cfg, run.model.tokenizer, run.model.slide_tokens)
+    start, history = run.restore()
+    for step in range(start, g.steps):
+        tic = time.perf_counter()
+        prompts = step_batch(items, t, rank, step, g.prompts_per_step)
+        rolls = rollout(
+            run.model,
+            collator,
+            prompts,
+            group_size=g.group_size,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=(t.seed * 7919 + rank) * 100_003 + step,
+            format_weight=g.format_weight,
+            device=run.device,
+        )
+        rollout_s = time.perf_counter() - tic
+        batch, labels = policy_batch(collator, rolls)
+        batch = to_device(batch, run.device, run.dtype)
+        labels = labels.to(run.device)
+        with torch.no_grad():
+            old, mask, _ = completion_logprobs(run.model, batch, labels, g.temperature)
+            ref, _, _ = completion_logprobs(reference, batch, labels, g.temperature)
+        advantages = rolls.advantages.to(run.device)
+        run.engine.train()
+        for _ in range(g.updates_per_rollout):
+            logprobs, _, aux = completion_logprobs(run.engine, batch, labels, g.temperature)
+            loss, stats = grpo_loss(
+                logprobs, old, ref, advantages, mask, clip_eps=g.clip_eps, kl_beta=g.kl_beta
+            )
+            total = loss + aux
+            run.engine.backward(total)
+            lr = run.lr
+            run.engine.step()
+        values = {
+            "loss": float(loss),
+            "reward": float(rolls.rewards.mean()),
+            "task_reward": float(rolls.task_rewards.mean()),
+            "format_rate": sum(format_reward(rolls.texts)) / len(rolls.texts),
+            "kl": float(stats["kl"]),
+            "clip_fraction": float(stats["clip_fraction"]),
+            "completion_tokens": float(mask.sum(1).float().mean()),
+        }
+        values.update({f"reward/{k}": v for k, v in rolls.reward_by_key().items()})
+        row = run.all_reduce_mean(values)
+        row.update(step=step + 1, lr=lr, rollout_s=rollout_s, step_s=time.perf_counter() - tic)
+        history.append(row)
+        done = step + 1 == g.steps
+        save = (step + 1) % t.checkpoint_every == 0 or done
+        run.report(row, step=step + 1, history=history, checkpoint=save)
+    last = history[-1] if history else {}
+    finish_stage(run, config, STAGE, history, {f"grpo/{k}": v for k, v in last.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m smartpath.training.grpo --config config.yaml``."""
+    from smartpath.training.engine import stage_main
+
+    stage_main(STAGE, train_loop, argv)
+
+
+if __name__ == "__main__":
+    main()
