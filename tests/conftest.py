@@ -1,12 +1,13 @@
 """Session-wide fixtures: one real S3 server on loopback (moto_server) and shared paths.
 
-Ray is started once per session by the ``serve_instance`` fixture (tests/services/conftest.py
-adds it) because start-up costs seconds and the machine has two cores.
+Ray is started once per session (``ray_session``; Serve and the training tests share it) because
+start-up costs seconds and the machine has two cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -94,3 +95,15 @@ def s3_config(s3_endpoint: str) -> StorageConfig:
 def bucket_name() -> str:
     """A fresh, valid bucket name per test."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the session: 4 logical CPUs on the 2 cores, so Serve's replicas and
+    two Ray Train workers fit at once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()

@@ -134,7 +134,19 @@ class DeepSpeedRun:
             config=deepspeed_config(dist, batch_size, optim),
         )
         self.model: SmartPathModel = self.engine.module
+        self.params = params
         self.dtype = torch.bfloat16 if dist.use_gpu else None
+        self.resumes = 0  # restarts from a checkpoint so far (restored with the checkpoint)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through DeepSpeed, with every trainable parameter in the graph.
+
+        A batch without images (or without slides) leaves the vision tower (or the aggregator)
+        out of the graph; ranks would then reduce different gradient sets and gloo/NCCL fail.
+        A zero-weighted touch of one element per parameter gives those a zero gradient.
+        """
+        touch = sum(p.reshape(-1)[0] for p in self.params)
+        self.engine.backward(loss + 0.0 * touch)
 
     @property
     def lr(self) -> float:
@@ -152,6 +164,7 @@ class DeepSpeedRun:
                 folder, tag=CHECKPOINT_TAG, load_module_strict=False
             )
         step = int(client["step"])
+        self.resumes = int(client.get("resumes", 0)) + 1
         logger.info("resumed from the checkpoint at step %d", step)
         return step, list(client["history"])
 
@@ -168,7 +181,7 @@ class DeepSpeedRun:
             self.engine.save_checkpoint(
                 folder,
                 tag=CHECKPOINT_TAG,
-                client_state={"step": step, "history": history},
+                client_state={"step": step, "history": history, "resumes": self.resumes},
                 exclude_frozen_parameters=True,
             )
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))

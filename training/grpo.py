@@ -89,7 +89,7 @@ def train_loop(loop_config: dict) -> None:
                 logprobs, old, ref, advantages, mask, clip_eps=g.clip_eps, kl_beta=g.kl_beta
             )
             total = loss + aux
-            run.engine.backward(total)
+            run.backward(total)
             lr = run.lr
             run.engine.step()
         values = {
@@ -103,7 +103,13 @@ def train_loop(loop_config: dict) -> None:
         }
         values.update({f"reward/{k}": v for k, v in rolls.reward_by_key().items()})
         row = run.all_reduce_mean(values)
-        row.update(step=step + 1, lr=lr, rollout_s=rollout_s, step_s=time.perf_counter() - tic)
+        row.update(
+            step=step + 1,
+            resumes=run.resumes,
+            lr=lr,
+            rollout_s=rollout_s,
+            step_s=time.perf_counter() - tic,
+        )
         history.append(row)
         done = step + 1 == g.steps
         save = (step + 1) % t.checkpoint_every == 0 or done

@@ -88,7 +88,7 @@ def train_loop(loop_config: dict) -> None:
         if t.sft.aux_weight is not None:
             aux = t.sft.aux_weight * run.model.router.aux_loss(out.router)
         loss = out.loss + aux
-        run.engine.backward(loss)
+        run.backward(loss)
         lr = run.lr
         run.engine.step()
         row = run.all_reduce_mean(
@@ -97,6 +97,7 @@ def train_loop(loop_config: dict) -> None:
         grad_norm = run.engine.get_global_grad_norm()
         row.update(
             step=step + 1,
+            resumes=run.resumes,
             lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             step_s=time.perf_counter() - tic,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,12 +59,11 @@ def service_config(
 
 
 @pytest.fixture(scope="session")
-def serve_instance(service_config: SmartPathConfig) -> Iterator[SmartPathConfig]:
-    """Ray (2 CPUs, no dashboard) and Serve with the SmartPath applications, once per session."""
+def serve_instance(service_config: SmartPathConfig, ray_session: None) -> Iterator[SmartPathConfig]:
+    """Serve with the SmartPath applications on the session's Ray, once per session."""
     from smartpath.services import serving
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    serving.start(service_config, num_cpus=2)
+    serving.start(service_config)
     serving.deploy(service_config)
     yield service_config
     serving.shutdown()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from smartpath.model.grammar import Task, parse_answer
 from smartpath.training.manifest import load_roi_image, read_manifest
-from smartpath.training.synthetic.dataset import generate_roi_dataset, generate_wsi_dataset
+from smartpath.training.synthetic.dataset import (
+    ROI_PROFILE_FILE,
+    generate_roi_dataset,
+    generate_wsi_dataset,
+)
+from smartpath.training.synthetic.roi import COMPACT
 
 
 def test_generated_datasets_read_back(tmp_path: Path) -> None:
@@ -25,3 +32,36 @@ def test_generated_datasets_read_back(tmp_path: Path) -> None:
     wsi = read_manifest(generate_wsi_dataset(tmp_path / "wsi", n_slides=1, seed=0, size_px=1024))
     assert {s.scale for s in wsi} == {"wsi"} and len(wsi) == 3
     assert (tmp_path / "wsi" / wsi[0].slide).is_file()
+
+
+def test_compact_profile_dataset(tmp_path: Path) -> None:
+    """A profile changes the samples, not the manifest schema; it is recorded next to the
+    manifest, and a default run in the same folder removes the record."""
+    manifest = generate_roi_dataset(tmp_path, n_per_task=2, seed=0, profile=COMPACT)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    default_lines = [
+        json.loads(line)
+        for line in generate_roi_dataset(tmp_path / "plain", n_per_task=2, seed=0)
+        .read_text()
+        .splitlines()
+    ]
+    assert [set(r) for r in lines] == [set(r) for r in default_lines]
+    assert [r["id"] for r in lines] == [r["id"] for r in default_lines]
+    assert json.loads((tmp_path / ROI_PROFILE_FILE).read_text()) == dataclasses.asdict(COMPACT)
+    assert not (tmp_path / "plain" / ROI_PROFILE_FILE).exists()
+    roi = read_manifest(manifest)
+    for sample in roi:
+        assert load_roi_image(sample, manifest).shape == (224, 224, 3)
+        parsed = parse_answer(
+            Task[sample.task.upper()],
+            f"<answer>{sample.target}</answer>",
+            sample.labels,
+            options=sample.options,
+        )
+        assert type(parsed).__name__ != "Unparseable", sample.id
+    det = [r["target"] for r in lines if r["task"] == "detection"]
+    assert all("." not in t for t in det) and det != [
+        r["target"] for r in default_lines if r["task"] == "detection"
+    ]
+    generate_roi_dataset(tmp_path, n_per_task=1, seed=0)
+    assert not (tmp_path / ROI_PROFILE_FILE).exists()

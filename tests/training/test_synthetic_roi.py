@@ -12,6 +12,7 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from smartpath.model.grammar import (
     DetectionAnswer,
@@ -22,6 +23,8 @@ from smartpath.model.grammar import (
     format_completion,
     parse_answer,
 )
+from smartpath.model.tokenizer import train_builtin_tokenizer
+from smartpath.training.metrics import box_iou, rasterize
 from smartpath.training.synthetic.dataset import (
     WSI_CLASSES,
     assign_splits,
@@ -29,9 +32,11 @@ from smartpath.training.synthetic.dataset import (
     generate_wsi_dataset,
 )
 from smartpath.training.synthetic.roi import (
+    COMPACT,
     COUNT_OPTIONS,
     NUCLEUS_LABELS,
     TISSUE_CLASSES,
+    RoiProfile,
     count_option,
     generate_roi_samples,
     make_roi_sample,
@@ -267,3 +272,176 @@ def test_wsi_dataset_manifest(tmp_path: Path) -> None:
         assert slide.properties["openslide.vendor"] == "aperio"
         assert slide.dimensions == (1024, 1024)
         assert slide.level_count >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles: RoiProfile() is the default generator; COMPACT is short targets for a demo model
+
+
+@pytest.fixture(scope="module")
+def builtin_tokenizer():
+    return train_builtin_tokenizer()
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_default_profile_is_the_default() -> None:
+    for task in (Task.DETECTION, Task.SEGMENTATION):
+        a = make_roi_sample(task, seed=6, index=2)
+        b = make_roi_sample(task, seed=6, index=2, profile=RoiProfile())
+        assert np.array_equal(a.image, b.image) and a.target_text == b.target_text
+    c = make_roi_sample(Task.DETECTION, seed=6, index=2, profile=COMPACT)
+    assert c.target_text != a.target_text  # the profile is not ignored
+    with pytest.raises(ValueError):
+        RoiProfile(max_nuclei=0)
+    with pytest.raises(ValueError):
+        RoiProfile(polygon_vertices=2)
+
+
+def test_compact_target_lengths(builtin_tokenizer) -> None:
+    """Builtin-tokenizer lengths under COMPACT: detection / segmentation p90 <= 150 (default
+    detection targets are thousands of tokens)."""
+    lengths: dict[Task, list[int]] = {}
+    for task in (Task.CLASSIFICATION, Task.DETECTION, Task.SEGMENTATION, Task.VQA):
+        samples = list(generate_roi_samples(task, 30, seed=13, profile=COMPACT))
+        assert all(s.image.shape == (224, 224, 3) for s in samples)
+        lengths[task] = [_n_tokens(builtin_tokenizer, s.target_text) for s in samples]
+    for task in (Task.DETECTION, Task.SEGMENTATION):
+        assert np.percentile(lengths[task], 90) <= 150, (task, sorted(lengths[task]))
+        assert np.median(lengths[task]) >= 30  # not trivially empty
+    assert max(lengths[Task.CLASSIFICATION]) <= 10 and max(lengths[Task.VQA]) <= 45
+    default = [make_roi_sample(Task.DETECTION, 13, i).target_text for i in range(3)]
+    assert min(_n_tokens(builtin_tokenizer, t) for t in default) > 300
+
+
+def test_compact_coordinates_are_integers() -> None:
+    for task in (Task.DETECTION, Task.SEGMENTATION):
+        for s in generate_roi_samples(task, 10, seed=14, profile=COMPACT):
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", s.target_text)
+            assert numbers or s.target_text == "[]"
+            assert all("." not in x and 0 <= int(x) <= 1000 for x in numbers), s.target_text
+
+
+def _dark_blobs(image: np.ndarray) -> np.ndarray:
+    """Boxes (x1, y1, x2, y2, px) of hematoxylin-dark blobs, found without the ground truth:
+    red-channel optical density (hematoxylin absorbs red, eosin hardly), 3x3 mean, thresholded
+    30 % of the way from the median to the 99.5th percentile, components of >= 30 px."""
+    od = ndimage.uniform_filter(-np.log((image[..., 0].astype(np.float64) + 1.0) / 256.0), 3)
+    med = np.median(od)
+    lab, n = ndimage.label(od > med + 0.3 * (np.percentile(od, 99.5) - med))
+    areas = ndimage.sum_labels(np.ones_like(lab), lab, np.arange(1, n + 1))
+    objs = ndimage.find_objects(lab)
+    boxes = [
+        (o[1].start, o[0].start, o[1].stop, o[0].stop)
+        for o, a in zip(objs, areas, strict=True)
+        if a >= 30
+    ]
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def _blob_match(boxes_norm: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Each answer box's best IoU with a dark blob (pixel space)."""
+    blobs = _dark_blobs(image)
+    boxes = boxes_norm.reshape(-1, 4) * image.shape[0] / 1000.0
+    if len(blobs) == 0:
+        return np.zeros(len(boxes))
+    return box_iou(boxes, blobs).max(axis=1)
+
+
+@pytest.mark.parametrize("cls", TISSUE_CLASSES)
+def test_compact_boxes_are_the_rendered_nuclei(cls: str) -> None:
+    sizes = []
+    for index in range(6):
+        s = make_roi_sample(Task.DETECTION, seed=15, index=index, tissue_class=cls, profile=COMPACT)
+        dets = s.target.detections
+        assert 1 <= len(dets) <= COMPACT.max_nuclei
+        assert len(s.scene.nuclei) == len(dets)  # only the annotated nuclei are rendered
+        boxes = np.array([d.box for d in dets])
+        assert len(_dark_blobs(s.image)) == len(dets)  # one dark blob per box, no others
+        assert _blob_match(boxes, s.image).min() >= 0.7
+        sizes += list((boxes[:, 2:] - boxes[:, :2]).min(axis=1) * 224 / 1000)
+    assert np.median(sizes) >= 17 and min(sizes) >= 12  # detectable at IoU 0.5
+
+
+def test_blob_check_can_fail() -> None:
+    s = make_roi_sample(Task.DETECTION, seed=15, index=0, tissue_class="tumour", profile=COMPACT)
+    boxes = np.array([d.box for d in s.target.detections])
+    assert _blob_match(boxes, s.image).min() >= 0.7
+    shifted = boxes + np.array([60.0, 60.0, 60.0, 60.0])  # ~13 px: off the nuclei
+    assert _blob_match(shifted, s.image).max() < 0.5
+    full = make_roi_sample(Task.DETECTION, seed=15, index=0, tissue_class="tumour")
+    assert len(_dark_blobs(full.image)) != len(full.target.detections)  # dense: blobs merge
+
+
+def _union(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    for m in masks:
+        out |= m
+    return out
+
+
+def _mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 1.0 if a.sum() + b.sum() == 0 else 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_compact_polygons_match_painted_regions() -> None:
+    n_regions = Counter()
+    for s in generate_roi_samples(Task.SEGMENTATION, 24, seed=16, profile=COMPACT):
+        n = s.image.shape[0]
+        polys = s.target.polygons
+        n_regions[len(polys)] += 1
+        assert len(polys) == len(s.scene.regions) <= COMPACT.max_regions
+        assert all(3 <= len(p.points) <= COMPACT.polygon_vertices for p in polys)
+        gen = _union([r.mask for r in s.scene.regions], (n, n))
+        answer = rasterize(s.target, n, per_label=False).get("", np.zeros((n, n), dtype=bool))
+        assert _mask_dice(answer, gen) >= 0.9, s.id
+        # At the metric's own resolution too (a 2x nearest upsampling of the generator mask).
+        fine = rasterize(s.target, 2 * n, per_label=False).get("", np.zeros((2 * n, 2 * n), bool))
+        assert _mask_dice(fine, np.kron(gen, np.ones((2, 2), dtype=bool))) >= 0.9
+        # The painted pixels, read through PIL's own fill of the answer polygons.
+        luma = _luma(s.image)
+        red_od = -np.log((s.image[..., 0].astype(np.float64) + 1.0) / 256.0)
+        for poly in polys:
+            canvas = Image.new("1", (n, n), 0)
+            ImageDraw.Draw(canvas).polygon(
+                [(x * n / 1000, y * n / 1000) for x, y in poly.points], fill=1
+            )
+            m = np.asarray(canvas, dtype=bool)
+            ring = ndimage.binary_dilation(m, iterations=6) & ~m
+            if poly.label == "gland":  # a white lumen, brighter than any stroma around it
+                assert np.percentile(luma[m], 75) > np.percentile(luma[ring], 95) + 10
+            else:  # tumour nest: more hematoxylin than the stroma around it
+                assert np.median(red_od[m]) > np.median(red_od[ring]) + 0.05
+    assert n_regions[2] > 0 and n_regions[1] + n_regions[2] >= 18
+
+
+def test_polygon_dice_check_can_fail() -> None:
+    s = make_roi_sample(Task.SEGMENTATION, seed=16, index=0, tissue_class="tumour", profile=COMPACT)
+    n = s.image.shape[0]
+    gen = _union([r.mask for r in s.scene.regions], (n, n))
+    moved = [[(min(1000, x + 150), y) for x, y in p.points] for p in s.target.polygons]
+    assert _mask_dice(rasterize(moved, n, per_label=False)[""], gen) < 0.9
+
+
+@pytest.mark.parametrize("task", [Task.CLASSIFICATION, Task.DETECTION, Task.SEGMENTATION, Task.VQA])
+def test_compact_deterministic_per_seed(task: Task) -> None:
+    a = make_roi_sample(task, seed=17, index=4, profile=COMPACT)
+    b = make_roi_sample(task, seed=17, index=4, profile=COMPACT)
+    c = make_roi_sample(task, seed=18, index=4, profile=COMPACT)
+    assert np.array_equal(a.image, b.image) and a.target_text == b.target_text
+    assert a.prompt == b.prompt
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (224, 224, 3)
+
+
+def test_compact_classification_and_vqa_keep_their_answers() -> None:
+    """Only the size changes: same classes in the same order, VQA counts the full scene."""
+    plain = [s.target_text for s in generate_roi_samples(Task.CLASSIFICATION, 10, seed=19)]
+    small = generate_roi_samples(Task.CLASSIFICATION, 10, seed=19, profile=COMPACT)
+    assert [s.target_text for s in small] == plain
+    s = make_roi_sample(
+        Task.VQA, 2, 0, tissue_class="lymphocyte-rich", vqa_kind="count", profile=COMPACT
+    )
+    assert s.target_text == "more than 120"

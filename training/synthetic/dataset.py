@@ -6,6 +6,10 @@ Design decisions
   ``scale`` ("roi"), ``image`` (PNG path relative to the manifest's folder), ``task`` (the
   ``Task`` name in lower case, e.g. "detection"), ``prompt``, ``labels`` and ``options`` (lists
   or null), ``target`` (the canonical ``format_answer`` string) and ``split``.
+- ROI profile: ``generate_roi_dataset(..., profile=COMPACT)`` writes the same line schema; a
+  non-default :class:`~smartpath.training.synthetic.roi.RoiProfile` is recorded next to the
+  manifest as ``roi_profile.json`` (its fields), and no such file means the default profile (a
+  stale one is removed), so default outputs are unchanged file for file.
 - WSI manifest (``wsi.jsonl``): ``id``, ``scale`` ("wsi"), ``slide`` (relative SVS path),
   ``task``, ``prompt``, ``labels``, ``options``, ``target``, ``split``; three lines per slide
   (classification, closed VQA, open VQA), all in the same split so no slide leaks across splits.
@@ -23,6 +27,7 @@ Design decisions
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -34,10 +39,11 @@ from tqdm import tqdm
 
 from smartpath.model.grammar import LabelAnswer, Scale, Task, TextAnswer, format_answer
 from smartpath.model.prompts import build_prompt
-from smartpath.training.synthetic.roi import generate_roi_samples
+from smartpath.training.synthetic.roi import RoiProfile, generate_roi_samples
 from smartpath.training.synthetic.slides import SyntheticTissue, write_synthetic_slide
 
 __all__ = [
+    "ROI_PROFILE_FILE",
     "ROI_TASKS",
     "WSI_CLASSES",
     "assign_splits",
@@ -56,6 +62,7 @@ COMPONENTS: tuple[str, ...] = ("cellular", "stroma", "adipose")
 _CELLULAR_RICH = 0.30
 _ADIPOSE_RICH = 0.15
 SPLIT_NAMES = ("train", "val", "test")
+ROI_PROFILE_FILE = "roi_profile.json"
 _PRESENT_FRACTION = 0.1  # a component "is present" above this share of tissue
 
 
@@ -83,21 +90,35 @@ def generate_roi_dataset(
     *,
     tasks: Sequence[Task] = ROI_TASKS,
     progress: bool = False,
+    profile: RoiProfile | None = None,
 ) -> Path:
     """Write ``n_per_task`` ROI samples per task as ``images/<id>.png`` under ``out_dir`` and
-    return the manifest path (``out_dir/roi.jsonl``)."""
+    return the manifest path (``out_dir/roi.jsonl``).
+
+    ``profile`` (default ``RoiProfile()``) sets ROI size and target detail, e.g. ``COMPACT``;
+    a non-default one is recorded in ``out_dir/roi_profile.json``.
+    """
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
+    prof = RoiProfile() if profile is None else profile
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     manifest = out / "roi.jsonl"
+    profile_file = out / ROI_PROFILE_FILE
+    if prof == RoiProfile():
+        profile_file.unlink(missing_ok=True)
+    else:
+        text = json.dumps(dataclasses.asdict(prof), indent=2, sort_keys=True) + "\n"
+        profile_file.write_text(text, encoding="utf-8")
     bar = tqdm(total=n_per_task * len(tasks), unit="roi", desc="roi") if progress else None
     try:
         with manifest.open("w", encoding="utf-8") as f:
             for task in tasks:
                 task = Task(task)
                 split = assign_splits(n_per_task, splits, seed * 31 + int(task))
-                for i, sample in enumerate(generate_roi_samples(task, n_per_task, seed)):
+                for i, sample in enumerate(
+                    generate_roi_samples(task, n_per_task, seed, profile=prof)
+                ):
                     rel = f"images/{sample.id}.png"
                     Image.fromarray(sample.image).save(out / rel, optimize=False)
                     record = {

@@ -27,6 +27,22 @@ Design decisions
 - Determinism: every random draw comes from ``np.random.default_rng`` seeded from
   ``(seed, task, index)``; PIL resizing is deterministic, so the same arguments give the same
   pixels and targets on every machine.
+- Target length is set by a :class:`RoiProfile` (keyword ``profile``; ``RoiProfile()``, the
+  default, is the full-size generator described above, byte for byte). :data:`COMPACT` is for a
+  tiny demo model: 224 px ROIs and integer coordinates everywhere (``format_answer`` prints
+  them without ".0"). Detection scenes keep a random 1-4 of their nuclei, picked before
+  rendering so the image shows exactly the annotated nuclei (wholly inside the image, boxes at
+  least 2 px apart, so every box still covers exactly one nucleus), scaled 3.5x so a tiny model
+  can hit IoU 0.5 (box sides 17-63 px, shorter side median ~22 px; per-class sizes and shapes
+  are kept, so stroma's spindle nuclei stay thin), on the class's usual background.
+  Segmentation scenes have at most 2 regions outlined by 6 vertices sampled (from a random
+  angle) on the smooth outline and snapped to the answer's 0-1000 integer grid; the region is
+  painted as that polygon's pixel-centre raster (``training.metrics.rasterize_polygon``), lumen
+  and rim nuclei follow the polygon, so the generator mask is exactly the answer's raster.
+  The builtin tokenizer splits digits, so a box costs ~30-35 tokens and a 6-vertex polygon ~70:
+  4 nuclei and 2 x 6 vertices keep detection / segmentation targets under ~150 tokens (p90),
+  from ~2,000 / ~900. Classification and VQA scenes change only in size (so the VQA count
+  question still counts the full scene).
 """
 
 from __future__ import annotations
@@ -51,14 +67,17 @@ from smartpath.model.grammar import (
     format_answer,
 )
 from smartpath.model.prompts import build_prompt
+from smartpath.training.metrics import rasterize_polygon
 
 __all__ = [
+    "COMPACT",
     "COUNT_OPTIONS",
     "NUCLEUS_LABELS",
     "REGION_LABELS",
     "TISSUE_CLASSES",
     "Nucleus",
     "Region",
+    "RoiProfile",
     "RoiSample",
     "RoiScene",
     "count_option",
@@ -99,6 +118,60 @@ _PRESENCE = {
     "lymphocyte-rich": "Is there a dense lymphocytic infiltrate?",
 }
 _VQA_KINDS = ("presence", "dominant", "count", "describe")
+_NUCLEUS_GAP = 2.0  # px between the boxes of nuclei kept by ``max_nuclei`` / ``nucleus_scale``
+
+
+@dataclass(frozen=True)
+class RoiProfile:
+    """How big and detailed generated samples are; ``RoiProfile()`` is the full-size default.
+
+    ``size`` and ``coord_decimals`` apply to every task; ``max_nuclei`` and ``nucleus_scale``
+    shape detection scenes only, ``max_regions``, ``polygon_vertices`` and ``polygon_regions``
+    segmentation scenes only (classification and VQA scenes keep their full look).
+    """
+
+    size: int | None = None
+    """ROI side in px; None: random 224-448 (detection: 224 or 256)."""
+    max_nuclei: int | None = None
+    """Detection: keep a random 1..max_nuclei of the scene's nuclei (None: all), chosen before
+    rendering; kept nuclei lie wholly inside the image and their boxes do not touch."""
+    nucleus_scale: float = 1.0
+    """Detection: nuclei semi-axes are multiplied by this (shape and orientation kept)."""
+    max_regions: int | None = None
+    """Segmentation: at most this many glands / tumour nests (None: the class's usual 1-5)."""
+    polygon_vertices: int = _N_VERTS
+    """Vertices sampled from each region's smooth outline."""
+    polygon_regions: bool = False
+    """Segmentation: paint each region as its answer polygon (vertices snapped to the answer's
+    coordinate grid, pixel-centre rasterised) instead of the smooth outline."""
+    coord_decimals: int = 1
+    """Decimals of the 0-1000 box / polygon coordinates (0: integers, printed without .0)."""
+
+    def __post_init__(self) -> None:
+        if self.size is not None and not 32 <= self.size <= 2048:
+            raise ValueError(f"size must be in 32..2048 px, got {self.size}")
+        if self.max_nuclei is not None and self.max_nuclei < 1:
+            raise ValueError(f"max_nuclei must be >= 1 or None, got {self.max_nuclei}")
+        if not 0.25 <= self.nucleus_scale <= 8.0:
+            raise ValueError(f"nucleus_scale must be in 0.25..8, got {self.nucleus_scale}")
+        if self.max_regions is not None and self.max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1 or None, got {self.max_regions}")
+        if not 3 <= self.polygon_vertices <= 256:
+            raise ValueError(f"polygon_vertices must be in 3..256, got {self.polygon_vertices}")
+        if not 0 <= self.coord_decimals <= 3:
+            raise ValueError(f"coord_decimals must be in 0..3, got {self.coord_decimals}")
+
+
+COMPACT = RoiProfile(
+    size=224,
+    max_nuclei=4,
+    nucleus_scale=3.5,
+    max_regions=2,
+    polygon_vertices=6,
+    polygon_regions=True,
+    coord_decimals=0,
+)
+"""Short targets for a tiny demo model (detection / segmentation p90 <= ~150 builtin tokens)."""
 
 
 @dataclass(frozen=True)
@@ -198,18 +271,65 @@ def _unit(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, (dx + 1j * dy) / np.maximum(d, 1e-9)
 
 
+@dataclass(frozen=True)
+class _Outline:
+    """How a region's outline is sampled: vertex count, first-vertex angle, and the answer's
+    coordinate decimals when the region is painted as its polygon (None: smooth mask)."""
+
+    vertices: int
+    phase: float
+    snap: int | None
+
+
 def _region(
-    coef: np.ndarray, geo: np.ndarray, label: str, yy: np.ndarray, xx: np.ndarray
+    coef: np.ndarray,
+    geo: np.ndarray,
+    label: str,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    outline: _Outline | None = None,
 ) -> Region:
+    """A region from its smooth outline: by default the mask is the outline and the points are
+    ``_N_VERTS`` samples of it from angle 0; ``outline`` sets the vertex count and first angle
+    and, with ``snap`` decimals, snaps the points to the answer's grid and makes the mask their
+    pixel-centre raster (square ROIs)."""
     h, w = yy.shape[0], xx.shape[1]
-    d, z = _unit(xx - geo[0], yy - geo[1])
-    mask = d < _radius(coef, geo, z)
-    theta = np.linspace(0.0, 2 * math.pi, _N_VERTS, endpoint=False)
+    n_verts = _N_VERTS if outline is None else outline.vertices
+    phase = 0.0 if outline is None else outline.phase
+    theta = np.linspace(0.0, 2 * math.pi, n_verts, endpoint=False) + phase
     r = _radius(coef, geo, np.exp(1j * theta))
     pts = np.stack([geo[0] + r * np.cos(theta), geo[1] + r * np.sin(theta)], axis=1)
     pts[:, 0] = np.clip(pts[:, 0], 0.0, w)
     pts[:, 1] = np.clip(pts[:, 1], 0.0, h)
+    if outline is None or outline.snap is None:
+        d, z = _unit(xx - geo[0], yy - geo[1])
+        return Region(label, pts, d < _radius(coef, geo, z))
+    # Snap to the answer's grid (as ``_segments`` will print it), drop repeats, raster exactly.
+    norm = np.round(pts / np.array([w, h]) * 1000.0, outline.snap)
+    norm = np.array(list(dict.fromkeys(map(tuple, norm.tolist()))), dtype=np.float64)
+    pts = norm / 1000.0 * np.array([w, h])
+    mask = rasterize_polygon(norm, w) if len(norm) >= 3 else np.zeros((h, w), dtype=bool)
     return Region(label, pts, mask)
+
+
+def _scaled_polygon_mask(pts: np.ndarray, cx: float, cy: float, k: float, n: int) -> np.ndarray:
+    """Pixel-centre raster of polygon ``pts`` (pixels) scaled by ``k`` about (cx, cy)."""
+    scaled = np.array([cx, cy]) + k * (pts - np.array([cx, cy]))
+    return rasterize_polygon(scaled / n * 1000.0, n)
+
+
+def _polygon_radius(pts: np.ndarray, cx: float, cy: float, angles: np.ndarray) -> np.ndarray:
+    """Distance from (cx, cy) to the polygon's boundary along each angle (farthest crossing)."""
+    p, q = pts, np.roll(pts, -1, axis=0)
+    e = q - p  # (E, 2)
+    f = p - np.array([cx, cy])
+    dx, dy = np.cos(angles)[:, None], np.sin(angles)[:, None]  # (K, 1)
+    den = dx * e[None, :, 1] - dy * e[None, :, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (f[None, :, 0] * e[None, :, 1] - f[None, :, 1] * e[None, :, 0]) / den
+        u = (f[None, :, 0] * dy - f[None, :, 1] * dx) / den
+    ok = (np.abs(den) > 1e-12) & (u >= -1e-9) & (u <= 1.0 + 1e-9) & (t > 0)
+    return np.where(ok, t, 0.0).max(axis=1)
 
 
 def _grid_points(rng: np.random.Generator, h: int, w: int, cell: float, keep: float) -> np.ndarray:
@@ -261,6 +381,40 @@ def _make_nucleus(
     return Nucleus(label, cx, cy, a, b, angle, box)
 
 
+def _pick_nuclei(
+    rng: np.random.Generator,
+    nuclei: list[Nucleus],
+    max_nuclei: int | None,
+    scale: float,
+    h: int,
+    w: int,
+) -> list[Nucleus]:
+    """Scale the scene's nuclei and keep a random 1..``max_nuclei`` (all that fit when None)
+    of those wholly inside the image whose boxes stay ``_NUCLEUS_GAP`` px apart."""
+    cands = []
+    for n in nuclei:
+        big = _make_nucleus(n.label, n.cx, n.cy, n.a * scale, n.b * scale, n.angle, h, w)
+        hx, hy = (big.box[2] - big.box[0]) / 2, (big.box[3] - big.box[1]) / 2
+        if big.cx - hx > 0 and big.cy - hy > 0 and big.cx + hx < w and big.cy + hy < h:
+            cands.append(big)  # box not clipped: wholly inside
+    want = len(cands) if max_nuclei is None else int(rng.integers(1, max_nuclei + 1))
+    kept: list[int] = []
+    for i in rng.permutation(len(cands)):
+        if len(kept) >= want:
+            break
+        x1, y1, x2, y2 = cands[i].box
+        g = _NUCLEUS_GAP
+        if all(
+            x1 >= cands[j].box[2] + g
+            or x2 <= cands[j].box[0] - g
+            or y1 >= cands[j].box[3] + g
+            or y2 <= cands[j].box[1] - g
+            for j in kept
+        ):
+            kept.append(int(i))
+    return [cands[i] for i in sorted(kept)]
+
+
 def _add_nuclei(
     out: list[Nucleus],
     rng: np.random.Generator,
@@ -284,10 +438,25 @@ def _add_nuclei(
 
 
 def render_roi(
-    rng: np.random.Generator, tissue_class: str | None = None, size: int | None = None
+    rng: np.random.Generator,
+    tissue_class: str | None = None,
+    size: int | None = None,
+    *,
+    max_nuclei: int | None = None,
+    nucleus_scale: float = 1.0,
+    max_regions: int | None = None,
+    polygon_vertices: int = _N_VERTS,
+    polygon_regions: bool = False,
+    coord_decimals: int = 1,
 ) -> RoiScene:
     """Render one ROI of ``tissue_class`` (random if None) at ``size`` px square (random
-    224-448 if None), with its nuclei and regions."""
+    224-448 if None), with its nuclei and regions.
+
+    The keywords are :class:`RoiProfile`'s (defaults: the full scene): ``max_nuclei`` /
+    ``nucleus_scale`` pick and scale the nuclei before they are rendered; ``max_regions`` caps
+    glands / nests; ``polygon_vertices`` samples each outline; ``polygon_regions`` paints each
+    region as its polygon snapped to the ``coord_decimals`` grid of 0-1000 coordinates.
+    """
     if tissue_class is None:
         tissue_class = str(rng.choice(TISSUE_CLASSES))
     if tissue_class not in TISSUE_CLASSES:
@@ -314,6 +483,16 @@ def render_roi(
     nuclei: list[Nucleus] = []
     regions: list[Region] = []
     hema = np.full((h, w), 0.08) + 0.03 * fine
+
+    def outline() -> _Outline | None:
+        if not polygon_regions and polygon_vertices == _N_VERTS:
+            return None  # the default: smooth mask, 32 vertices from angle 0, no draws
+        phase = float(rng.uniform(0.0, 2 * math.pi / polygon_vertices))
+        return _Outline(polygon_vertices, phase, coord_decimals if polygon_regions else None)
+
+    def n_regions(drawn: int) -> int:
+        return drawn if max_regions is None else min(drawn, max_regions)
+
     eosin = 0.45 + 0.55 * fibre + 0.08 * mottle
 
     if tissue_class == "stroma":
@@ -334,7 +513,7 @@ def render_roi(
     elif tissue_class == "normal gland":
         eosin = 0.35 + 0.45 * fibre + 0.08 * mottle
         placed: list[tuple[float, float, float]] = []
-        for _ in range(int(rng.integers(2, 6))):
+        for _ in range(n_regions(int(rng.integers(2, 6)))):
             for _try in range(12):
                 r = rng.uniform(0.09, 0.2) * n
                 cx, cy = rng.uniform(0.12, 0.88, size=2) * n
@@ -344,17 +523,24 @@ def render_roi(
                 continue
             placed.append((cx, cy, r))
             coef, geo = _star_shape(rng, cx, cy, r, 0.35)
-            reg = _region(coef, geo, "gland", yy, xx)
+            style = outline()
+            reg = _region(coef, geo, "gland", yy, xx, style)
             regions.append(reg)
-            # Lumen: inner 65 % of the radius function.
-            dist, z = _unit(xx - cx, yy - cy)
-            lumen = dist < 0.62 * _radius(coef, geo, z)
+            # Lumen: inner 62 % of the radius function (of the polygon when painted as one).
+            if style is not None and style.snap is not None:
+                lumen = _scaled_polygon_mask(reg.points, cx, cy, 0.62, n)
+            else:
+                dist, z = _unit(xx - cx, yy - cy)
+                lumen = dist < 0.62 * _radius(coef, geo, z)
             eosin = np.where(reg.mask, np.where(lumen, 0.06, 0.55 + 0.1 * mottle), eosin)
             hema = np.where(reg.mask, np.where(lumen, 0.02, 0.25), hema)
             # Basal nuclei along the rim, oriented radially.
             k = max(6, int(2 * math.pi * r / 11.0))
             angs = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.uniform(0, 1)
-            rr = _radius(coef, geo, np.exp(1j * angs)) * 0.84
+            if style is not None and style.snap is not None and len(reg.points) >= 3:
+                rr = _polygon_radius(reg.points, cx, cy, angs) * 0.84
+            else:
+                rr = _radius(coef, geo, np.exp(1j * angs)) * 0.84
             for ang, rad in zip(angs, rr, strict=True):
                 px, py = cx + rad * math.cos(ang), cy + rad * math.sin(ang)
                 if 0 <= px < w and 0 <= py < h:
@@ -367,11 +553,11 @@ def render_roi(
     else:  # tumour: large irregular nests of crowded pleomorphic cells in desmoplastic stroma
         eosin = 0.45 + 0.5 * fibre + 0.08 * mottle
         inside = np.zeros((h, w), dtype=bool)
-        for _ in range(int(rng.integers(1, 4))):
+        for _ in range(n_regions(int(rng.integers(1, 4)))):
             r = rng.uniform(0.22, 0.4) * n
             cx, cy = rng.uniform(0.15, 0.85, size=2) * n
             coef, geo = _star_shape(rng, cx, cy, r, 0.6)
-            reg = _region(coef, geo, "tumour", yy, xx)
+            reg = _region(coef, geo, "tumour", yy, xx, outline())
             if reg.mask.sum() < 0.05 * n * n or (reg.mask & inside).any():
                 continue
             regions.append(reg)
@@ -391,6 +577,8 @@ def render_roi(
         lym = lym[~grown[lym[:, 1].astype(int), lym[:, 0].astype(int)]]
         _add_nuclei(nuclei, rng, lym, "lymphocyte", (2.8, 3.6), (1.0, 1.15), h, w)
 
+    if max_nuclei is not None or nucleus_scale != 1.0:
+        nuclei = _pick_nuclei(rng, nuclei, max_nuclei, nucleus_scale, h, w)
     cover, dark = _nuclei_layer(nuclei, h, w, rng)
     nuc_h = {"tumour": 1.5, "lymphocyte-rich": 1.7, "necrosis": 1.8}.get(tissue_class, 1.35)
     hema = hema + dark * nuc_h * np.clip(1.0 + 0.2 * fine, 0.75, 1.25)
@@ -417,8 +605,8 @@ def render_roi(
 # Samples
 
 
-def _norm(v: float, extent: int) -> float:
-    return round(min(1000.0, max(0.0, v / extent * 1000.0)), 1)
+def _norm(v: float, extent: int, decimals: int = 1) -> float:
+    return round(min(1000.0, max(0.0, v / extent * 1000.0)), decimals)
 
 
 def count_option(n: int) -> str:
@@ -432,23 +620,28 @@ def count_option(n: int) -> str:
     return COUNT_OPTIONS[3]
 
 
-def _detections(scene: RoiScene) -> DetectionAnswer:
+def _detections(scene: RoiScene, decimals: int = 1) -> DetectionAnswer:
     h, w = scene.size
     dets = []
     for nuc in scene.nuclei:
         x1, y1, x2, y2 = nuc.box
-        box = (_norm(x1, w), _norm(y1, h), _norm(x2, w), _norm(y2, h))
+        box = (
+            _norm(x1, w, decimals),
+            _norm(y1, h, decimals),
+            _norm(x2, w, decimals),
+            _norm(y2, h, decimals),
+        )
         if box[2] - box[0] >= 0.5 and box[3] - box[1] >= 0.5:  # drop slivers at the border
             dets.append(Detection(nuc.label, box))
     dets.sort(key=lambda d: (d.box[1], d.box[0]))
     return DetectionAnswer(tuple(dets))
 
 
-def _segments(scene: RoiScene) -> SegmentationAnswer:
+def _segments(scene: RoiScene, decimals: int = 1) -> SegmentationAnswer:
     h, w = scene.size
     polys = []
     for reg in scene.regions:
-        pts = tuple((_norm(x, w), _norm(y, h)) for x, y in reg.points)
+        pts = tuple((_norm(x, w, decimals), _norm(y, h, decimals)) for x, y in reg.points)
         pts = tuple(dict.fromkeys(pts))  # clamping can repeat vertices
         if len(pts) >= 3:
             polys.append(Polygon(reg.label, pts))
@@ -463,20 +656,37 @@ def make_roi_sample(
     tissue_class: str | None = None,
     vqa_kind: str | None = None,
     size: int | None = None,
+    profile: RoiProfile | None = None,
 ) -> RoiSample:
     """One seeded sample for ``task``; the same arguments always give the same sample.
 
     ``vqa_kind`` (VQA only) is one of ``presence``, ``dominant``, ``count`` (closed) or
-    ``describe`` (open); random when None.
+    ``describe`` (open); random when None. ``profile`` (default ``RoiProfile()``) sets size and
+    detail, e.g. :data:`COMPACT`; an explicit ``size`` overrides ``profile.size``.
     """
     task = Task(task)
+    prof = RoiProfile() if profile is None else profile
+    dec = prof.coord_decimals
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(task), int(index), 0x201])
     if task is Task.SEGMENTATION and tissue_class is None:
         # Mostly classes with regions; some negatives whose answer is [].
         tissue_class = str(rng.choice(["normal gland", "tumour", "stroma"], p=[0.45, 0.45, 0.1]))
+    if size is None:
+        size = prof.size
     if task is Task.DETECTION and size is None:
         size = int(rng.choice([224, 256]))  # keeps dense-lymphocyte targets a few hundred boxes
-    scene = render_roi(rng, tissue_class, size)
+    det, seg = task is Task.DETECTION, task is Task.SEGMENTATION  # the only tasks with detail
+    scene = render_roi(
+        rng,
+        tissue_class,
+        size,
+        max_nuclei=prof.max_nuclei if det else None,
+        nucleus_scale=prof.nucleus_scale if det else 1.0,
+        max_regions=prof.max_regions if seg else None,
+        polygon_vertices=prof.polygon_vertices if seg else _N_VERTS,
+        polygon_regions=prof.polygon_regions and seg,
+        coord_decimals=dec,
+    )
     labels: tuple[str, ...] | None = None
     options: tuple[str, ...] | None = None
     question: str | None = None
@@ -487,11 +697,11 @@ def make_roi_sample(
     elif task is Task.DETECTION:
         labels = NUCLEUS_LABELS
         question = "Detect every nucleus and give its type."
-        target = _detections(scene)
+        target = _detections(scene, dec)
     elif task is Task.SEGMENTATION:
         labels = REGION_LABELS
         question = "Segment every gland and tumour region."
-        target = _segments(scene)
+        target = _segments(scene, dec)
     elif task is Task.VQA:
         kind = vqa_kind or str(rng.choice(_VQA_KINDS))
         if kind == "presence":
@@ -508,7 +718,7 @@ def make_roi_sample(
         elif kind == "count":
             question = "How many nuclei are visible?"
             options = COUNT_OPTIONS
-            target = TextAnswer(count_option(len(_detections(scene).detections)))
+            target = TextAnswer(count_option(len(_detections(scene, dec).detections)))
         elif kind == "describe":
             question = "Describe the dominant tissue in this region in one short phrase."
             target = TextAnswer(_DESCRIPTIONS[scene.tissue_class])
@@ -534,10 +744,16 @@ def make_roi_sample(
 
 
 def generate_roi_samples(
-    task: Task, n: int, seed: int, classes: Sequence[str] | None = None
+    task: Task,
+    n: int,
+    seed: int,
+    classes: Sequence[str] | None = None,
+    *,
+    profile: RoiProfile | None = None,
 ) -> Iterator[RoiSample]:
     """``n`` samples for ``task``; classification/VQA/detection classes cycle through
-    ``classes`` (default all) in seeded shuffled rounds, so classes are balanced."""
+    ``classes`` (default all) in seeded shuffled rounds, so classes are balanced. ``profile``
+    as in :func:`make_roi_sample`."""
     pool = tuple(classes) if classes is not None else TISSUE_CLASSES
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(Task(task)), 0xBA1])
     order: list[str] = []
@@ -547,4 +763,4 @@ def generate_roi_samples(
         cls = order.pop()
         if Task(task) is Task.SEGMENTATION and classes is None:
             cls = None  # segmentation picks its own mix of positives and negatives
-        yield make_roi_sample(task, seed, i, tissue_class=cls)
+        yield make_roi_sample(task, seed, i, tissue_class=cls, profile=profile)
