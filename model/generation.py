@@ -95,6 +95,7 @@ def generate_stream(
     stop_token_ids: Sequence[int] = (),
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    suppress_token_ids: Sequence[int] = (),
     prefill_embeds: Tensor | None = None,
     prefill_positions: Tensor | None = None,
 ) -> Iterator[tuple[int, int]]:
@@ -103,7 +104,8 @@ def generate_stream(
     ``input_ids``: one token-id list per request (no padding). ``routing``: an
     :class:`ExpertRouting` for the whole batch, or one per request (None = base model for that
     request), or None (base model for all). A request is finished after it yields a stop/EOS
-    token or ``max_new_tokens`` tokens.
+    token or ``max_new_tokens`` tokens. ``suppress_token_ids`` are never sampled (e.g. the
+    image/slide placeholders, which only the prompt builder may place).
     """
     prompts = [list(p) for p in input_ids]
     if any(len(p) == 0 for p in prompts):
@@ -118,6 +120,7 @@ def generate_stream(
         dtype=torch.long,
         device=device,
     )
+    suppress = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=device)
     generator = None
     if temperature > 0 and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -166,6 +169,8 @@ def generate_stream(
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]  # (b, V)
+            if suppress.numel():
+                logits = logits.index_fill(-1, suppress, float("-inf"))
             next_ids = sample_next(logits, temperature, top_p, generator)  # (b,)
             yield from zip(active.tolist(), next_ids.tolist(), strict=True)
             if step == max_new_tokens - 1:
@@ -199,6 +204,7 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    suppress_token_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """Generate for every request; returns each request's new tokens (stop token included).
 
@@ -216,6 +222,7 @@ def generate(
         stop_token_ids=stop_token_ids,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        suppress_token_ids=suppress_token_ids,
     ):
         outputs[row].append(token)
     return outputs

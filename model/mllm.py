@@ -32,8 +32,10 @@ from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.router import ExpertRouter, RouterOutput
+from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 IGNORE_INDEX = -100
+PLACEHOLDER_TOKENS = (IMAGE_PAD, VIDEO_PAD, SLIDE_PAD, VISION_START, VISION_END)
 
 
 @dataclass
@@ -209,7 +211,8 @@ class SmartPathModel(nn.Module):
         routing: ExpertRouting | None = None,
     ) -> Iterator[tuple[int, int]]:
         """Yield (request index, token id) for a left-padded batch, each request with the
-        experts its router picked (or ``routing``), prefilled with its image/slide inputs."""
+        experts its router picked (or ``routing``), prefilled with its image/slide inputs.
+        Visual placeholder tokens are never generated."""
         mask = batch.attention_mask.bool()
         if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
             raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
@@ -217,6 +220,7 @@ class SmartPathModel(nn.Module):
         if routing is None:
             routing = self.route(batch, pooled).routing()
         prompts = [row[m].tolist() for row, m in zip(batch.input_ids, mask, strict=True)]
+        placeholders = self.tokenizer.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))
         yield from generate_stream(
             self.base,
             prompts,
@@ -228,6 +232,7 @@ class SmartPathModel(nn.Module):
             stop_token_ids=stop_token_ids,
             eos_token_id=eos_token_id,
             pad_token_id=int(batch.input_ids[~mask].flatten()[0]) if (~mask).any() else 0,
+            suppress_token_ids=placeholders,
             prefill_embeds=embeds,
             prefill_positions=positions,
         )

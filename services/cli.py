@@ -4,6 +4,9 @@ smartpath demo          generate a synthetic slide, serve it locally, tile it ov
 smartpath serve         start Ray Serve with the SmartPath applications and block
 smartpath synth-slide   write a synthetic pyramidal slide (SVS or generic TIFF)
 smartpath plan          ask a running server for a tile plan; write overlay PNG + GeoJSON
+smartpath train sft|grpo  run a training stage (Ray Train + DeepSpeed) from the config
+smartpath train demo    reproduce the demo model: synthetic data, SFT, GRPO, evaluation report
+smartpath train submit  create a RayJob for SFT or GRPO on Kubernetes (KubeRay)
 """
 
 from __future__ import annotations
@@ -166,6 +169,40 @@ def cmd_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
     return 0
 
 
+def cmd_train_stage(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    _setup_environment()
+    from smartpath.training.engine import run_stage
+
+    if args.train_command == "sft":
+        from smartpath.training.sft import train_loop
+    else:
+        from smartpath.training.grpo import train_loop
+    if not config.training.data.manifests:
+        raise ValueError("training.data.manifests is empty: name at least one JSONL manifest")
+    result = run_stage(config, args.train_command, train_loop)
+    if result.error is not None:
+        print(f"smartpath: {args.train_command} failed: {result.error}", file=sys.stderr)
+        return 1
+    model = config.training.model_uri(args.train_command)
+    print(json.dumps({"stage": args.train_command, "model": model, **result.metrics}, indent=2))
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    _setup_environment()
+    from smartpath.training.demo import REPORT_DIR, reproduce_demo
+
+    steps = {"sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps}
+    summary = reproduce_demo(
+        Path(args.out),
+        **{k: v for k, v in steps.items() if v is not None},
+        publish=args.publish,
+        report_dir=REPORT_DIR if args.publish else None,
+    )
+    print(json.dumps({k: summary[k] for k in ("report", "timings_s", "total_s")}, indent=2))
+    return 0
+
+
 def cmd_train_submit(args: argparse.Namespace, config: SmartPathConfig) -> int:
     from smartpath.training.rayjob import (
         PodResources,
@@ -235,8 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default="out/plan")
     plan.set_defaults(func=cmd_plan)
 
-    train = sub.add_parser("train", help="training on Kubernetes (KubeRay)")
+    train = sub.add_parser("train", help="SFT and GRPO (Ray Train + DeepSpeed), demo, KubeRay")
     train_sub = train.add_subparsers(dest="train_command", required=True)
+    for stage in ("sft", "grpo"):
+        stage_p = train_sub.add_parser(stage, help=f"run {stage.upper()} from the config")
+        stage_p.set_defaults(func=cmd_train_stage)
+    demo_model = train_sub.add_parser("demo", help="reproduce the demo model and its report")
+    demo_model.add_argument("--out", default="out/demo-model", help="data, runs and report")
+    demo_model.add_argument("--sft-steps", type=int, help="default: the recipe's")
+    demo_model.add_argument("--grpo-steps", type=int, help="default: the recipe's")
+    demo_model.add_argument(
+        "--publish", action="store_true", help="install as the default model; report to reports/"
+    )
+    demo_model.set_defaults(func=cmd_train_demo)
     submit = train_sub.add_parser("submit", help="create a RayJob for SFT or GRPO")
     submit.add_argument("kind", choices=["sft", "grpo"])
     submit.add_argument("--image", required=True, help="image holding smartpath")

@@ -142,6 +142,12 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(
         50, ge=1, description="Checkpoint every N steps (and at the end)."
     )
+    report_every: int = Field(
+        10,
+        ge=1,
+        description="Report metrics to Ray Train every N steps (each report is a synchronous "
+        "round trip to the controller); the history keeps every step.",
+    )
     eval_max_new_tokens: int = Field(192, ge=1, description="Generation budget at evaluation.")
 
     @model_validator(mode="after")

@@ -17,23 +17,71 @@ Design decisions:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from smartpath.model.mllm import SmartPathModel
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.storage import make_store
 from smartpath.training.collate import Collator
+from smartpath.training.config import GrpoConfig
 from smartpath.training.data import load_items
 from smartpath.training.engine import DeepSpeedRun, finish_stage, trainable_parameters
 from smartpath.training.objectives import grpo_loss
 from smartpath.training.rewards import format_reward
-from smartpath.training.rollout import completion_logprobs, policy_batch, rollout, to_device
+from smartpath.training.rollout import (
+    Rollouts,
+    completion_logprobs,
+    policy_batch,
+    rollout,
+    to_device,
+)
 from smartpath.training.sft import step_batch
 
-__all__ = ["main", "train_loop"]
+__all__ = ["grpo_update", "main", "train_loop"]
 
 STAGE = "grpo"
+
+
+def grpo_update(
+    policy: Callable[..., Any],
+    model: SmartPathModel,
+    reference: SmartPathModel,
+    collator: Collator,
+    rolls: Rollouts,
+    g: GrpoConfig,
+    *,
+    backward: Callable[[Tensor], None],
+    step: Callable[[], None],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Old and reference log-probs, then ``updates_per_rollout`` clipped-surrogate + KL updates.
+
+    ``policy`` runs the forward with gradients (the DeepSpeed engine, or the model itself);
+    ``model`` is the bare policy for the no-grad old log-probs. Returns the last loss and its
+    stats (plus ``completion_tokens``, the mean generated length).
+    """
+    batch, labels = policy_batch(collator, rolls)
+    batch = to_device(batch, device, dtype)
+    labels = labels.to(device)
+    with torch.no_grad():
+        old, mask, _ = completion_logprobs(model, batch, labels, g.temperature)
+        ref, _, _ = completion_logprobs(reference, batch, labels, g.temperature)
+    advantages = rolls.advantages.to(device)
+    model.train()
+    for _ in range(g.updates_per_rollout):
+        logprobs, _, aux = completion_logprobs(policy, batch, labels, g.temperature)
+        loss, stats = grpo_loss(
+            logprobs, old, ref, advantages, mask, clip_eps=g.clip_eps, kl_beta=g.kl_beta
+        )
+        backward(loss + aux)
+        step()
+    stats["completion_tokens"] = mask.sum(1).float().mean()
+    return loss.detach(), stats
 
 
 def train_loop(loop_config: dict) -> None:
@@ -75,23 +123,11 @@ def train_loop(loop_config: dict) -> None:
             device=run.device,
         )
         rollout_s = time.perf_counter() - tic
-        batch, labels = policy_batch(collator, rolls)
-        batch = to_device(batch, run.device, run.dtype)
-        labels = labels.to(run.device)
-        with torch.no_grad():
-            old, mask, _ = completion_logprobs(run.model, batch, labels, g.temperature)
-            ref, _, _ = completion_logprobs(reference, batch, labels, g.temperature)
-        advantages = rolls.advantages.to(run.device)
-        run.engine.train()
-        for _ in range(g.updates_per_rollout):
-            logprobs, _, aux = completion_logprobs(run.engine, batch, labels, g.temperature)
-            loss, stats = grpo_loss(
-                logprobs, old, ref, advantages, mask, clip_eps=g.clip_eps, kl_beta=g.kl_beta
-            )
-            total = loss + aux
-            run.backward(total)
-            lr = run.lr
-            run.engine.step()
+        lr = run.lr
+        loss, stats = grpo_update(
+            run.engine, run.model, reference, collator, rolls, g,
+            backward=run.backward, step=run.engine.step, device=run.device, dtype=run.dtype,
+        )  # fmt: skip
         values = {
             "loss": float(loss),
             "reward": float(rolls.rewards.mean()),
@@ -99,7 +135,7 @@ def train_loop(loop_config: dict) -> None:
             "format_rate": sum(format_reward(rolls.texts)) / len(rolls.texts),
             "kl": float(stats["kl"]),
             "clip_fraction": float(stats["clip_fraction"]),
-            "completion_tokens": float(mask.sum(1).float().mean()),
+            "completion_tokens": float(stats["completion_tokens"]),
         }
         values.update({f"reward/{k}": v for k, v in rolls.reward_by_key().items()})
         row = run.all_reduce_mean(values)
@@ -113,7 +149,8 @@ def train_loop(loop_config: dict) -> None:
         history.append(row)
         done = step + 1 == g.steps
         save = (step + 1) % t.checkpoint_every == 0 or done
-        run.report(row, step=step + 1, history=history, checkpoint=save)
+        if save or (step + 1) % t.report_every == 0:
+            run.report(row, step=step + 1, history=history, checkpoint=save)
     last = history[-1] if history else {}
     finish_stage(run, config, STAGE, history, {f"grpo/{k}": v for k, v in last.items()})
 

@@ -105,7 +105,8 @@ def train_loop(loop_config: dict) -> None:
         history.append(row)
         done = step + 1 == t.sft.steps
         save = (step + 1) % t.checkpoint_every == 0 or done
-        run.report(row, step=step + 1, history=history, checkpoint=save)
+        if save or (step + 1) % t.report_every == 0:
+            run.report(row, step=step + 1, history=history, checkpoint=save)
     last = history[-1] if history else {}
     finish_stage(run, config, STAGE, history, {f"sft/{k}": v for k, v in last.items()})
 

@@ -151,3 +151,16 @@ def test_rejects_bad_inputs(moe, prompts, routing) -> None:
     with pytest.raises(ValueError, match="routing is for 4 requests"):
         generate(moe, prompts[:2], routing, max_new_tokens=2)
     assert generate(moe, prompts, routing, max_new_tokens=0) == [[], [], [], []]
+
+
+def test_suppressed_tokens_are_never_generated(moe, prompts, routing) -> None:
+    free = generate(moe, prompts, routing, max_new_tokens=6)
+    banned = sorted({t for row in free for t in row})
+    assert banned
+    for temperature in (0.0, 1.5):
+        out = generate(
+            moe, prompts, routing, max_new_tokens=6, temperature=temperature, seed=0,
+            suppress_token_ids=banned,
+        )  # fmt: skip
+        assert all(len(row) == 6 for row in out)
+        assert not {t for row in out for t in row} & set(banned)

@@ -16,7 +16,7 @@ from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD
 from smartpath.model.vision import make_image_processor
 from smartpath.training.collate import Collator, sft_completion
 from smartpath.training.manifest import RoiSample, WsiSample, load_roi_image, read_manifest
-from smartpath.training.sft_step import sft_step, trainable_parameters
+from smartpath.training.engine import trainable_parameters
 from smartpath.training.synthetic.dataset import generate_roi_dataset
 
 FEATURE_DIM = 16
@@ -97,7 +97,7 @@ def test_wsi_needs_precomputed_features(setup) -> None:
 def test_sft_steps_reduce_the_loss_and_keep_the_base(setup) -> None:
     model, collator, pairs = setup
     batch, labels = collator(pairs)
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, train_base=False)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(
         n.startswith(("aggregator.", "router.")) or n.endswith((".lora_A", ".lora_B"))
@@ -107,12 +107,16 @@ def test_sft_steps_reduce_the_loss_and_keep_the_base(setup) -> None:
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     start = time.perf_counter()
-    history = [sft_step(model, batch, labels, optimizer) for _ in range(30)]
+    losses = []
+    for _ in range(30):  # the SFT objective: LM loss on the completion + load balancing
+        out = model(batch, labels=labels)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
     elapsed = time.perf_counter() - start
-    assert set(history[0]) == {"loss", "lm_loss", "aux_loss", "grad_norm"}
-    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
-    assert history[0]["grad_norm"] > 0
-    assert history[-1]["lm_loss"] < 0.7 * history[0]["lm_loss"], [h["lm_loss"] for h in history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n

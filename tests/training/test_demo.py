@@ -1,0 +1,85 @@
+"""The demo recipe's evaluation pieces, and the published demo model with its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smartpath.model.base import base_from_config
+from smartpath.model.checkpoint import load_checkpoint
+from smartpath.model.config import ModelConfig
+from smartpath.model.grammar import Task, Unparseable, parse_answer
+from smartpath.model.mllm import SmartPathModel
+from smartpath.services.cli import main as cli_main
+from smartpath.services.config import StorageConfig
+from smartpath.services.storage import make_store
+from smartpath.training.collate import Collator
+from smartpath.training.data import load_items
+from smartpath.training.demo import DEMO_MODEL_DIR, REPORT_DIR, evaluate_model, expert_usage
+from smartpath.training.evaluate import predict
+from smartpath.training.synthetic.dataset import generate_roi_dataset
+from smartpath.training.synthetic.roi import COMPACT
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("demo-data")
+    manifest = generate_roi_dataset(root, 4, seed=1, profile=COMPACT, splits=(0, 0, 1))
+    return load_items([str(manifest)], "test")
+
+
+def test_evaluate_model_and_expert_usage(items, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", aggregator={"feature_dim": 32, "num_tokens": 8})
+    base, tokenizer = base_from_config(cfg)
+    model = SmartPathModel(cfg, base, tokenizer)
+    model.save(tmp_path / "m")
+    store = make_store(StorageConfig(local_root=tmp_path / "storage"))
+    metrics, predictions, usage = evaluate_model(
+        str(tmp_path / "m"), items, store, max_new_tokens=8
+    )
+    assert set(metrics) == {"classification/roi", "detection/roi", "segmentation/roi", "vqa/roi"}
+    assert all(m["n"] == 4 for m in metrics.values())
+    assert [p.sample.id for p in predictions] == [s.id for s, _ in items]
+    # Mean gate weights per key: E entries that sum to 1 (top-k weights sum to 1 per request).
+    assert set(usage) == set(metrics)
+    for weights in usage.values():
+        assert len(weights) == cfg.experts.num_experts
+        assert sum(weights) == pytest.approx(1.0, abs=0.01)
+    direct = expert_usage(model, Collator(cfg, tokenizer, model.slide_tokens), items[:1])
+    assert sum(direct[next(iter(direct))]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_train_commands_refuse_an_empty_manifest_list(capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["train", "sft"]) == 2
+    assert "training.data.manifests is empty" in capsys.readouterr().err
+
+
+def test_published_demo_model_beats_chance_on_every_task(items) -> None:
+    report = json.loads((REPORT_DIR / "report.json").read_text())
+    baseline, grpo = report["baseline"], report["stages"]["grpo"]
+    assert set(grpo) >= {
+        "classification/roi", "detection/roi", "segmentation/roi", "vqa/roi",
+        "classification/wsi", "vqa/wsi",
+    }  # fmt: skip
+    for key, metrics in grpo.items():
+        assert metrics["score"] > baseline[key]["score"], key
+    assert report["extra"]["total_s"] < 20 * 60
+    assert (REPORT_DIR / "report.md").read_text().count("|") > 20
+    # The published checkpoint records the report's numbers and generates answers that parse.
+    _, manifest, _ = load_checkpoint(DEMO_MODEL_DIR)
+    assert manifest.metrics["grpo/classification/roi/score"] == pytest.approx(
+        grpo["classification/roi"]["score"]
+    )
+    model = SmartPathModel.load(DEMO_MODEL_DIR)
+    collator = Collator(model.cfg, model.tokenizer, model.slide_tokens)
+    predictions = predict(model, collator, items, batch_size=8, max_new_tokens=160)
+    parsed = [
+        parse_answer(Task[p.sample.task.upper()], p.completion, p.sample.labels,
+                     options=p.sample.options)
+        for p in predictions
+    ]  # fmt: skip
+    assert sum(not isinstance(a, Unparseable) for a in parsed) >= 0.75 * len(parsed)
