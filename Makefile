@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format protos bench-tiling clean
+.PHONY: demo test lint format protos bench-tiling bench-training demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ protos: $(STAMP)
 
 bench-tiling: $(STAMP)
 	$(BIN)/python bench/tiling.py
+
+bench-training: $(STAMP)
+	$(BIN)/python bench/training.py
+
+## demo-model: reproduce the bundled demo model and reports/demo (about 20 minutes on 2 cores)
+demo-model: $(STAMP)
+	$(BIN)/smartpath train demo --publish
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

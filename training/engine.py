@@ -267,6 +267,28 @@ def finish_stage(
     write_text(f"{t.stage_dir(stage)}/{HISTORY_FILE}", lines, store)
 
 
+def with_absolute_paths(config: SmartPathConfig) -> SmartPathConfig:
+    """``config`` with local run root, manifests and storage root made absolute: Ray workers
+    run in their own working directories, so a relative path would point elsewhere there."""
+
+    def absolute(path: str) -> str:
+        return path if is_s3_uri(path) else str(Path(path).expanduser().absolute())
+
+    t = config.training
+    training = t.model_copy(
+        update={
+            "run_root": absolute(t.run_root),
+            "data": t.data.model_copy(
+                update={"manifests": [absolute(m) for m in t.data.manifests]}
+            ),
+        }
+    )
+    storage = config.storage.model_copy(
+        update={"local_root": config.storage.local_root.expanduser().absolute()}
+    )
+    return config.model_copy(update={"training": training, "storage": storage})
+
+
 def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None]) -> Any:
     """Run ``loop`` on the configured Ray Train workers; return Ray Train's Result.
 
@@ -277,6 +299,7 @@ def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    config = with_absolute_paths(config)
     t = config.training
     dist = t.distributed
     if not ray.is_initialized():

@@ -121,6 +121,7 @@ def train_loop(loop_config: dict) -> None:
             seed=(t.seed * 7919 + rank) * 100_003 + step,
             format_weight=g.format_weight,
             device=run.device,
+            dtype=run.dtype,
         )
         rollout_s = time.perf_counter() - tic
         lr = run.lr

@@ -18,6 +18,9 @@ thin and the math is tested on its own. Design decisions:
 - **Log-probs** are computed in float32 (bf16 logits lose too much in ``log_softmax``) as
   ``gather - logsumexp``, aligned with ``tokens``: ``out[:, t] = log p(tokens[:, t] | < t)``
   from ``logits[:, t-1]``; position 0 (no predicting logit) and masked positions are 0.
+- **SFT loss normalisation**: per-sequence mean over completion tokens, then mean over
+  sequences (``sft_loss``), as the GRPO loss; a token mean over the batch would let long
+  detection/segmentation answers drown classification and VQA labels.
 - **Group advantages**: rewards are laid out prompt-major (``[p0s0, p0s1, …, p1s0, …]``, trl's
   ``repeat_interleave`` order); ``(r - mean) / (std + eps)`` per group with the *unbiased* std
   (as trl); a group whose rewards are all equal (or G = 1) gets advantage exactly 0.
@@ -47,6 +50,7 @@ __all__ = [
     "grpo_loss",
     "k3_kl",
     "sequence_logprobs",
+    "sft_loss",
 ]
 
 
@@ -113,6 +117,21 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None
     if mask is not None:
         out = out * mask.to(out.dtype)
     return out
+
+
+def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy on the completion, averaged per sequence and then over sequences.
+
+    ``labels`` (B, T) are aligned with the inputs (IGNORE_INDEX outside completions). A
+    40-token detection answer then weighs as much as a 3-token label: a token mean over the
+    batch would let long answers drown the short ones (the GRPO loss normalises the same way).
+    Rows without completion tokens count 0 and still count in the mean.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    target = labels[:, 1:].clamp_min(0)  # (B, T-1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask  # (B, T-1)
+    return (nll.sum(1) / mask.sum(1).clamp_min(1)).mean()
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:

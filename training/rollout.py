@@ -73,8 +73,10 @@ def rollout(
     format_weight: float = 0.1,
     sequential: bool = False,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Rollouts:
-    """Sample ``group_size`` completions for each prompt and score them."""
+    """Sample ``group_size`` completions for each prompt and score them (inputs moved to
+    ``device``, pixels and slide features cast to ``dtype``, the model's)."""
     items = [item for item in prompts for _ in range(group_size)]
     stop = model.tokenizer.convert_tokens_to_ids(IM_END)
     kwargs = dict(
@@ -88,16 +90,15 @@ def rollout(
     if sequential:
         completions = [
             model.generate(
-                to_device(collator.prompts([item]), device),
+                to_device(collator.prompts([item]), device, dtype),
                 seed=None if seed is None else seed + i,
                 **kwargs,
             )[0]
             for i, item in enumerate(items)
         ]
     else:
-        completions = model.generate(
-            to_device(collator.prompts(items), device), seed=seed, **kwargs
-        )
+        batch = to_device(collator.prompts(items), device, dtype)
+        completions = model.generate(batch, seed=seed, **kwargs)
     model.train(was_training)
     texts = [_decode(model, ids) for ids in completions]
     samples = [s for s, _ in items]

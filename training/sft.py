@@ -6,6 +6,7 @@ Design decisions:
   collates chats with answer-only labels, and minimises the LM loss on the completion plus the
   router's load-balancing loss; the router learns the per-task/per-scale expert assignment
   from task and scale embeddings and the pooled visual tokens (gate weights stay in the graph).
+  The LM loss is averaged per sequence, then over sequences (``objectives.sft_loss``).
 - What trains: experts, aggregator and router; the base too when ``sft.train_base`` (the demo's
   randomly initialised tiny base has nothing to keep frozen).
 - The model is built from ``training.model`` (all ranks seed identically; DeepSpeed broadcasts
@@ -26,6 +27,7 @@ from smartpath.training.collate import Collator
 from smartpath.training.config import TrainingConfig
 from smartpath.training.data import Item, load_items
 from smartpath.training.engine import DeepSpeedRun, finish_stage, trainable_parameters
+from smartpath.training.objectives import sft_loss
 from smartpath.training.rollout import to_device
 from smartpath.training.sampling import ScaleBalancedSampler
 
@@ -83,16 +85,19 @@ def train_loop(loop_config: dict) -> None:
         batch, labels = collator(step_batch(items, t, rank, step, t.sft.batch_size))
         batch = to_device(batch, run.device, run.dtype)
         run.engine.train()
-        out = run.engine(batch, labels=labels.to(run.device))
-        aux = out.aux_loss
-        if t.sft.aux_weight is not None:
-            aux = t.sft.aux_weight * run.model.router.aux_loss(out.router)
-        loss = out.loss + aux
+        labels = labels.to(run.device)
+        out = run.engine(batch)
+        lm_loss = sft_loss(out.logits, labels)
+        weight = t.sft.aux_weight
+        if weight is None:
+            weight = run.model.cfg.router.load_balance_weight
+        aux = weight * run.model.router.aux_loss(out.router)
+        loss = lm_loss + aux
         run.backward(loss)
         lr = run.lr
         run.engine.step()
         row = run.all_reduce_mean(
-            {"loss": float(loss), "lm_loss": float(out.loss), "aux_loss": float(aux)}
+            {"loss": float(loss), "lm_loss": float(lm_loss), "aux_loss": float(aux)}
         )
         grad_norm = run.engine.get_global_grad_norm()
         row.update(

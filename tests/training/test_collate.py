@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from smartpath.model.mllm import IGNORE_INDEX, SlideInput, SmartPathModel
 from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD
 from smartpath.model.vision import make_image_processor
 from smartpath.training.collate import Collator, sft_completion
-from smartpath.training.manifest import RoiSample, WsiSample, load_roi_image, read_manifest
 from smartpath.training.engine import trainable_parameters
+from smartpath.training.manifest import RoiSample, WsiSample, load_roi_image, read_manifest
 from smartpath.training.synthetic.dataset import generate_roi_dataset
 
 FEATURE_DIM = 16
@@ -106,18 +105,15 @@ def test_sft_steps_reduce_the_loss_and_keep_the_base(setup) -> None:
     assert any(n.endswith(".lora_B") for n in names)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    start = time.perf_counter()
     losses = []
     for _ in range(30):  # the SFT objective: LM loss on the completion + load balancing
         out = model(batch, labels=labels)
         (out.loss + out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
-    elapsed = time.perf_counter() - start
+        losses.append(float(out.loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    assert elapsed < 60

@@ -16,6 +16,7 @@ from smartpath.training.objectives import (
     grpo_loss,
     k3_kl,
     sequence_logprobs,
+    sft_loss,
 )
 
 I = IGNORE_INDEX  # noqa: E741
@@ -248,3 +249,23 @@ def test_grpo_loss_rejects_bad_shapes() -> None:
         grpo_loss(lp, lp[:, :-1], lp, adv, mask)
     with pytest.raises(ValueError):
         grpo_loss(lp, lp, lp, adv[:2], mask)
+
+
+def test_sft_loss_weighs_every_sequence_equally() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 7)
+    tokens = torch.randint(0, 7, (2, 12))
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    labels[0, -1:] = tokens[0, -1:]  # one completion token
+    labels[1, 2:] = tokens[1, 2:]  # ten completion tokens
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="none"
+    ).view(2, 11)
+    expected = (nll[0, -1] + nll[1, 1:].mean()) / 2
+    assert torch.allclose(sft_loss(logits, labels), expected)
+    token_mean = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    assert not torch.allclose(sft_loss(logits, labels), token_mean)
+    labels[0] = IGNORE_INDEX  # a row without completion counts 0 but stays in the mean
+    assert torch.allclose(sft_loss(logits, labels), nll[1, 1:].mean() / 2)

@@ -65,3 +65,11 @@ def test_compact_profile_dataset(tmp_path: Path) -> None:
     ]
     generate_roi_dataset(tmp_path, n_per_task=1, seed=0)
     assert not (tmp_path / ROI_PROFILE_FILE).exists()
+
+
+def test_parallel_roi_generation_writes_the_same_files(tmp_path: Path) -> None:
+    one = generate_roi_dataset(tmp_path / "one", 3, seed=5, profile=COMPACT)
+    two = generate_roi_dataset(tmp_path / "two", 3, seed=5, profile=COMPACT, workers=2)
+    assert one.read_text() == two.read_text()
+    for image in sorted((tmp_path / "one" / "images").iterdir()):
+        assert image.read_bytes() == (tmp_path / "two" / "images" / image.name).read_bytes()

@@ -27,10 +27,12 @@ Design decisions
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from smartpath.model.grammar import LabelAnswer, Scale, Task, TextAnswer, format_answer
 from smartpath.model.prompts import build_prompt
-from smartpath.training.synthetic.roi import RoiProfile, generate_roi_samples
+from smartpath.training.synthetic.roi import RoiProfile, make_roi_sample, roi_sample_classes
 from smartpath.training.synthetic.slides import SyntheticTissue, write_synthetic_slide
 
 __all__ = [
@@ -91,12 +93,14 @@ def generate_roi_dataset(
     tasks: Sequence[Task] = ROI_TASKS,
     progress: bool = False,
     profile: RoiProfile | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write ``n_per_task`` ROI samples per task as ``images/<id>.png`` under ``out_dir`` and
     return the manifest path (``out_dir/roi.jsonl``).
 
     ``profile`` (default ``RoiProfile()``) sets ROI size and target detail, e.g. ``COMPACT``;
-    a non-default one is recorded in ``out_dir/roi_profile.json``.
+    a non-default one is recorded in ``out_dir/roi_profile.json``. ``workers`` > 1 renders in
+    that many processes (same files: every sample is seeded by its own index).
     """
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
@@ -110,35 +114,42 @@ def generate_roi_dataset(
     else:
         text = json.dumps(dataclasses.asdict(prof), indent=2, sort_keys=True) + "\n"
         profile_file.write_text(text, encoding="utf-8")
-    bar = tqdm(total=n_per_task * len(tasks), unit="roi", desc="roi") if progress else None
-    try:
+    jobs = []
+    for task in tasks:
+        task = Task(task)
+        split = assign_splits(n_per_task, splits, seed * 31 + int(task))
+        for i, cls in enumerate(roi_sample_classes(task, n_per_task, seed)):
+            jobs.append((out, task, seed, i, cls, prof, split[i]))
+    with contextlib.ExitStack() as stack:
+        records = map(_write_roi, jobs)
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            records = pool.map(_write_roi, jobs, chunksize=16)
+        if progress:
+            records = tqdm(records, total=len(jobs), unit="roi", desc="roi")
         with manifest.open("w", encoding="utf-8") as f:
-            for task in tasks:
-                task = Task(task)
-                split = assign_splits(n_per_task, splits, seed * 31 + int(task))
-                for i, sample in enumerate(
-                    generate_roi_samples(task, n_per_task, seed, profile=prof)
-                ):
-                    rel = f"images/{sample.id}.png"
-                    Image.fromarray(sample.image).save(out / rel, optimize=False)
-                    record = {
-                        "id": sample.id,
-                        "scale": "roi",
-                        "image": rel,
-                        "task": task.name.lower(),
-                        "prompt": sample.prompt,
-                        "labels": list(sample.labels) if sample.labels is not None else None,
-                        "options": list(sample.options) if sample.options is not None else None,
-                        "target": sample.target_text,
-                        "split": split[i],
-                    }
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _write_roi(job: tuple) -> dict:
+    """Render one ROI sample, write its PNG, return its manifest record."""
+    out, task, seed, index, tissue_class, profile, split = job
+    sample = make_roi_sample(task, seed, index, tissue_class=tissue_class, profile=profile)
+    rel = f"images/{sample.id}.png"
+    Image.fromarray(sample.image).save(out / rel, optimize=False)
+    return {
+        "id": sample.id,
+        "scale": "roi",
+        "image": rel,
+        "task": task.name.lower(),
+        "prompt": sample.prompt,
+        "labels": list(sample.labels) if sample.labels is not None else None,
+        "options": list(sample.options) if sample.options is not None else None,
+        "target": sample.target_text,
+        "split": split,
+    }
 
 
 def slide_composition(tissue: SyntheticTissue, overview_px: int = 128) -> dict[str, float]:

@@ -743,6 +743,24 @@ def make_roi_sample(
     )
 
 
+def roi_sample_classes(
+    task: Task, n: int, seed: int, classes: Sequence[str] | None = None
+) -> list[str | None]:
+    """The tissue class of each of the ``n`` samples :func:`generate_roi_samples` makes
+    (None: the sample picks its own)."""
+    pool = tuple(classes) if classes is not None else TISSUE_CLASSES
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(Task(task)), 0xBA1])
+    order: list[str] = []
+    out: list[str | None] = []
+    for _ in range(n):
+        if not order:
+            order = [str(c) for c in rng.permutation(pool)]
+        cls = order.pop()
+        # segmentation picks its own mix of positives and negatives
+        out.append(None if Task(task) is Task.SEGMENTATION and classes is None else cls)
+    return out
+
+
 def generate_roi_samples(
     task: Task,
     n: int,
@@ -754,13 +772,5 @@ def generate_roi_samples(
     """``n`` samples for ``task``; classification/VQA/detection classes cycle through
     ``classes`` (default all) in seeded shuffled rounds, so classes are balanced. ``profile``
     as in :func:`make_roi_sample`."""
-    pool = tuple(classes) if classes is not None else TISSUE_CLASSES
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(Task(task)), 0xBA1])
-    order: list[str] = []
-    for i in range(n):
-        if not order:
-            order = [str(c) for c in rng.permutation(pool)]
-        cls = order.pop()
-        if Task(task) is Task.SEGMENTATION and classes is None:
-            cls = None  # segmentation picks its own mix of positives and negatives
+    for i, cls in enumerate(roi_sample_classes(task, n, seed, classes)):
         yield make_roi_sample(task, seed, i, tissue_class=cls, profile=profile)
