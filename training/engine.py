@@ -186,6 +186,23 @@ class DeepSpeedRun:
             )
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
 
+    def record(
+        self,
+        row: dict[str, float],
+        history: list[dict[str, float]],
+        *,
+        step: int,
+        total_steps: int,
+        checkpoint_every: int,
+        report_every: int,
+    ) -> None:
+        """Append step ``step``'s ``row`` to the history; report it every ``report_every`` steps,
+        with a checkpoint every ``checkpoint_every`` steps and at the last step."""
+        history.append(row)
+        save = step % checkpoint_every == 0 or step == total_steps
+        if save or step % report_every == 0:
+            self.report(row, step=step, history=history, checkpoint=save)
+
     def all_reduce_mean(self, values: Mapping[str, float]) -> dict[str, float]:
         """Mean of each value over the ranks that logged it (for logging; keys may differ,
         e.g. per-task rewards depend on each rank's draw)."""
@@ -249,20 +266,18 @@ def read_history(stage_dir: str, store: ObjectStore) -> list[dict[str, float]]:
 
 
 def finish_stage(
-    run: DeepSpeedRun,
-    config: SmartPathConfig,
-    stage: str,
-    history: list[dict[str, float]],
-    metrics: Mapping[str, float],
+    run: DeepSpeedRun, config: SmartPathConfig, stage: str, history: list[dict[str, float]]
 ) -> None:
-    """Rank 0 exports the model and the history (other ranks return at once)."""
+    """Rank 0 exports the model (its manifest records the last step's metrics as
+    ``{stage}/{name}``) and the history; other ranks return at once."""
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
         return
     store = make_store(config.storage)
     t = config.training
-    run.model.save(t.model_uri(stage), store, metrics=dict(metrics), overwrite=True)
+    metrics = {f"{stage}/{k}": v for k, v in (history[-1] if history else {}).items()}
+    run.model.save(t.model_uri(stage), store, metrics=metrics, overwrite=True)
     lines = "".join(json.dumps(row) + "\n" for row in history)
     write_text(f"{t.stage_dir(stage)}/{HISTORY_FILE}", lines, store)
 

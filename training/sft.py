@@ -107,13 +107,15 @@ def train_loop(loop_config: dict) -> None:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             step_s=time.perf_counter() - tic,
         )
-        history.append(row)
-        done = step + 1 == t.sft.steps
-        save = (step + 1) % t.checkpoint_every == 0 or done
-        if save or (step + 1) % t.report_every == 0:
-            run.report(row, step=step + 1, history=history, checkpoint=save)
-    last = history[-1] if history else {}
-    finish_stage(run, config, STAGE, history, {f"sft/{k}": v for k, v in last.items()})
+        run.record(
+            row,
+            history,
+            step=step + 1,
+            total_steps=t.sft.steps,
+            checkpoint_every=t.checkpoint_every,
+            report_every=t.report_every,
+        )
+    finish_stage(run, config, STAGE, history)
 
 
 def main(argv: list[str] | None = None) -> None:
