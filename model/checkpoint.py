@@ -59,6 +59,8 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_CACHE_DIR = Path("~/.smartpath/cache/models")
+# The published demo model (package data; `smartpath train demo --publish` rebuilds it).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _COMPLETE = ".smartpath-complete"
 

@@ -29,7 +29,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,7 @@ def generate_stream(
     suppress_token_ids: Sequence[int] = (),
     prefill_embeds: Tensor | None = None,
     prefill_positions: Tensor | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield ``(request_index, token_id)`` for every request still running, step by step.
 
@@ -105,7 +106,9 @@ def generate_stream(
     :class:`ExpertRouting` for the whole batch, or one per request (None = base model for that
     request), or None (base model for all). A request is finished after it yields a stop/EOS
     token or ``max_new_tokens`` tokens. ``suppress_token_ids`` are never sampled (e.g. the
-    image/slide placeholders, which only the prompt builder may place).
+    image/slide placeholders, which only the prompt builder may place). ``cancelled(i)`` is
+    asked after every step for each running request; a request it answers True for leaves the
+    batch like a finished one (deadlines, callers that went away).
     """
     prompts = [list(p) for p in input_ids]
     if any(len(p) == 0 for p in prompts):
@@ -176,6 +179,9 @@ def generate_stream(
             if step == max_new_tokens - 1:
                 break
             keep = ~torch.isin(next_ids, stops)  # (b,)
+            if cancelled is not None:
+                gone = [cancelled(i) for i in active.tolist()]
+                keep &= ~torch.tensor(gone, dtype=torch.bool, device=keep.device)
             if not bool(keep.any()):
                 break
             last = positions[:, -1:]  # (b, 1)

@@ -16,7 +16,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,10 @@ class MultimodalBatch:
     """A batch of requests: token ids with image/slide placeholders, and their visual inputs.
 
     ``pixel_values``/``image_grid_thw`` hold every ROI image of the batch in request order
-    (Qwen2.5-VL's packed layout); ``slides[i]`` is request i's slide or None.
+    (Qwen2.5-VL's packed layout); ``image_embeds`` may replace ``pixel_values`` with the vision
+    tower's output computed elsewhere (:meth:`SmartPathModel.encode_images`, e.g. by the encoder
+    service). ``slides[i]`` is request i's slide, its aggregated tokens
+    (:meth:`SmartPathModel.slide_tokens_of`), or None.
     """
 
     input_ids: Tensor  # (B, T)
@@ -61,7 +64,8 @@ class MultimodalBatch:
     scale_ids: Tensor  # (B,) smartpath Scale values
     pixel_values: Tensor | None = None  # (patches, C·t·p·p)
     image_grid_thw: Tensor | None = None  # (images, 3)
-    slides: Sequence[SlideInput | None] | None = None
+    slides: Sequence[SlideInput | Tensor | None] | None = None
+    image_embeds: Tensor | None = None  # (image tokens, H), instead of pixel_values
 
 
 @dataclass
@@ -81,6 +85,7 @@ class SmartPathModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.manifest: Manifest | None = None  # set by load()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -112,6 +117,15 @@ class SmartPathModel(nn.Module):
         """``<|slide_pad|>`` tokens a prompt must hold per slide."""
         return self.aggregator.num_tokens
 
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """The vision tower's tokens (image tokens, H) for packed ROI images."""
+        images = self.base.model.get_image_features(pixel_values, image_grid_thw)
+        return torch.cat(images.pooler_output)
+
+    def slide_tokens_of(self, slide: SlideInput) -> Tensor:
+        """The aggregator's slide tokens (M, H) for one slide's tile features."""
+        return self.aggregator(slide.features, slide.coords, slide.mpp)
+
     def embed(self, batch: MultimodalBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs_embeds (B, T, H), position_ids (3, B, T), pooled visual (B, H))."""
         ids = batch.input_ids
@@ -120,9 +134,11 @@ class SmartPathModel(nn.Module):
         pooled = embeds.new_zeros(b, h)
         counts = embeds.new_zeros(b, 1)
         image_mask = ids == self.image_token_id  # (B, T)
-        if batch.pixel_values is not None:
-            images = self.base.model.get_image_features(batch.pixel_values, batch.image_grid_thw)
-            image_embeds = torch.cat(images.pooler_output).to(embeds.dtype)  # (n_img_tok, H)
+        image_embeds = batch.image_embeds
+        if image_embeds is None and batch.pixel_values is not None:
+            image_embeds = self.encode_images(batch.pixel_values, batch.image_grid_thw)
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(embeds.dtype)  # (n_img_tok, H)
             if int(image_mask.sum()) != image_embeds.shape[0]:
                 raise ValueError(
                     f"{int(image_mask.sum())} <|image_pad|> tokens for "
@@ -137,7 +153,7 @@ class SmartPathModel(nn.Module):
         for i, slide in enumerate(batch.slides or ()):
             if slide is None:
                 continue
-            tokens = self.aggregator(slide.features, slide.coords, slide.mpp)  # (M, H)
+            tokens = slide if isinstance(slide, Tensor) else self.slide_tokens_of(slide)  # (M, H)
             row = slide_mask[i]
             if int(row.sum()) != tokens.shape[0]:
                 raise ValueError(
@@ -208,11 +224,13 @@ class SmartPathModel(nn.Module):
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
         eos_token_id: int | None = None,
-        routing: ExpertRouting | None = None,
+        routing: ExpertRouting | Sequence[ExpertRouting] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> Iterator[tuple[int, int]]:
         """Yield (request index, token id) for a left-padded batch, each request with the
         experts its router picked (or ``routing``), prefilled with its image/slide inputs.
-        Visual placeholder tokens are never generated."""
+        Visual placeholder tokens are never generated; ``cancelled`` drops requests early
+        (see :func:`smartpath.model.generation.generate_stream`)."""
         mask = batch.attention_mask.bool()
         if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
             raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
@@ -235,6 +253,7 @@ class SmartPathModel(nn.Module):
             suppress_token_ids=placeholders,
             prefill_embeds=embeds,
             prefill_positions=positions,
+            cancelled=cancelled,
         )
 
     def generate(self, batch: MultimodalBatch, **kwargs) -> list[list[int]]:
@@ -301,4 +320,5 @@ class SmartPathModel(nn.Module):
                 f"checkpoint does not fit {cfg.preset}: missing {sorted(set(missing))[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
+        model.manifest = manifest
         return model.eval()

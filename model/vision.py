@@ -25,7 +25,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from smartpath.model.config import VisionSizes
-from smartpath.model.tokenizer import IMAGE_PAD
+from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD, render_chat
 from smartpath.services.errors import InvalidArgumentError
 
 MAX_ASPECT_RATIO = 200  # Qwen's resize refuses anything longer and thinner
@@ -157,3 +157,23 @@ def expand_image_pads(prompt: str, counts: int | Sequence[int], pad: str = IMAGE
         out.append(pad * count)
         out.append(rest)
     return "".join(out)
+
+
+def question_ids(
+    tokenizer: Any,
+    text: str,
+    *,
+    slide: bool,
+    visual_tokens: int,
+    system_prompt: str | None = None,
+) -> list[int]:
+    """Token ids of a one-turn chat ready for generation: the image (or slide) placeholder
+    repeated ``visual_tokens`` times, then ``text``, then the assistant's turn opener."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": system_prompt})
+    visual = {"type": "slide" if slide else "image"}
+    messages.append({"role": "user", "content": [visual, {"type": "text", "text": text}]})
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+    prompt = expand_image_pads(prompt, visual_tokens, SLIDE_PAD if slide else IMAGE_PAD)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -87,6 +87,9 @@ class TilingConfig(BaseModel):
         description="Batches read ahead of the one being streamed; 2 keeps every core decoding "
         "while one batch is assembled (the GIL-bound part) and another is sent.",
     )
+    max_region_pixels: int = Field(
+        4096 * 4096, ge=1, description="Refuse slide regions larger than this at their resolution."
+    )
     max_tiles_per_request: int = Field(
         0, ge=0, description="Refuse ReadTiles asking for more tiles (0 means unbounded)."
     )
@@ -125,6 +128,74 @@ class DeploymentConfig(BaseModel):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
 
+def _demo_labels() -> dict[str, list[str]]:
+    from smartpath.training.synthetic.dataset import WSI_CLASSES
+    from smartpath.training.synthetic.roi import NUCLEUS_LABELS, REGION_LABELS, TISSUE_CLASSES
+
+    return {
+        "classification/roi": list(TISSUE_CLASSES),
+        "classification/wsi": list(WSI_CLASSES),
+        "detection/roi": list(NUCLEUS_LABELS),
+        "segmentation/roi": list(REGION_LABELS),
+    }
+
+
+class ModelServingConfig(BaseModel):
+    """The model the services load, how slides reach it, and the limits on requests."""
+
+    uri: str | None = Field(
+        None,
+        description="Checkpoint folder or s3:// URI. None serves the packaged demo model.",
+    )
+    tile_encoder: str = Field("stain-stats-v1", description="Tile encoder for slides.")
+    slide_mpp: float = Field(0.5, gt=0, description="Tile resolution (µm/px) for slides.")
+    slide_tile_size: int = Field(96, ge=16, le=1024, description="Tile edge for slides, px.")
+    slide_min_tissue: float = Field(0.3, ge=0, le=1, description="Tissue share a tile needs.")
+    region_mpp: float = Field(
+        0.5, gt=0, description="Default resolution (µm/px) of slide regions sent as ROIs."
+    )
+    default_labels: dict[str, list[str]] = Field(
+        default_factory=_demo_labels,
+        description='Candidate labels per "task/scale" when a request gives none (the demo '
+        "model's synthetic taxonomy by default).",
+    )
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt.")
+    max_image_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest accepted encoded ROI image."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest accepted ROI image (width x height)."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Default and cap of tokens.")
+    features_bucket: str = Field(
+        "smartpath", description="Bucket of the slide feature cache (features/… keys)."
+    )
+
+
+class EncoderDeploymentConfig(DeploymentConfig):
+    """The FeatureEncoder deployment and its dynamic batching (``@serve.batch``)."""
+
+    max_batch_size: int = Field(32, ge=1, description="Images or tile sets per forward.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a partial batch waits for more requests."
+    )
+
+
+class DecoderDeploymentConfig(DeploymentConfig):
+    """The Decoder deployment and its batching across requests."""
+
+    max_batch_size: int = Field(16, ge=1, description="Requests decoded together.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a partial batch waits for more requests."
+    )
+    max_pending: int = Field(
+        64, ge=1, description="Requests waiting for a batch before RESOURCE_EXHAUSTED."
+    )
+    max_expert_sets: int = Field(
+        8, ge=1, description="Expert sets a replica keeps warm (Serve model multiplexing)."
+    )
+
+
 class ServeConfig(BaseModel):
     """The Ray Serve proxies."""
 
@@ -141,6 +212,22 @@ class ServeConfig(BaseModel):
         None, description="Ray cluster to join; None starts Ray locally (the embedded default)."
     )
     tiler: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    encoder: EncoderDeploymentConfig = Field(default_factory=EncoderDeploymentConfig)
+    router: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    decoder: DecoderDeploymentConfig = Field(default_factory=DecoderDeploymentConfig)
+    gateway: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=32, max_queued_requests=64)
+    )
+    deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Server-side deadline of one analysis (the client's may be shorter).",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="File of accepted bearer tokens, one per line (a mounted Secret). None "
+        "leaves Pathology open; set it whenever the port is reachable from outside.",
+    )
 
 
 class SmartPathConfig(BaseSettings):
@@ -155,6 +242,7 @@ class SmartPathConfig(BaseSettings):
     slide_cache: SlideCacheConfig = Field(default_factory=SlideCacheConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    model: ModelServingConfig = Field(default_factory=ModelServingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @classmethod

@@ -23,7 +23,6 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +34,8 @@ from smartpath.model.config import ModelConfig, VisionSizes
 from smartpath.model.grammar import Scale, Task, format_completion
 from smartpath.model.mllm import MultimodalBatch, SlideInput
 from smartpath.model.prompts import build_prompt
-from smartpath.model.tokenizer import IM_END, IMAGE_PAD, SLIDE_PAD, render_chat
-from smartpath.model.vision import RoiInput, expand_image_pads, make_image_processor, prepare_roi
+from smartpath.model.tokenizer import IM_END
+from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi, question_ids
 from smartpath.training.manifest import RoiSample, WsiSample
 from smartpath.training.objectives import answer_only_labels
 
@@ -76,17 +75,12 @@ class Collator:
             raise ValueError("the tokenizer needs a pad token for batching")
         self.pad_id = int(tokenizer.pad_token_id)
 
-    def _prompt(self, sample: RoiSample | WsiSample, visual: dict[str, str]) -> str:
-        task = Task[sample.task.upper()]
+    def _text(self, sample: RoiSample | WsiSample) -> str:
+        if sample.prompt is not None:
+            return sample.prompt
         scale = Scale.ROI if isinstance(sample, RoiSample) else Scale.WSI
-        text = sample.prompt
-        if text is None:
-            text = build_prompt(task, scale, labels=sample.labels, options=sample.options)
-        messages: list[dict[str, Any]] = []
-        if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": [visual, {"type": "text", "text": text}]})
-        return render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        task = Task[sample.task.upper()]
+        return build_prompt(task, scale, labels=sample.labels, options=sample.options)
 
     def encode_prompt(
         self, sample: RoiSample | WsiSample, visual: np.ndarray | Image.Image | SlideInput
@@ -103,16 +97,25 @@ class Collator:
             if self.slide_tokens is None:
                 raise ValueError("WSI samples need Collator(..., slide_tokens=model.slide_tokens)")
             slide = visual
-            prompt = self._prompt(sample, {"type": "slide"})
-            prompt = prompt.replace(SLIDE_PAD, SLIDE_PAD * self.slide_tokens)
+            prompt_ids = question_ids(
+                self.tokenizer,
+                self._text(sample),
+                slide=True,
+                visual_tokens=self.slide_tokens,
+                system_prompt=self.system_prompt,
+            )
         else:
             if isinstance(visual, SlideInput):
                 raise TypeError(f"ROI sample {sample.id!r} needs an image, got a SlideInput")
             roi = prepare_roi(visual, self.processor)
-            prompt = self._prompt(sample, {"type": "image"})
-            prompt = expand_image_pads(prompt, roi.num_image_tokens, IMAGE_PAD)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return list(prompt_ids), roi, slide
+            prompt_ids = question_ids(
+                self.tokenizer,
+                self._text(sample),
+                slide=False,
+                visual_tokens=roi.num_image_tokens,
+                system_prompt=self.system_prompt,
+            )
+        return prompt_ids, roi, slide
 
     def encode(
         self, sample: RoiSample | WsiSample, visual: np.ndarray | Image.Image | SlideInput

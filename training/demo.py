@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from smartpath.model.checkpoint import DEMO_MODEL_DIR
 from smartpath.model.mllm import SmartPathModel
 from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
 from smartpath.services.storage import make_store
@@ -57,7 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "model" / "demo"
 """Where the published demo model lives (package data of ``smartpath.model``)."""
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
 

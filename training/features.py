@@ -175,11 +175,8 @@ def _positive(name: str, value: object) -> float:
 # Files
 
 
-def save_features(dest: str | Path, feats: SlideFeatures) -> Path:
-    """Write ``feats`` to ``dest`` (must end in ``.safetensors``) atomically; return the path."""
-    path = Path(dest).expanduser()
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"feature files are written as .safetensors, got {path.name!r}")
+def features_bytes(feats: SlideFeatures) -> bytes:
+    """``feats`` as the bytes of a ``.safetensors`` feature file (see :func:`load_features`)."""
     metadata = {
         "format": FORMAT,
         "mpp": repr(float(feats.mpp)),
@@ -187,13 +184,21 @@ def save_features(dest: str | Path, feats: SlideFeatures) -> Path:
     }
     if feats.tile_size_px is not None:
         metadata["tile_size_px"] = repr(float(feats.tile_size_px))
-    data = st_save(
+    return st_save(
         {
             "features": np.ascontiguousarray(feats.features, dtype=np.float32),
             "coords": np.ascontiguousarray(feats.coords, dtype=np.int64),
         },
         metadata=metadata,
     )
+
+
+def save_features(dest: str | Path, feats: SlideFeatures) -> Path:
+    """Write ``feats`` to ``dest`` (must end in ``.safetensors``) atomically; return the path."""
+    path = Path(dest).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"feature files are written as .safetensors, got {path.name!r}")
+    data = features_bytes(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -177,6 +177,10 @@ class SlideCache:
         with self.lease(ref) as entry:
             return entry
 
+    def identify(self, ref: ObjectRef) -> str:
+        """The ETag :meth:`fetch_entry` would report, from object metadata only (no download)."""
+        return self._manifest(ref).etag
+
     @contextlib.contextmanager
     def lease(self, ref: ObjectRef) -> Iterator[CacheEntry]:
         """Like :meth:`fetch_entry`; the entry cannot be evicted until the block exits."""

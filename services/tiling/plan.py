@@ -108,6 +108,29 @@ def tile_geometry(info: SlideInfo, *, mpp: float, tile_size: int, overlap: int) 
     )
 
 
+def plan_hash(
+    slide_id: str,
+    *,
+    mpp: float,
+    tile_size: int,
+    overlap: int,
+    min_tissue_fraction: float,
+    tissue_params: dict[str, float],
+) -> str:
+    """The hash of everything that shapes a plan; known before the plan is computed, so
+    caches keyed by it can be checked without reading the slide."""
+    key = {
+        "v": PLAN_VERSION,
+        "slide": slide_id,
+        "mpp": round(mpp, 6),
+        "tile": tile_size,
+        "overlap": overlap,
+        "min_tissue": round(min_tissue_fraction, 6),
+        "tissue": tissue_params,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def plan_tiles(
     geometry: TileGeometry,
     *,
@@ -125,16 +148,14 @@ def plan_tiles(
     y = np.round(row * geometry.stride).astype(np.int64)
     fraction = tile_fractions(tissue_mask, mask_downsample, x, y, geometry.footprint)
     keep = fraction >= min_tissue_fraction if min_tissue_fraction > 0 else slice(None)
-    key = {
-        "v": PLAN_VERSION,
-        "slide": slide_id,
-        "mpp": round(geometry.mpp, 6),
-        "tile": geometry.tile_size,
-        "overlap": geometry.overlap,
-        "min_tissue": round(min_tissue_fraction, 6),
-        "tissue": tissue_params,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = plan_hash(
+        slide_id,
+        mpp=geometry.mpp,
+        tile_size=geometry.tile_size,
+        overlap=geometry.overlap,
+        min_tissue_fraction=min_tissue_fraction,
+        tissue_params=tissue_params,
+    )
     return TilePlan(
         geometry=geometry,
         x=x[keep],

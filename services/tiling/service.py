@@ -15,6 +15,7 @@ from PIL import Image
 from ray import serve
 from ray.serve import metrics
 
+from smartpath.services.aio import iterate_in_thread
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.grpc_util import server_stream, unary
@@ -156,6 +157,21 @@ class SlideTilerService:
         opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
         return opened.info, opened.slide_id
 
+    async def identify(self, uri: str) -> str:
+        """The slide's content id from metadata only (no download)."""
+        return await asyncio.to_thread(self.tiler.identify, uri)
+
+    async def tissue_params(self) -> dict[str, float]:
+        """The tissue-detection settings that shape this tiler's plans."""
+        return self.tiler.tissue_params()
+
+    async def read_region(
+        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
+    ) -> np.ndarray:
+        """A level-0 rectangle (x, y, w, h) of the slide as RGB at ``mpp`` µm/px."""
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        return await asyncio.to_thread(self.tiler.read_region, opened, *rect, mpp)
+
     async def plan(
         self, uri: str, request: TileRequest, mpp_override: float | None = None
     ) -> tuple[TilePlan, TissueMask]:
@@ -175,7 +191,7 @@ class SlideTilerService:
         """Stream (offset, tiles) batches; call with ``handle.options(stream=True)``."""
         opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
         batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
-        async for batch in _iterate_in_thread(batches):
+        async for batch in iterate_in_thread(batches):
             self._tiles.inc(len(batch[1]))
             yield batch
 
@@ -227,7 +243,7 @@ class SlideTilerService:
         xs = np.fromiter((t.x for t in tiles), dtype=np.int64, count=len(tiles))
         ys = np.fromiter((t.y for t in tiles), dtype=np.int64, count=len(tiles))
         batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
-        async for offset, pixels in _iterate_in_thread(batches):
+        async for offset, pixels in iterate_in_thread(batches):
             self._tiles.inc(len(pixels))
             yield await asyncio.to_thread(
                 tile_batch,
@@ -243,16 +259,6 @@ class SlideTilerService:
             raise InvalidArgumentError("slide.uri is empty; give s3://bucket/key or a local path")
         override = slide.mpp_override or None
         return await asyncio.to_thread(self.tiler.open, slide.uri, override)
-
-
-async def _iterate_in_thread(iterator: Any) -> AsyncIterator[Any]:
-    """Drive a blocking iterator from the event loop without blocking it."""
-    done = object()
-    while True:
-        item = await asyncio.to_thread(next, iterator, done)
-        if item is done:
-            return
-        yield item
 
 
 def tiler_deployment(config: SmartPathConfig) -> serve.Application:

@@ -129,6 +129,13 @@ class Tiler:
             old.lease.close()
         return opened
 
+    def identify(self, uri: str) -> str:
+        """The slide id :meth:`open` would give, from metadata only (nothing is downloaded)."""
+        ref = parse_slide_ref(uri)
+        if isinstance(ref, ObjectRef):
+            return f"s3:{self.cache.identify(ref)}"
+        return self._local(ref)[1]
+
     def _local(self, path: Path) -> tuple[Path, str]:
         path = resolve_local_path(path, self.config.local_slide_roots)
         st = path.stat()
@@ -195,14 +202,40 @@ class Tiler:
             tissue_mask=tissue.mask,
             mask_downsample=tissue.downsample,
             min_tissue_fraction=min_fraction,
-            tissue_params={
-                "mpp": cfg.tissue_mpp,
-                "max_px": cfg.tissue_max_px,
-                "min_area": cfg.min_tissue_area_um2,
-                "max_hole": cfg.max_hole_area_um2,
-            },
+            tissue_params=self.tissue_params(),
         )
         return plan, tissue
+
+    def tissue_params(self) -> dict[str, float]:
+        """The tissue-detection settings that shape every plan (part of its hash)."""
+        cfg = self.config
+        return {
+            "mpp": cfg.tissue_mpp,
+            "max_px": cfg.tissue_max_px,
+            "min_area": cfg.min_tissue_area_um2,
+            "max_hole": cfg.max_hole_area_um2,
+        }
+
+    def read_region(
+        self, opened: OpenedSlide, x: int, y: int, width: int, height: int, mpp: float
+    ) -> np.ndarray:
+        """The level-0 rectangle (x, y, width, height) as RGB at ``mpp`` µm/px."""
+        info = opened.info
+        if width <= 0 or height <= 0:
+            raise InvalidArgumentError(f"region {width}x{height} must have a positive size")
+        if x < 0 or y < 0 or x + width > info.width or y + height > info.height:
+            raise InvalidArgumentError(
+                f"region ({x}, {y}, {width}x{height}) does not lie inside the "
+                f"{info.width}x{info.height} slide"
+            )
+        scale = info.require_mpp() / mpp  # output px per level-0 px
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if out_w * out_h > self.config.max_region_pixels:
+            raise InvalidArgumentError(
+                f"region would be {out_w}x{out_h} px at {mpp} µm/px; the limit is "
+                f"{self.config.max_region_pixels} px (ask for a smaller region or a coarser mpp)"
+            )
+        return opened.slide.region_at(x, y, width, height, out_w, out_h)
 
     # -- tiles -----------------------------------------------------------------------------
     def read(

@@ -164,3 +164,20 @@ def test_suppressed_tokens_are_never_generated(moe, prompts, routing) -> None:
         )  # fmt: skip
         assert all(len(row) == 6 for row in out)
         assert not {t for row in out for t in row} & set(banned)
+
+
+def test_cancelled_requests_leave_the_batch_and_others_are_unchanged(moe, prompts, routing):
+    full = generate(moe, prompts, routing, max_new_tokens=NEW)
+    steps: dict[int, int] = {}
+
+    def cancelled(i: int) -> bool:
+        steps[i] = steps.get(i, 0) + 1
+        return i == 1 and steps[i] >= 3  # request 1 gives up after its third token
+
+    out: list[list[int]] = [[] for _ in prompts]
+    for row, token in generate_stream(
+        moe, prompts, routing, max_new_tokens=NEW, cancelled=cancelled
+    ):
+        out[row].append(token)
+    assert out[1] == full[1][:3]
+    assert [out[i] for i in (0, 2, 3)] == [full[i] for i in (0, 2, 3)]

@@ -83,6 +83,19 @@ def test_mixed_batch_equals_each_request_alone(model: SmartPathModel) -> None:
             )
 
 
+def test_precomputed_visual_tokens_equal_raw_inputs(model: SmartPathModel) -> None:
+    """The encoder service sends vision-tower and aggregator outputs instead of raw inputs."""
+    batch = _batch(_requests(model))
+    with torch.no_grad():
+        raw = model(batch)
+        embeds = model.encode_images(batch.pixel_values, batch.image_grid_thw)
+        slides = [s if s is None else model.slide_tokens_of(s) for s in batch.slides]
+        batch.pixel_values, batch.image_embeds, batch.slides = None, embeds, slides
+        pre = model(batch)
+    torch.testing.assert_close(pre.logits, raw.logits)
+    assert torch.equal(pre.router.indices, raw.router.indices)
+
+
 def test_experts_change_the_output(model: SmartPathModel) -> None:
     batch = _batch(_requests(model)[:1])
     with torch.no_grad():

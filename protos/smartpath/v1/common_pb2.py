@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19smartpath/v1/common.proto\x12\x0csmartpath.v1\"-\n\x08SlideRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x14\n\x0cmpp_override\x18\x02 \x01(\x01\"=\n\nResolution\x12\r\n\x03mpp\x18\x01 \x01(\x01H\x00\x12\x17\n\rmagnification\x18\x02 \x01(\x01H\x00\x42\x07\n\x05value\";\n\x04Rect\x12\t\n\x01x\x18\x01 \x01(\x03\x12\t\n\x01y\x18\x02 \x01(\x03\x12\r\n\x05width\x18\x03 \x01(\x03\x12\x0e\n\x06height\x18\x04 \x01(\x03\"O\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05*n\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x12\n\x0eTASK_DETECTION\x10\x02\x12\x15\n\x11TASK_SEGMENTATION\x10\x03\x12\x0c\n\x08TASK_VQA\x10\x04*<\n\x05Scale\x12\x15\n\x11SCALE_UNSPECIFIED\x10\x00\x12\r\n\tSCALE_ROI\x10\x01\x12\r\n\tSCALE_WSI\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19smartpath/v1/common.proto\x12\x0csmartpath.v1\"-\n\x08SlideRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x14\n\x0cmpp_override\x18\x02 \x01(\x01\"=\n\nResolution\x12\r\n\x03mpp\x18\x01 \x01(\x01H\x00\x12\x17\n\rmagnification\x18\x02 \x01(\x01H\x00\x42\x07\n\x05value\";\n\x04Rect\x12\t\n\x01x\x18\x01 \x01(\x03\x12\t\n\x01y\x18\x02 \x01(\x03\x12\r\n\x05width\x18\x03 \x01(\x03\x12\x0e\n\x06height\x18\x04 \x01(\x03\"O\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x0c\x45xpertWeight\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02*n\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x12\n\x0eTASK_DETECTION\x10\x02\x12\x15\n\x11TASK_SEGMENTATION\x10\x03\x12\x0c\n\x08TASK_VQA\x10\x04*<\n\x05Scale\x12\x15\n\x11SCALE_UNSPECIFIED\x10\x00\x12\r\n\tSCALE_ROI\x10\x01\x12\r\n\tSCALE_WSI\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartpath.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=295
-  _globals['_TASK']._serialized_end=405
-  _globals['_SCALE']._serialized_start=407
-  _globals['_SCALE']._serialized_end=467
+  _globals['_TASK']._serialized_start=439
+  _globals['_TASK']._serialized_end=549
+  _globals['_SCALE']._serialized_start=551
+  _globals['_SCALE']._serialized_end=611
   _globals['_SLIDEREF']._serialized_start=43
   _globals['_SLIDEREF']._serialized_end=88
   _globals['_RESOLUTION']._serialized_start=90
@@ -43,4 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECT']._serialized_end=212
   _globals['_ENCODEDIMAGE']._serialized_start=214
   _globals['_ENCODEDIMAGE']._serialized_end=293
+  _globals['_TENSOR']._serialized_start=295
+  _globals['_TENSOR']._serialized_end=332
+  _globals['_EXPERTWEIGHT']._serialized_start=334
+  _globals['_EXPERTWEIGHT']._serialized_end=393
+  _globals['_LABELSCORE']._serialized_start=395
+  _globals['_LABELSCORE']._serialized_end=437
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,361 @@
+"""Batched decoding across requests that use different experts, with token streaming,
+per-request deadlines and a bounded queue.
+
+Design decisions:
+
+- One model per replica runs one batch at a time. Requests wait in a bounded pending list;
+  a full list refuses new requests with RESOURCE_EXHAUSTED instead of queueing without end.
+- A batch starts when ``max_batch_size`` requests wait or ``batch_wait_s`` after the first
+  one arrived; every request keeps its own experts and gate weights (the model's batched
+  mixed-LoRA generation), its own ``max_new_tokens`` and its own deadline.
+- Generation runs in a worker thread; tokens reach each caller's asyncio queue as text deltas
+  (byte-level BPE can end mid-character, so a delta waits until its text is complete).
+- A request whose deadline passed, or whose caller went away, leaves the batch at the next
+  step (``generate_stream(cancelled=…)``); the others continue unchanged.
+- Classification also gets per-label probabilities: one teacher-forced forward over the
+  candidate completions ``<think>{think}</think><answer>{label}</answer><|im_end|>``, softmaxed
+  over their summed log-probabilities (the shared think prefix cancels out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from smartpath.model.experts import ExpertRouting
+from smartpath.model.grammar import Scale, Task, format_completion, split_completion
+from smartpath.model.mllm import MultimodalBatch, SmartPathModel
+from smartpath.model.tokenizer import IM_END
+from smartpath.model.vision import question_ids
+from smartpath.services.decoding.question import Question
+from smartpath.services.encoding.encoder import VisualTokens
+from smartpath.services.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from smartpath.training.objectives import sequence_logprobs
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One question about visual tokens, with the experts the router chose."""
+
+    question: Question
+    visual: VisualTokens
+    experts: tuple[int, ...]
+    weights: tuple[float, ...]
+    temperature: float = 0.0
+    deadline: float | None = None  # time.time() after which the request is abandoned
+
+
+@dataclass
+class DecodeEvent:
+    """A streamed piece of a completion; the last one has ``done`` and the totals."""
+
+    text_delta: str = ""
+    done: bool = False
+    finish_reason: str = ""
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    label_scores: list[tuple[str, float]] = field(default_factory=list)
+    queue_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    request: DecodeRequest
+    prompt_ids: list[int]
+    instruction: str
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    gone: bool = False  # the caller stopped listening
+
+    def expired(self) -> bool:
+        d = self.request.deadline
+        return d is not None and time.time() > d
+
+    def send(self, item: DecodeEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class DecoderStats:
+    """Counters the deployment exports as metrics."""
+
+    batches: int = 0
+    tokens: int = 0
+    on_batch: Callable[[int, list[float]], None] | None = None  # (size, queue seconds)
+    on_tokens: Callable[[int, float], None] | None = None  # (tokens, seconds)
+
+
+class BatchDecoder:
+    """The decoding engine of one replica (see module docstring)."""
+
+    def __init__(
+        self,
+        model: SmartPathModel,
+        *,
+        default_labels: Mapping[str, Sequence[str]],
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+        max_pending: int = 64,
+        stats: DecoderStats | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.default_labels = default_labels
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.max_pending = max_pending
+        self.stats = stats or DecoderStats()
+        self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.hidden = int(model.base.config.text_config.hidden_size)
+        self.num_experts = int(model.cfg.experts.num_experts)
+        self._pending: list[_Job] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    # -- requests --------------------------------------------------------------------------
+    def _check(self, request: DecodeRequest) -> None:
+        tokens = request.visual.tokens
+        if tokens.ndim != 2 or tokens.shape[1] != self.hidden or tokens.shape[0] < 1:
+            raise InvalidArgumentError(
+                f"visual tokens must be (n >= 1, {self.hidden}), got {tokens.shape}"
+            )
+        if request.question.scale == Scale.ROI and request.visual.image_grid_thw is None:
+            raise InvalidArgumentError("ROI visual tokens need their image_grid_thw")
+        if request.question.scale == Scale.WSI and tokens.shape[0] != self.model.slide_tokens:
+            raise InvalidArgumentError(
+                f"a slide is {self.model.slide_tokens} tokens, got {tokens.shape[0]}"
+            )
+        if not request.experts or len(request.experts) != len(request.weights):
+            raise InvalidArgumentError("experts and weights must be non-empty and equally long")
+        if any(not 0 <= e < self.num_experts for e in request.experts):
+            raise InvalidArgumentError(f"experts must be in [0, {self.num_experts})")
+
+    def _prompt(self, request: DecodeRequest) -> tuple[str, list[int]]:
+        instruction = request.question.text(self.default_labels)
+        ids = question_ids(
+            self.tokenizer,
+            instruction,
+            slide=request.question.scale == Scale.WSI,
+            visual_tokens=int(request.visual.tokens.shape[0]),
+        )
+        return instruction, ids
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
+        """Stream the completion of ``request``: text deltas, then a final ``done`` event."""
+        self._check(request)
+        instruction, ids = self._prompt(request)
+        if len(self._pending) >= self.max_pending:
+            raise ResourceExhaustedError(
+                f"decoder queue is full ({self.max_pending} requests waiting); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(request, ids, instruction, asyncio.Queue(), loop)
+        self._pending.append(job)
+        self._ensure_worker()
+        try:
+            while True:
+                timeout = None
+                if request.deadline is not None:
+                    timeout = max(0.0, request.deadline - time.time())
+                try:
+                    item = await asyncio.wait_for(job.queue.get(), timeout)
+                except TimeoutError:
+                    raise DeadlineExceededError("the request ran past its deadline") from None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            job.gone = True
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+
+    # -- batching loop -----------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                if len(self._pending) < self.max_batch_size and self.batch_wait_s > 0:
+                    await asyncio.sleep(self.batch_wait_s)
+                batch = [j for j in self._pending[: self.max_batch_size] if not j.gone]
+                del self._pending[: self.max_batch_size]
+                if batch:
+                    await asyncio.to_thread(self._run_safely, batch)
+
+    def _run_safely(self, jobs: list[_Job]) -> None:
+        try:
+            self._run(jobs)
+        except BaseException as e:  # a bug must fail these requests, never the replica
+            for job in jobs:
+                if not job.finished:
+                    job.finished = True
+                    job.send(e)
+
+    # -- one batch (worker thread) -----------------------------------------------------------
+    def _batch(self, rows: Sequence[tuple[list[int], DecodeRequest]]) -> MultimodalBatch:
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        images, grids, slides = [], [], []
+        for i, (ids, req) in enumerate(rows):
+            input_ids[i, length - len(ids) :] = torch.tensor(ids)
+            mask[i, length - len(ids) :] = 1
+            tokens = torch.from_numpy(np.ascontiguousarray(req.visual.tokens, dtype=np.float32))
+            if req.question.scale == Scale.WSI:
+                slides.append(tokens)
+            else:
+                slides.append(None)
+                images.append(tokens)
+                grids.append(torch.tensor([req.visual.image_grid_thw], dtype=torch.long))
+        return MultimodalBatch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            task_ids=torch.tensor([int(r.question.task) for _, r in rows]),
+            scale_ids=torch.tensor([int(r.question.scale) for _, r in rows]),
+            image_grid_thw=torch.cat(grids) if grids else None,
+            image_embeds=torch.cat(images) if images else None,
+            slides=slides if any(s is not None for s in slides) else None,
+        )
+
+    @staticmethod
+    def _routing(requests: Sequence[DecodeRequest]) -> list[ExpertRouting]:
+        return [
+            ExpertRouting(torch.tensor([r.experts]), torch.tensor([r.weights], dtype=torch.float))
+            for r in requests
+        ]
+
+    def _run(self, jobs: list[_Job]) -> None:
+        start = time.monotonic()
+        queue_s = [start - j.enqueued for j in jobs]
+        if self.stats.on_batch is not None:
+            self.stats.on_batch(len(jobs), queue_s)
+        batch = self._batch([(j.prompt_ids, j.request) for j in jobs])
+        limits = [j.request.question.max_new_tokens for j in jobs]
+        temperature = max(j.request.temperature for j in jobs)
+
+        def cancelled(i: int) -> bool:
+            job = jobs[i]
+            if job.gone or job.expired():
+                job.finished = True
+                return True
+            return len(job.ids) >= limits[i]
+
+        produced = 0
+        for i, token in self.model.generate_stream(
+            batch,
+            max_new_tokens=max(limits),
+            temperature=temperature,
+            eos_token_id=self.eos_id,
+            routing=self._routing([j.request for j in jobs]),
+            cancelled=cancelled,
+        ):
+            produced += 1
+            job = jobs[i]
+            if job.finished:
+                continue
+            job.ids.append(token)
+            delta = self._delta(job)
+            if delta:
+                job.send(DecodeEvent(text_delta=delta))
+            if token == self.eos_id or len(job.ids) >= limits[i]:
+                job.finished = True
+                if job.request.question.task != Task.CLASSIFICATION:
+                    self._finish(job, queue_s[i], len(jobs))
+        if self.stats.on_tokens is not None:
+            self.stats.on_tokens(produced, time.monotonic() - start)
+        for i, job in enumerate(jobs):
+            if job.gone or job.expired():
+                continue
+            if job.request.question.task == Task.CLASSIFICATION:
+                scores = self._label_scores(job)
+                self._finish(job, queue_s[i], len(jobs), scores)
+
+    def _completion(self, job: _Job) -> str:
+        ids = job.ids[:-1] if job.ids and job.ids[-1] == self.eos_id else job.ids
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _delta(self, job: _Job) -> str:
+        text = self._completion(job)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+            return ""
+        delta, job.text = text[len(job.text) :], text
+        return delta
+
+    def _finish(
+        self,
+        job: _Job,
+        queue_s: float,
+        batch_size: int,
+        scores: list[tuple[str, float]] | None = None,
+    ) -> None:
+        text = self._completion(job)
+        tail = text[len(job.text) :]
+        stopped = bool(job.ids) and job.ids[-1] == self.eos_id
+        job.send(
+            DecodeEvent(
+                text_delta=tail,
+                done=True,
+                finish_reason=FINISH_STOP if stopped else FINISH_LENGTH,
+                text=text,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.ids),
+                label_scores=scores or [],
+                queue_s=queue_s,
+                batch_size=batch_size,
+            )
+        )
+
+    def _label_scores(self, job: _Job) -> list[tuple[str, float]]:
+        """P(label) over the candidate labels, given the prompt and the generated think."""
+        labels = job.request.question.effective_labels(self.default_labels)
+        if not labels:
+            return []
+        think = split_completion(self._completion(job)).think or ""
+        rows, lengths = [], []
+        for label in labels:
+            completion = self.tokenizer(
+                format_completion(think, label) + IM_END, add_special_tokens=False
+            )["input_ids"]
+            rows.append((job.prompt_ids + list(completion), job.request))
+            lengths.append(len(completion))
+        batch = self._batch(rows)
+        width = batch.input_ids.shape[1]
+        mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, n in enumerate(lengths):
+            mask[i, width - n :] = True
+        routing = ExpertRouting.cat(self._routing([job.request] * len(labels)))
+        with torch.no_grad():
+            logits = self.model(batch, routing=routing).logits
+        logp = sequence_logprobs(logits, batch.input_ids, mask).sum(-1)
+        probs = torch.softmax(logp, dim=0).tolist()
+        return list(zip(labels, probs, strict=True))

@@ -1,0 +1,131 @@
+"""Whole-slide encoding: tile plan -> tiles -> tile features (cached) -> slide tokens.
+
+The same orchestration runs inside the FeatureEncoder deployment (talking to the SlideTiler
+deployment through a handle) and in-process (talking to a local Tiler); both give it a
+:class:`SlideSource`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from smartpath.services.config import ModelServingConfig
+from smartpath.services.encoding.cache import FeatureCache
+from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
+from smartpath.services.errors import FailedPreconditionError
+from smartpath.services.tiling.plan import TileGeometry, TilePlan, plan_hash
+from smartpath.services.tiling.tiler import TileRequest
+from smartpath.training.features import SlideFeatures
+
+
+class SlideSource(Protocol):
+    """What slide encoding needs from the tiling service."""
+
+    async def identify(self, uri: str) -> str: ...
+
+    async def tissue_params(self) -> dict[str, float]: ...
+
+    async def plan(
+        self, uri: str, request: TileRequest, mpp_override: float | None = None
+    ) -> tuple[TilePlan, object]: ...
+
+    def read_tiles(
+        self,
+        uri: str,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        mpp_override: float | None = None,
+    ) -> AsyncIterator[tuple[int, np.ndarray]]: ...
+
+
+@dataclass(frozen=True)
+class SlideProgress:
+    """Tiles encoded so far out of the plan's total."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class SlideEncoding:
+    """A slide's tokens and where they came from."""
+
+    visual: VisualTokens
+    slide_id: str
+    plan_hash: str
+    tiles: int
+    cache_hit: bool
+
+
+async def encode_slide(
+    uri: str,
+    mpp_override: float | None,
+    *,
+    source: SlideSource,
+    encode_tiles: Callable[[np.ndarray], Awaitable[np.ndarray]],
+    encoder: VisualEncoder,
+    cache: FeatureCache,
+    spec: ModelServingConfig,
+) -> AsyncIterator[SlideProgress | SlideEncoding]:
+    """Yield progress while tiles are encoded, then the :class:`SlideEncoding`.
+
+    The cache key is known from the slide's content id and the tile spec alone, so a hit
+    neither downloads nor tiles the slide.
+    """
+    slide_id = await source.identify(uri)
+    key = plan_hash(
+        slide_id if mpp_override is None else f"{slide_id}@mpp={mpp_override}",
+        mpp=spec.slide_mpp,
+        tile_size=spec.slide_tile_size,
+        overlap=0,
+        min_tissue_fraction=spec.slide_min_tissue,
+        tissue_params=await source.tissue_params(),
+    )
+    ref = cache.ref(slide_id, encoder.tile_encoder.name, key)
+    features = cache.get(ref)
+    hit = features is not None
+    if features is None:
+        request = TileRequest(
+            mpp=spec.slide_mpp,
+            tile_size=spec.slide_tile_size,
+            min_tissue_fraction=spec.slide_min_tissue,
+        )
+        plan, _ = await source.plan(uri, request, mpp_override)
+        if len(plan) == 0:
+            raise FailedPreconditionError(
+                "no tissue found on the slide at the configured tissue threshold"
+            )
+        total = len(plan)
+        yield SlideProgress(0, total)
+        parts: list[np.ndarray] = []
+        done = 0
+        async for _, tiles in source.read_tiles(uri, plan.geometry, plan.x, plan.y, mpp_override):
+            parts.append(await encode_tiles(tiles))
+            done += len(tiles)
+            yield SlideProgress(done, total)
+        features = SlideFeatures(
+            features=np.concatenate(parts),
+            coords=np.stack([plan.x, plan.y], axis=1),
+            mpp=_level0_mpp(plan),
+            tile_size_px=plan.geometry.footprint,
+            encoder=encoder.tile_encoder.name,
+        )
+        cache.put(ref, features)
+    yield SlideEncoding(
+        visual=encoder.slide_tokens(features),
+        slide_id=slide_id,
+        plan_hash=key,
+        tiles=len(features),
+        cache_hit=hit,
+    )
+
+
+def _level0_mpp(plan: TilePlan) -> float:
+    """Level-0 µm/px of the slide the plan was made for (tile mpp x level-0 px per tile px)."""
+    g = plan.geometry
+    return g.mpp * g.tile_size / g.footprint

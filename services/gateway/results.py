@@ -1,0 +1,74 @@
+"""Completion text -> the structured ``Analysis``: label, geometry in the caller's frame,
+answer, reasoning. Parsing never raises: an unparseable answer is reported as such."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from smartpath.model.coords import box_norm_to_roi, box_norm_to_slide, norm_to_roi, norm_to_slide
+from smartpath.model.grammar import (
+    DetectionAnswer,
+    LabelAnswer,
+    SegmentationAnswer,
+    Task,
+    TextAnswer,
+    Unparseable,
+    parse_answer,
+    split_completion,
+)
+from smartpath.services.decoding.question import Question
+from smartpath.v1 import common_pb2, pathology_pb2
+
+
+def analysis_from_completion(
+    text: str,
+    question: Question,
+    default_labels: Mapping[str, Sequence[str]],
+    *,
+    size: tuple[int, int],
+    region: tuple[int, int, int, int] | None = None,
+    label_scores: Sequence[tuple[str, float]] = (),
+) -> pathology_pb2.Analysis:
+    """Parse ``text`` for ``question``. Geometry goes to ROI pixels of an image of ``size``
+    (width, height), or to slide level-0 pixels when ``region`` (x, y, w, h) is given."""
+    labels = question.effective_labels(default_labels) or None
+    options = question.options or None
+    completion = split_completion(text)
+    answer = parse_answer(question.task, text, labels, options=options)
+    result = pathology_pb2.Analysis(
+        task=int(question.task),
+        scale=int(question.scale),
+        answer=completion.answer or "",
+        reasoning=completion.think or "",
+        parsed=not isinstance(answer, Unparseable),
+        width=size[0],
+        height=size[1],
+        frame=(
+            pathology_pb2.COORDINATE_FRAME_SLIDE_LEVEL0
+            if region is not None
+            else pathology_pb2.COORDINATE_FRAME_ROI_PIXELS
+        ),
+        label_scores=[common_pb2.LabelScore(label=k, score=v) for k, v in label_scores],
+    )
+    if isinstance(answer, Unparseable):
+        result.parse_error = answer.reason
+    elif isinstance(answer, LabelAnswer):
+        result.label = answer.label
+    elif isinstance(answer, DetectionAnswer) and answer.detections:
+        boxes = answer.boxes()
+        boxes = box_norm_to_slide(boxes, region) if region else box_norm_to_roi(boxes, *size)
+        for d, (x1, y1, x2, y2) in zip(answer.detections, boxes.tolist(), strict=True):
+            result.detections.add(label=d.label, x1=x1, y1=y1, x2=x2, y2=y2)
+    elif isinstance(answer, SegmentationAnswer):
+        for polygon in answer.polygons:
+            pts = polygon.array()
+            pts = norm_to_slide(pts, region) if region else norm_to_roi(pts, *size)
+            result.polygons.add(
+                label=polygon.label,
+                points=[pathology_pb2.Point(x=x, y=y) for x, y in np.asarray(pts).tolist()],
+            )
+    elif isinstance(answer, TextAnswer) and question.task == Task.VQA:
+        result.answer = answer.text
+    return result

@@ -1,0 +1,123 @@
+"""The whole pipeline in one process: the services' engines as local objects.
+
+Backs the KServe adapter, the benchmarks' in-process baseline and tests. The engines are the
+ones the deployments wrap, so in-process and served results are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from smartpath.model.grammar import Scale, Task
+from smartpath.model.mllm import SmartPathModel
+from smartpath.model.tile_encoder import make_tile_encoder
+from smartpath.services.aio import iterate_in_thread
+from smartpath.services.config import SmartPathConfig
+from smartpath.services.decoding.decoder import BatchDecoder, DecodeEvent, DecodeRequest
+from smartpath.services.encoding.cache import FeatureCache
+from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
+from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
+from smartpath.services.gateway.pipeline import Pipeline
+from smartpath.services.models import load_served_model, model_version
+from smartpath.services.routing.router import ExpertGate, Route
+from smartpath.services.tiling.plan import TileGeometry, TilePlan
+from smartpath.services.tiling.tiler import Tiler, TileRequest
+
+
+class LocalSlideSource:
+    """A :class:`~smartpath.services.encoding.slides.SlideSource` over a local Tiler."""
+
+    def __init__(self, tiler: Tiler) -> None:
+        self.tiler = tiler
+
+    async def identify(self, uri: str) -> str:
+        return await asyncio.to_thread(self.tiler.identify, uri)
+
+    async def tissue_params(self) -> dict[str, float]:
+        return self.tiler.tissue_params()
+
+    async def plan(
+        self, uri: str, request: TileRequest, mpp_override: float | None = None
+    ) -> tuple[TilePlan, object]:
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        return await asyncio.to_thread(self.tiler.plan, opened, request)
+
+    async def read_tiles(
+        self,
+        uri: str,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        mpp_override: float | None = None,
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        async for batch in iterate_in_thread(self.tiler.read(opened, geometry, xs, ys)):
+            yield batch
+
+
+class LocalBackends:
+    """Tiler, encoder, gate and decoder in this process, sharing one model."""
+
+    def __init__(self, config: SmartPathConfig, model: SmartPathModel | None = None) -> None:
+        self.config = config
+        self.model = model if model is not None else load_served_model(config)
+        self.tiler = Tiler(config)
+        self.source = LocalSlideSource(self.tiler)
+        self.encoder = VisualEncoder(self.model, make_tile_encoder(config.model.tile_encoder))
+        self.cache = FeatureCache(self.tiler.store, config.model.features_bucket)
+        self.gate = ExpertGate(self.model)
+        d = config.serve.decoder
+        self.decoder = BatchDecoder(
+            self.model,
+            default_labels=config.model.default_labels,
+            max_batch_size=d.max_batch_size,
+            batch_wait_s=d.batch_wait_timeout_s,
+            max_pending=d.max_pending,
+        )
+
+    async def read_region(
+        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
+    ) -> np.ndarray:
+        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
+        return await asyncio.to_thread(self.tiler.read_region, opened, *rect, mpp)
+
+    async def encode_image(self, image: np.ndarray) -> VisualTokens:
+        roi = self.encoder.prepare(image)
+        return (await asyncio.to_thread(self.encoder.encode_rois, [roi]))[0]
+
+    def encode_slide(
+        self, uri: str, mpp_override: float | None
+    ) -> AsyncIterator[SlideProgress | SlideEncoding]:
+        async def encode_tiles(tiles: np.ndarray) -> np.ndarray:
+            return await asyncio.to_thread(self.encoder.encode_tiles, tiles)
+
+        return encode_slide(
+            uri,
+            mpp_override,
+            source=self.source,
+            encode_tiles=encode_tiles,
+            encoder=self.encoder,
+            cache=self.cache,
+            spec=self.config.model,
+        )
+
+    async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
+        return self.gate.route(task, scale, pooled)
+
+    def decode(self, request: DecodeRequest, expert_set: str) -> AsyncIterator[DecodeEvent]:
+        return self.decoder.decode(request)
+
+    def close(self) -> None:
+        """Release the tiler's slides and threads."""
+        self.tiler.close()
+
+
+def local_pipeline(
+    config: SmartPathConfig, model: SmartPathModel | None = None
+) -> tuple[Pipeline, LocalBackends]:
+    """A :class:`Pipeline` over :class:`LocalBackends` (close the backends when done)."""
+    backends = LocalBackends(config, model)
+    return Pipeline(backends, config, model_version(backends.model)), backends
