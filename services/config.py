@@ -212,11 +212,20 @@ class ServeConfig(BaseModel):
         None, description="Ray cluster to join; None starts Ray locally (the embedded default)."
     )
     tiler: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    encoder: EncoderDeploymentConfig = Field(default_factory=EncoderDeploymentConfig)
-    router: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    decoder: DecoderDeploymentConfig = Field(default_factory=DecoderDeploymentConfig)
+    # Batching deployments take more concurrent requests than they batch, so batches fill.
+    encoder: EncoderDeploymentConfig = Field(
+        default_factory=lambda: EncoderDeploymentConfig(max_ongoing_requests=64)
+    )
+    router: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64)
+    )
+    decoder: DecoderDeploymentConfig = Field(
+        default_factory=lambda: DecoderDeploymentConfig(max_ongoing_requests=32)
+    )
     gateway: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(max_ongoing_requests=32, max_queued_requests=64)
+        default_factory=lambda: DeploymentConfig(
+            num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=128
+        )
     )
     deadline_s: float = Field(
         120.0,

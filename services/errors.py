@@ -56,3 +56,9 @@ class DeadlineExceededError(SmartPathError, TimeoutError):
     """The request ran past its deadline."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnauthenticatedError(SmartPathError):
+    """Missing or wrong credentials on a protected service."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED

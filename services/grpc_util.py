@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from smartpath.services.errors import SmartPathError
+from smartpath.services.errors import ResourceExhaustedError, SmartPathError
 
 logger = logging.getLogger("smartpath.rpc")
 
@@ -31,7 +32,13 @@ Resp = TypeVar("Resp")
 
 HEALTH_POLL_S = 2.0
 # Serve application name -> the gRPC service it provides.
-SERVICE_OF_APP = {"tiler": "smartpath.v1.SlideTiler"}
+SERVICE_OF_APP = {
+    "tiler": "smartpath.v1.SlideTiler",
+    "encoder": "smartpath.v1.FeatureEncoder",
+    "router": "smartpath.v1.ExpertRouter",
+    "decoder": "smartpath.v1.Decoder",
+    "gateway": "smartpath.v1.Pathology",
+}
 
 
 class RpcFailed(Exception):
@@ -49,9 +56,24 @@ def _redact(details: str) -> str:
     return re.sub(r"'[^']*'", "'…'", details)
 
 
+def domain_error(error: BaseException) -> BaseException:
+    """The error a caller should see: errors from other replicas arrive wrapped in Ray's
+    RayTaskError (whose text holds the remote stack trace), and a full deployment queue is
+    Serve's BackPressureError."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    while isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    if isinstance(error, BackPressureError):
+        return ResourceExhaustedError("the service is at capacity; retry with backoff")
+    return error
+
+
 def _report(context: Any, error: BaseException, method: str, *, redact: bool = False) -> None:
     """Set the status for ``error`` on the context; log without the message (it may hold
     caller-supplied names) unless it is a bug."""
+    error = domain_error(error)
     if isinstance(error, SmartPathError):
         code, details = error.code, str(error)
         logger.info("rpc %s failed: %s", method, code.name)
@@ -70,10 +92,13 @@ def unary(
 ) -> Callable[[Callable[[Any, Req], Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
     """Wrap ``async def Method(self, request) -> response_type`` as a Serve gRPC method."""
 
-    def wrap(fn: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+    def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        wants_context = _wants_context(fn)
+
         async def method(self: Any, request: Req, grpc_context: Any = None) -> Resp:
             try:
-                response = await fn(self, request)
+                args = (grpc_context,) if wants_context else ()
+                response = await fn(self, request, *args)
             except Exception as e:
                 # Returning (not raising) with the code set keeps Serve from logging a stack
                 # trace for every bad request; the proxy sends the code and details.
@@ -88,14 +113,15 @@ def unary(
     return wrap
 
 
-def server_stream(
-    fn: Callable[[Any, Req], AsyncIterator[Resp]],
-) -> Callable[..., AsyncIterator[Resp]]:
+def server_stream(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
     """Wrap ``async def Method(self, request)`` yielding responses as a streaming method."""
+
+    wants_context = _wants_context(fn)
 
     async def method(self: Any, request: Req, grpc_context: Any = None) -> AsyncIterator[Resp]:
         try:
-            async for response in fn(self, request):
+            args = (grpc_context,) if wants_context else ()
+            async for response in fn(self, request, *args):
                 yield response
         except Exception as e:
             _report(grpc_context, e, fn.__name__, redact=True)
@@ -106,6 +132,11 @@ def server_stream(
         _record(self, fn.__name__, grpc.StatusCode.OK)
 
     return _named(method, fn)
+
+
+def _wants_context(fn: Callable[..., Any]) -> bool:
+    """Methods declaring a ``context`` parameter get the gRPC context (metadata, peer)."""
+    return "context" in inspect.signature(fn).parameters
 
 
 def _named(method: Any, fn: Callable[..., Any]) -> Any:

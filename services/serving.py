@@ -1,56 +1,91 @@
-"""Start Ray Serve with SmartPath's gRPC proxy options and deploy the applications.
+"""Start Ray Serve and deploy the SmartPath applications from the one Serve config.
 
 The same functions back ``smartpath serve``, the demo and the tests; on Kubernetes the
-chart's RayService renders the equivalent serveConfigV2.
+chart's RayService carries the same document (``smartpath.services.apps.serve_config``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+from collections.abc import Iterator
 
 import ray
 from ray import serve
+from ray.serve.api import RunTarget
 from ray.serve.config import gRPCOptions
 
+from smartpath.services import apps
+from smartpath.services.apps import APPS, serve_config
 from smartpath.services.config import SmartPathConfig
-from smartpath.services.tiling.service import tiler_deployment
 
 logger = logging.getLogger("smartpath.serving")
 
-GRPC_SERVICERS = [
-    "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server",
-    "smartpath.services.grpc_util.add_health_servicer",
-]
-TILER_APP = "tiler"
 
-
-def grpc_options(config: SmartPathConfig) -> gRPCOptions:
-    """The gRPC proxy's options: SmartPath's services, health and reflection."""
-    return gRPCOptions(
-        port=config.serve.grpc_port,
-        grpc_servicer_functions=GRPC_SERVICERS,
-        request_timeout_s=config.serve.request_timeout_s,
-        enable_reflection=True,
+def required_cpus(config: SmartPathConfig) -> float:
+    """CPUs the minimum replicas of all applications reserve."""
+    return sum(
+        getattr(config.serve, app).num_cpus
+        * max(1, getattr(config.serve, app).autoscaling.min_replicas)
+        for app in APPS
     )
 
 
-def start(config: SmartPathConfig, *, num_cpus: int | None = None) -> None:
-    """Join (or start locally) a Ray cluster and start Serve's HTTP and gRPC proxies."""
+def start(config: SmartPathConfig, *, num_cpus: float | None = None) -> None:
+    """Join (or start locally) a Ray cluster and start Serve's HTTP and gRPC proxies.
+
+    A local Ray gets at least the CPUs the replicas reserve (logical CPUs may exceed the
+    cores: the replicas mostly wait on each other)."""
     if not ray.is_initialized():
         if config.serve.ray_address:
             ray.init(address=config.serve.ray_address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(config)) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    schema = serve_config(config)
     serve.start(
-        http_options={"host": config.serve.host, "port": config.serve.http_port},
-        grpc_options=grpc_options(config),
+        http_options=schema["http_options"],
+        grpc_options=gRPCOptions(**schema["grpc_options"]),
     )
 
 
 def deploy(config: SmartPathConfig) -> None:
-    """Deploy (or update) the SmartPath applications and wait until they run."""
-    serve.run(tiler_deployment(config), name=TILER_APP, route_prefix=f"/{TILER_APP}")
-    logger.info("deployed %s on gRPC port %d", TILER_APP, config.serve.grpc_port)
+    """Deploy (or update) the five applications and wait until they run.
+
+    Builds each application here from the same builders and options the Serve config
+    names (``apps.serve_config``), which spares the cluster one import-heavy build task per
+    application; a RayService deploys the config document itself."""
+    logging_config = serve_config(config)["logging_config"]
+    with _secrets_in_environment(config):
+        targets = [
+            RunTarget(
+                getattr(apps, app)(apps.config_args(config)),
+                name=app,
+                route_prefix=f"/{app}",
+                logging_config=logging_config,
+            )
+            for app in APPS
+        ]
+    serve.run_many(targets)  # the replicas of all five start side by side
+    logger.info("deployed %s on gRPC port %d", ", ".join(APPS), config.serve.grpc_port)
+
+
+@contextlib.contextmanager
+def _secrets_in_environment(config: SmartPathConfig) -> Iterator[None]:
+    """Builders read secrets from SMARTPATH_* variables, as replicas do in a cluster."""
+    env = apps.secret_env(config)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown() -> None:

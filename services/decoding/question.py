@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from smartpath.model.grammar import Scale, Task
+from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task
 from smartpath.model.prompts import build_prompt
 from smartpath.services.errors import InvalidArgumentError
 from smartpath.training.sampling import task_scale_key
@@ -49,6 +49,22 @@ class Question:
             raise InvalidArgumentError(str(e)) from None
 
 
+def parse_task(value: int) -> Task:
+    """The Task of a proto enum value; INVALID_ARGUMENT for unspecified or unknown ones."""
+    try:
+        return coerce_task(value)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+def parse_scale(value: int) -> Scale:
+    """The Scale of a proto enum value; INVALID_ARGUMENT for unspecified or unknown ones."""
+    try:
+        return coerce_scale(value)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
 def make_question(
     task: int,
     scale: Scale,
@@ -61,9 +77,6 @@ def make_question(
     max_new_tokens_cap: int,
 ) -> Question:
     """A validated Question from request fields (proto enums are plain ints)."""
-    if task not in (t.value for t in Task) or task == 0:
-        names = ", ".join(f"TASK_{t.name}" for t in Task if t.value)
-        raise InvalidArgumentError(f"task {task} is not a known task; use one of {names}")
     if len(prompt) > max_prompt_chars:
         raise InvalidArgumentError(
             f"prompt is {len(prompt)} characters; the limit is {max_prompt_chars}"
@@ -76,7 +89,7 @@ def make_question(
         if sum(len(v) for v in values) > max_prompt_chars:
             raise InvalidArgumentError(f"{what} exceed the prompt limit of {max_prompt_chars}")
     return Question(
-        task=Task(task),
+        task=parse_task(task),
         scale=scale,
         prompt=prompt,
         labels=tuple(labels),

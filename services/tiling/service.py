@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import numpy as np
 from PIL import Image
-from ray import serve
 from ray.serve import metrics
 
 from smartpath.services.aio import iterate_in_thread
@@ -259,23 +258,3 @@ class SlideTilerService:
             raise InvalidArgumentError("slide.uri is empty; give s3://bucket/key or a local path")
         override = slide.mpp_override or None
         return await asyncio.to_thread(self.tiler.open, slide.uri, override)
-
-
-def tiler_deployment(config: SmartPathConfig) -> serve.Application:
-    """The tiler application, scaled and sized by ``config.serve.tiler``."""
-    d = config.serve.tiler
-    deployment = serve.deployment(
-        SlideTilerService,
-        name="SlideTiler",
-        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
-        max_ongoing_requests=d.max_ongoing_requests,
-        max_queued_requests=d.max_queued_requests,
-        logging_config={"encoding": config.serve.log_encoding, "log_level": config.log_level},
-        autoscaling_config={
-            "min_replicas": d.autoscaling.min_replicas,
-            "max_replicas": d.autoscaling.max_replicas,
-            "target_ongoing_requests": d.autoscaling.target_ongoing_requests,
-        },
-    )
-    # mode="python" keeps secrets readable by the replica (JSON mode would mask them).
-    return deployment.bind(config.model_dump(mode="python"))

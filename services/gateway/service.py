@@ -1,0 +1,116 @@
+"""The Pathology Ray Serve deployment: the public front door. It checks access, validates the
+question and composes the tiler, encoder, router and decoder deployments through the
+:class:`~smartpath.services.gateway.pipeline.Pipeline`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from ray.serve import context as serve_context
+from ray.serve import metrics
+
+from smartpath.services.config import SmartPathConfig
+from smartpath.services.gateway.auth import TokenCheck
+from smartpath.services.gateway.pipeline import Pipeline
+from smartpath.services.grpc_util import server_stream, unary
+from smartpath.services.handles import HandleBackends
+from smartpath.v1 import common_pb2, pathology_pb2
+
+
+def request_id() -> str:
+    """Serve's id of the current request (the caller's ``request_id`` metadata when sent);
+    it also tags every log line of every replica the request passes through."""
+    rid = serve_context._get_serve_request_context().request_id
+    return rid or uuid.uuid4().hex
+
+
+class PathologyService:
+    """Ray Serve deployment class serving ``smartpath.v1.Pathology``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = SmartPathConfig(**config)
+        self.backends = HandleBackends()
+        self.auth = (
+            TokenCheck(self.config.serve.auth_token_file)
+            if (self.config.serve.auth_token_file)
+            else None
+        )
+        self._pipeline: Pipeline | None = None
+        self._info: dict[str, Any] | None = None
+        self._rpcs = metrics.Counter(
+            "smartpath_gateway_rpcs",
+            description="Pathology RPCs by method and gRPC status code.",
+            tag_keys=("method", "code"),
+        )
+
+    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Count one RPC outcome (called by the gRPC wrappers)."""
+        self._rpcs.inc(tags={"method": method, "code": code.name})
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self.backends.decoder.info.remote()
+        return self._info
+
+    async def _ready(self, context: Any) -> Pipeline:
+        if self.auth is not None:
+            self.auth.check(context.invocation_metadata() if context is not None else ())
+        if self._pipeline is None:
+            info = await self._model_info()
+            self._pipeline = Pipeline(self.backends, self.config, info["version"])
+        return self._pipeline
+
+    @unary(pathology_pb2.AnalyzeRegionResponse)
+    async def AnalyzeRegion(
+        self, request: pathology_pb2.AnalyzeRegionRequest, context: Any = None
+    ) -> pathology_pb2.AnalyzeRegionResponse:
+        pipeline = await self._ready(context)
+        analysis = await pipeline.analyze_region(request, request_id=request_id())
+        return pathology_pb2.AnalyzeRegionResponse(analysis=analysis)
+
+    @server_stream
+    async def AnalyzeSlide(
+        self, request: pathology_pb2.AnalyzeSlideRequest, context: Any = None
+    ) -> AsyncIterator[pathology_pb2.AnalyzeSlideResponse]:
+        pipeline = await self._ready(context)
+        async for event in pipeline.analyze_slide(request, request_id=request_id()):
+            yield event
+
+    @unary(pathology_pb2.GetModelInfoResponse)
+    async def GetModelInfo(
+        self, request: pathology_pb2.GetModelInfoRequest, context: Any = None
+    ) -> pathology_pb2.GetModelInfoResponse:
+        await self._ready(context)
+        return model_info_response(self.config, await self._model_info())
+
+
+def model_info_response(
+    config: SmartPathConfig, info: dict[str, Any]
+) -> pathology_pb2.GetModelInfoResponse:
+    """GetModelInfoResponse from the decoder's model info and the serving config."""
+    m = config.model
+    labels = []
+    for key, values in sorted(m.default_labels.items()):
+        task, _, scale = key.partition("/")
+        labels.append(
+            pathology_pb2.TaskLabels(
+                task=common_pb2.Task.Value(f"TASK_{task.upper()}"),
+                scale=common_pb2.Scale.Value(f"SCALE_{scale.upper()}"),
+                labels=values,
+            )
+        )
+    return pathology_pb2.GetModelInfoResponse(
+        name=m.uri or "smartpath-demo",
+        version=info["version"],
+        preset=info["preset"],
+        experts=info["experts"],
+        top_k=info["top_k"],
+        tile_encoder=m.tile_encoder,
+        default_labels=labels,
+        max_prompt_chars=m.max_prompt_chars,
+        max_image_pixels=m.max_image_pixels,
+        max_new_tokens=m.max_new_tokens,
+    )

@@ -1,0 +1,98 @@
+"""The services seen through Ray Serve DeploymentHandles, with the same methods as their
+in-process counterparts in :mod:`smartpath.services.local` (numpy arrays travel through
+Ray's object store, not protobuf)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from smartpath.model.grammar import Scale, Task
+from smartpath.services.decoding.decoder import DecodeEvent, DecodeRequest
+from smartpath.services.encoding.encoder import VisualTokens
+from smartpath.services.encoding.slides import SlideEncoding, SlideProgress
+from smartpath.services.routing.router import Route
+from smartpath.services.tiling.plan import TileGeometry, TilePlan
+from smartpath.services.tiling.tiler import TileRequest
+
+# Serve application -> its one deployment.
+DEPLOYMENTS = {
+    "tiler": "SlideTiler",
+    "encoder": "FeatureEncoder",
+    "router": "ExpertRouter",
+    "decoder": "Decoder",
+    "gateway": "Pathology",
+}
+
+
+def handle(app: str) -> Any:
+    """The DeploymentHandle of a SmartPath application's deployment."""
+    return serve.get_deployment_handle(DEPLOYMENTS[app], app_name=app)
+
+
+class TilerHandle:
+    """The SlideTiler deployment as a slide source for encoding and region reads."""
+
+    def __init__(self, tiler: Any) -> None:
+        self.tiler = tiler
+
+    async def identify(self, uri: str) -> str:
+        return await self.tiler.identify.remote(uri)
+
+    async def tissue_params(self) -> dict[str, float]:
+        return await self.tiler.tissue_params.remote()
+
+    async def plan(
+        self, uri: str, request: TileRequest, mpp_override: float | None = None
+    ) -> tuple[TilePlan, object]:
+        return await self.tiler.plan.remote(uri, request, mpp_override)
+
+    def read_tiles(
+        self,
+        uri: str,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        mpp_override: float | None = None,
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        stream = self.tiler.options(stream=True)
+        return stream.read_tiles.remote(uri, geometry, xs, ys, mpp_override)
+
+    async def read_region(
+        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
+    ) -> np.ndarray:
+        return await self.tiler.read_region.remote(uri, mpp_override, rect, mpp)
+
+
+class HandleBackends:
+    """The pipeline's backends in a Serve cluster (see ``gateway.pipeline.Backends``)."""
+
+    def __init__(self) -> None:
+        self.tiler = TilerHandle(handle("tiler"))
+        self.encoder = handle("encoder")
+        self.router = handle("router")
+        self.decoder = handle("decoder")
+
+    async def read_region(
+        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
+    ) -> np.ndarray:
+        return await self.tiler.read_region(uri, mpp_override, rect, mpp)
+
+    async def encode_image(self, image: np.ndarray) -> VisualTokens:
+        return await self.encoder.encode_image.remote(image)
+
+    def encode_slide(
+        self, uri: str, mpp_override: float | None
+    ) -> AsyncIterator[SlideProgress | SlideEncoding]:
+        return self.encoder.options(stream=True).encode_slide.remote(uri, mpp_override)
+
+    async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
+        return await self.router.route.remote(task, scale, pooled)
+
+    def decode(self, request: DecodeRequest, expert_set: str) -> AsyncIterator[DecodeEvent]:
+        # Requests for the same expert set go to replicas that already hold it.
+        options = self.decoder.options(stream=True, multiplexed_model_id=expert_set)
+        return options.decode.remote(request)

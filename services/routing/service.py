@@ -1,0 +1,61 @@
+"""The ExpertRouter Ray Serve deployment: the mixture-of-experts gate as a service."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import numpy as np
+from ray.serve import metrics
+
+from smartpath.model.grammar import Scale, Task
+from smartpath.services.config import SmartPathConfig
+from smartpath.services.decoding.question import parse_scale, parse_task
+from smartpath.services.grpc_util import unary
+from smartpath.services.models import load_served_model
+from smartpath.services.routing.router import ExpertGate, Route
+from smartpath.services.tensors import from_tensor
+from smartpath.v1 import common_pb2, routing_pb2
+
+
+class ExpertRouterService:
+    """Ray Serve deployment class serving ``smartpath.v1.ExpertRouter``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = SmartPathConfig(**config)
+        self.gate = ExpertGate(load_served_model(self.config))
+        self._rpcs = metrics.Counter(
+            "smartpath_router_rpcs",
+            description="ExpertRouter RPCs by method and gRPC status code.",
+            tag_keys=("method", "code"),
+        )
+        self._routes = metrics.Counter(
+            "smartpath_router_expert_sets",
+            description="Requests routed, by task/scale and chosen expert set.",
+            tag_keys=("key", "expert_set"),
+        )
+
+    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Count one RPC outcome (called by the gRPC wrappers)."""
+        self._rpcs.inc(tags={"method": method, "code": code.name})
+
+    async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
+        """The top-k experts of one request."""
+        route = await asyncio.to_thread(self.gate.route, task, scale, pooled)
+        key = f"{task.name.lower()}/{scale.name.lower()}"
+        self._routes.inc(tags={"key": key, "expert_set": route.expert_set})
+        return route
+
+    @unary(routing_pb2.RouteResponse)
+    async def Route(self, request: routing_pb2.RouteRequest) -> routing_pb2.RouteResponse:
+        task, scale = parse_task(request.task), parse_scale(request.scale)
+        pooled = from_tensor(request.pooled, "pooled", ndim=1)
+        route = await self.route(task, scale, pooled)
+        return routing_pb2.RouteResponse(
+            experts=[
+                common_pb2.ExpertWeight(index=e, name=n, weight=w)
+                for e, n, w in zip(route.experts, route.names, route.weights, strict=True)
+            ],
+            expert_set=route.expert_set,
+        )
