@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format protos bench-tiling bench-training demo-model clean
+.PHONY: demo test lint format protos bench-tiling bench-training bench-serving demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-tiling: $(STAMP)
 
 bench-training: $(STAMP)
 	$(BIN)/python bench/training.py
+
+bench-serving: $(STAMP)
+	$(BIN)/python bench/serving.py
 
 ## demo-model: reproduce the bundled demo model and reports/demo (about 20 minutes on 2 cores)
 demo-model: $(STAMP)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from smartpath.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
+from smartpath.v1 import common_pb2, pathology_pb2, pathology_pb2_grpc, tiling_pb2, tiling_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -30,17 +30,97 @@ def tile_spec(
     return spec
 
 
+def _channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+def question(
+    task: str | int,
+    prompt: str = "",
+    labels: Sequence[str] = (),
+    options: Sequence[str] = (),
+    max_new_tokens: int = 0,
+) -> pathology_pb2.Question:
+    """A Question message; ``task`` is a name ("vqa") or a ``smartpath.v1.Task`` value."""
+    if isinstance(task, str):
+        task = common_pb2.Task.Value(f"TASK_{task.upper()}")
+    return pathology_pb2.Question(
+        task=task,
+        prompt=prompt,
+        labels=list(labels),
+        options=list(options),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+class PathologyClient:
+    """Calls ``smartpath.v1.Pathology`` on a Serve gRPC proxy (the gateway application)."""
+
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 300) -> None:
+        self.channel = _channel(address)
+        self.stub = pathology_pb2_grpc.PathologyStub(self.channel)
+        metadata = [("application", "gateway")]
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self.metadata = tuple(metadata)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> PathologyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def model_info(self) -> pathology_pb2.GetModelInfoResponse:
+        """GetModelInfo."""
+        request = pathology_pb2.GetModelInfoRequest()
+        return self.stub.GetModelInfo(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def analyze_image(self, image: bytes, q: pathology_pb2.Question) -> pathology_pb2.Analysis:
+        """AnalyzeRegion on PNG/JPEG bytes."""
+        request = pathology_pb2.AnalyzeRegionRequest(image=image, question=q)
+        return self.analyze_region(request)
+
+    def analyze_region(self, request: pathology_pb2.AnalyzeRegionRequest) -> pathology_pb2.Analysis:
+        """AnalyzeRegion."""
+        response = self.stub.AnalyzeRegion(request, metadata=self.metadata, timeout=self.timeout_s)
+        return response.analysis
+
+    def analyze_slide(
+        self,
+        uri: str,
+        q: pathology_pb2.Question,
+        *,
+        mpp_override: float = 0.0,
+        on_progress: Callable[[pathology_pb2.Progress], None] | None = None,
+    ) -> pathology_pb2.Analysis:
+        """AnalyzeSlide; progress events go to ``on_progress``, the analysis is returned."""
+        request = pathology_pb2.AnalyzeSlideRequest(
+            slide=common_pb2.SlideRef(uri=uri, mpp_override=mpp_override), question=q
+        )
+        stream = self.stub.AnalyzeSlide(request, metadata=self.metadata, timeout=self.timeout_s)
+        for event in stream:
+            if event.HasField("analysis"):
+                return event.analysis
+            if on_progress is not None:
+                on_progress(event.progress)
+        raise RuntimeError("AnalyzeSlide ended without an analysis")
+
+
 class TilerClient:
     """Calls ``smartpath.v1.SlideTiler`` on a Serve gRPC proxy."""
 
     def __init__(self, address: str, application: str | None = "tiler", timeout_s: float = 120):
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self.channel = _channel(address)
         self.stub = tiling_pb2_grpc.SlideTilerStub(self.channel)
         self.metadata = (("application", application),) if application else ()
         self.timeout_s = timeout_s

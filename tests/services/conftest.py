@@ -12,6 +12,8 @@ from smartpath.services.config import SmartPathConfig, StorageConfig, load_confi
 from smartpath.training.synthetic.slides import SyntheticSlide, write_synthetic_slide
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, free_port
 
+API_TOKEN = "test-token-4f1c"
+
 
 @pytest.fixture(scope="session")
 def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -38,6 +40,9 @@ def service_config(
 ) -> SmartPathConfig:
     """Config of the session's Serve instance: S3 on loopback, small cache, fixed ports."""
     root = tmp_path_factory.mktemp("service")
+    tokens = root / "tokens"
+    tokens.write_text(f"# accepted bearer tokens\n{API_TOKEN}\nanother-token\n")
+    small = {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     return load_config(
         storage=StorageConfig(
             endpoint=s3_endpoint,
@@ -54,7 +59,14 @@ def service_config(
             "grpc_port": free_port(),
             "http_port": free_port(),
             "tiler": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+            "encoder": small,
+            "router": small,
+            "decoder": {**small, "max_ongoing_requests": 16},
+            # A small gateway queue, so 64 concurrent calls meet backpressure.
+            "gateway": {**small, "max_ongoing_requests": 8, "max_queued_requests": 8},
+            "auth_token_file": tokens,
         },
+        model={"features_bucket": "features"},
     )
 
 
