@@ -1,7 +1,8 @@
 """``smartpath``: the one command-line interface.
 
-smartpath demo          generate a synthetic slide, serve it locally, tile it over gRPC
-smartpath serve         start Ray Serve with the SmartPath applications and block
+smartpath demo          serve locally; analyse a synthetic slide, a region and an ROI over gRPC
+smartpath serve         start Ray Serve with the five SmartPath applications and block
+smartpath analyze       ask a running server about an image, a slide region or a slide
 smartpath synth-slide   write a synthetic pyramidal slide (SVS or generic TIFF)
 smartpath plan          ask a running server for a tile plan; write overlay PNG + GeoJSON
 smartpath train sft|grpo  run a training stage (Ray Train + DeepSpeed) from the config
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
-from tqdm import tqdm
 
 from smartpath.services.config import SmartPathConfig, load_config
 
@@ -78,6 +79,11 @@ def cmd_synth_slide(args: argparse.Namespace, config: SmartPathConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.services.apps import serve_config
+
+    if args.print_config:
+        print(yaml.safe_dump(serve_config(config), sort_keys=False), end="")
+        return 0
     from smartpath.services import serving
 
     _setup_environment()
@@ -89,6 +95,35 @@ def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.services.analyze import Target, analyze, slide_uri_for, summary
+    from smartpath.services.client import PathologyClient, TilerClient, question
+    from smartpath.services.storage import make_store
+
+    address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
+    token = args.token_file.read_text().strip() if args.token_file else None
+    region = tuple(int(v) for v in _csv(args.region)) if args.region else None
+    if region is not None and len(region) != 4:
+        raise ValueError(f"--region takes x,y,width,height in level-0 px, got {args.region!r}")
+    if args.image:
+        target = Target(image=Path(args.input))
+    else:
+        store = make_store(config.storage)
+        uri = slide_uri_for(args.input, store, config.tiling.local_slide_roots)
+        target = Target(slide_uri=uri, region=region)
+    q = question(args.task, args.prompt or "", _csv(args.labels), _csv(args.options))
+    with PathologyClient(address, token=token) as client, TilerClient(address) as tiler:
+        analysis, paths = analyze(
+            client, tiler, target, q, Path(args.out), args.stem, region_mpp=config.model.region_mpp
+        )
+    print(json.dumps(summary(analysis, paths), indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace, config: SmartPathConfig) -> int:
@@ -105,67 +140,69 @@ def cmd_plan(args: argparse.Namespace, config: SmartPathConfig) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
-    """The main job on the embedded default: local Ray, local storage, a synthetic slide."""
+    """The main job on the embedded default: local Ray, local storage, the demo model; a
+    synthetic slide and ROI analysed end to end through the gRPC API."""
     from smartpath.services import serving
-    from smartpath.services.client import TilerClient, tile_spec
+    from smartpath.services.analyze import Target, analyze, best_region, summary
+    from smartpath.services.client import PathologyClient, TilerClient, question
     from smartpath.services.storage import ObjectRef, make_store
+    from smartpath.training.synthetic.roi import render_roi
     from smartpath.training.synthetic.slides import write_synthetic_slide
 
     _setup_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "demo.svs"
-    print(f"[1/4] writing a {args.size}x{args.size} px synthetic SVS slide", flush=True)
+    print(f"[1/5] writing a {args.size}x{args.size} px synthetic SVS slide and an ROI", flush=True)
     write_synthetic_slide(
         slide_path, width=args.size, height=args.size, seed=args.seed, progress=True
+    )
+    roi_path = out / "roi.png"
+    Image.fromarray(render_roi(np.random.default_rng(args.seed), "tumour", 320).image).save(
+        roi_path
     )
     store = make_store(config.storage)
     ref = ObjectRef("slides", "demo/demo.svs")
     store.ensure_bucket(ref.bucket)
     store.upload(slide_path, ref)
-    uri = f"s3://{ref.bucket}/{ref.key}"
     backend = config.storage.endpoint or f"local storage at {config.storage.local_root}"
-    print(f"      stored as {uri} ({backend})", flush=True)
+    print(f"      stored as {ref.uri} ({backend})", flush=True)
 
-    print("[2/4] starting Ray Serve locally with the SlideTiler service", flush=True)
+    print("[2/5] starting Ray Serve locally with the five SmartPath applications", flush=True)
     serving.start(config)
     serving.deploy(config)
-
     address = f"127.0.0.1:{config.serve.grpc_port}"
-    print(f"[3/4] describing and planning over gRPC at {address}", flush=True)
-    with TilerClient(address) as client:
-        info = client.describe(uri, thumbnail_max_px=1024)
-        spec = tile_spec(mpp=args.mpp, tile_size=args.tile_size)
-        plan = client.plan(uri, spec, include_tissue_mask=True)
-        tiles = plan.plan.tiles
-        print(f"[4/4] reading {len(tiles)} tissue tiles over gRPC", flush=True)
-        start = time.perf_counter()
-        pixels_mean = []
-        with tqdm(total=len(tiles), unit="tile") as bar:
-            for response, pixels in client.read_tiles(uri, spec, tiles):
-                pixels_mean.append(float(pixels.mean()))
-                bar.update(len(response.tiles))
-        elapsed = time.perf_counter() - start
-    png, geojson = write_plan_outputs(out, info.thumbnail.data, info.width, plan, stem="demo")
-    summary = {
-        "slide": uri,
-        "vendor": info.vendor,
-        "size": [info.width, info.height],
-        "levels": len(info.levels),
-        "mpp": round(info.mpp_x, 4),
-        "objective_power": info.objective_power,
-        "tissue_fraction": round(plan.tissue_fraction, 3),
-        "tile_mpp": plan.plan.mpp,
-        "tile_size": plan.plan.tile_size,
-        "read_level": plan.plan.level,
-        "grid": [plan.plan.cols, plan.plan.rows],
-        "tiles": len(tiles),
-        "tiles_per_s": round(len(tiles) / elapsed, 1) if elapsed > 0 else None,
-        "overlay": str(png),
-        "geojson": str(geojson),
-    }
-    print(json.dumps(summary, indent=2))
-    serving.shutdown()
+    results = {}
+    try:
+        with PathologyClient(address) as client, TilerClient(address) as tiler:
+            print(f"[3/5] analysing the whole slide over gRPC at {address}", flush=True)
+            slide = Target(slide_uri=ref.uri)
+            results["slide_classification"] = analyze(
+                client, tiler, slide, question("classification"), out, "slide_classification"
+            )
+            vqa = question("vqa", "Which tissue component dominates this slide?")
+            results["slide_vqa"] = analyze(client, tiler, slide, vqa, out, "slide_vqa")
+            print("[4/5] detecting nuclei in a slide region", flush=True)
+            mpp = config.model.region_mpp
+            region = Target(slide_uri=ref.uri, region=best_region(tiler, ref.uri, mpp, 448))
+            results["region_detection"] = analyze(
+                client,
+                tiler,
+                region,
+                question("detection"),
+                out,
+                "region_detection",
+                region_mpp=mpp,
+            )
+            print("[5/5] classifying and segmenting an ROI image", flush=True)
+            roi = Target(image=roi_path)
+            for task in ("classification", "segmentation"):
+                results[f"roi_{task}"] = analyze(
+                    client, tiler, roi, question(task), out, f"roi_{task}"
+                )
+    finally:
+        serving.shutdown()
+    print(json.dumps({k: summary(*v) for k, v in results.items()}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -245,14 +282,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="out/demo", help="output folder")
-    demo.add_argument("--size", type=int, default=24_000, help="slide edge in px (0.25 µm/px)")
-    demo.add_argument("--mpp", type=float, default=0.5, help="tile resolution, µm/px")
-    demo.add_argument("--tile-size", type=int, default=256)
+    demo.add_argument("--size", type=int, default=12_000, help="slide edge in px (0.25 µm/px)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
     serve_p = sub.add_parser("serve", help="start Ray Serve with SmartPath and block")
+    serve_p.add_argument(
+        "--print-config", action="store_true", help="print the Serve config (YAML) and exit"
+    )
     serve_p.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser("analyze", help="analyse an image, a slide region or a slide")
+    ask.add_argument(
+        "input", help="slide (s3://bucket/key or a local file) or, with --image, a PNG/JPEG ROI"
+    )
+    ask.add_argument("--image", action="store_true", help="input is an ROI image")
+    ask.add_argument(
+        "--task", required=True, choices=["classification", "detection", "segmentation", "vqa"]
+    )
+    ask.add_argument("--prompt", help="the question (VQA) or an instruction")
+    ask.add_argument("--labels", help="comma-separated candidate labels")
+    ask.add_argument("--options", help="comma-separated options of a closed question")
+    ask.add_argument("--region", help="x,y,width,height of a slide region (level-0 px)")
+    ask.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
+    ask.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    ask.add_argument("--out", default="out/analyze", help="output folder")
+    ask.add_argument("--stem", default="analysis", help="output file name stem")
+    ask.set_defaults(func=cmd_analyze)
 
     synth = sub.add_parser("synth-slide", help="write a synthetic pyramidal slide")
     synth.add_argument("path", type=Path)

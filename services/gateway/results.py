@@ -11,6 +11,7 @@ from smartpath.model.coords import box_norm_to_roi, box_norm_to_slide, norm_to_r
 from smartpath.model.grammar import (
     DetectionAnswer,
     LabelAnswer,
+    Scale,
     SegmentationAnswer,
     Task,
     TextAnswer,
@@ -47,7 +48,7 @@ def analysis_from_completion(
         height=size[1],
         frame=(
             pathology_pb2.COORDINATE_FRAME_SLIDE_LEVEL0
-            if region is not None
+            if region is not None or question.scale == Scale.WSI
             else pathology_pb2.COORDINATE_FRAME_ROI_PIXELS
         ),
         label_scores=[common_pb2.LabelScore(label=k, score=v) for k, v in label_scores],
