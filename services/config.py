@@ -177,7 +177,10 @@ class EncoderDeploymentConfig(DeploymentConfig):
 
     max_batch_size: int = Field(32, ge=1, description="Images or tile sets per forward.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long a partial batch waits for more requests."
+        0.0,
+        ge=0,
+        description="How long a partial batch waits for more requests. 0: an idle encoder "
+        "starts at once; requests that arrive meanwhile form the next batch.",
     )
 
 
@@ -186,7 +189,10 @@ class DecoderDeploymentConfig(DeploymentConfig):
 
     max_batch_size: int = Field(16, ge=1, description="Requests decoded together.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long a partial batch waits for more requests."
+        0.0,
+        ge=0,
+        description="How long a partial batch waits for more requests. 0: an idle decoder "
+        "starts at once; requests that arrive meanwhile form the next batch.",
     )
     max_pending: int = Field(
         64, ge=1, description="Requests waiting for a batch before RESOURCE_EXHAUSTED."

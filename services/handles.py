@@ -96,3 +96,7 @@ class HandleBackends:
         # Requests for the same expert set go to replicas that already hold it.
         options = self.decoder.options(stream=True, multiplexed_model_id=expert_set)
         return options.decode.remote(request)
+
+    async def complete(self, request: DecodeRequest, expert_set: str) -> DecodeEvent:
+        options = self.decoder.options(multiplexed_model_id=expert_set)
+        return await options.complete.remote(request)

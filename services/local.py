@@ -110,6 +110,9 @@ class LocalBackends:
     def decode(self, request: DecodeRequest, expert_set: str) -> AsyncIterator[DecodeEvent]:
         return self.decoder.decode(request)
 
+    async def complete(self, request: DecodeRequest, expert_set: str) -> DecodeEvent:
+        return await self.decoder.complete(request)
+
     def close(self) -> None:
         """Release the tiler's slides and threads."""
         self.tiler.close()

@@ -6,7 +6,8 @@ Design decisions:
 - One model per replica runs one batch at a time. Requests wait in a bounded pending list;
   a full list refuses new requests with RESOURCE_EXHAUSTED instead of queueing without end.
 - A batch starts when ``max_batch_size`` requests wait or ``batch_wait_s`` after the first
-  one arrived; every request keeps its own experts and gate weights (the model's batched
+  one arrived (0, the default: at once when idle; requests arriving during a batch form the
+  next one). Every request keeps its own experts and gate weights (the model's batched
   mixed-LoRA generation), its own ``max_new_tokens`` and its own deadline.
 - Generation runs in a worker thread; tokens reach each caller's asyncio queue as text deltas
   (byte-level BPE can end mid-character, so a delta waits until its text is complete).
@@ -113,7 +114,7 @@ class BatchDecoder:
         *,
         default_labels: Mapping[str, Sequence[str]],
         max_batch_size: int = 16,
-        batch_wait_s: float = 0.005,
+        batch_wait_s: float = 0.0,
         max_pending: int = 64,
         stats: DecoderStats | None = None,
     ) -> None:
@@ -159,6 +160,14 @@ class BatchDecoder:
             visual_tokens=int(request.visual.tokens.shape[0]),
         )
         return instruction, ids
+
+    async def complete(self, request: DecodeRequest) -> DecodeEvent:
+        """The final event of :meth:`decode` (the whole text), for callers that need no stream."""
+        final = None
+        async for event in self.decode(request):
+            final = event
+        assert final is not None and final.done
+        return final
 
     async def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
         """Stream the completion of ``request``: text deltas, then a final ``done`` event."""

@@ -105,15 +105,23 @@ class DecoderService:
             "top_k": int(cfg.experts.top_k),
         }
 
-    async def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
-        """Stream one request's completion; call with ``handle.options(stream=True)``."""
+    async def _check_expert_set(self, request: DecodeRequest) -> None:
         key = serve.get_multiplexed_model_id()
         if key:
             experts = await self._expert_set(key)
             if tuple(sorted(request.experts)) != experts:
                 raise InvalidArgumentError(f"request experts do not match expert set {key!r}")
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
+        """Stream one request's completion; call with ``handle.options(stream=True)``."""
+        await self._check_expert_set(request)
         async for event in self.engine.decode(request):
             yield event
+
+    async def complete(self, request: DecodeRequest) -> DecodeEvent:
+        """One request's whole completion (no per-token messages between replicas)."""
+        await self._check_expert_set(request)
+        return await self.engine.complete(request)
 
     # -- gRPC API ----------------------------------------------------------------------------
     @server_stream

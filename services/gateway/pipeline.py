@@ -42,6 +42,8 @@ class Backends(Protocol):
 
     def decode(self, request: DecodeRequest, expert_set: str) -> AsyncIterator[DecodeEvent]: ...
 
+    async def complete(self, request: DecodeRequest, expert_set: str) -> DecodeEvent: ...
+
 
 class _Timer:
     def __init__(self) -> None:
@@ -173,7 +175,7 @@ class Pipeline:
             )
         )
         analysis = None
-        answer = self._answer(question, encoding.visual, timer, deadline, size=(0, 0))
+        answer = self._answer(question, encoding.visual, timer, deadline, size=(0, 0), stream=True)
         async for event in answer:
             if isinstance(event, pathology_pb2.Analysis):
                 analysis = event
@@ -194,8 +196,9 @@ class Pipeline:
         *,
         size: tuple[int, int],
         region: tuple[int, int, int, int] | None = None,
+        stream: bool = False,
     ) -> AsyncIterator[pathology_pb2.Progress | pathology_pb2.Analysis]:
-        """Route and decode; stream decoding progress, then the parsed analysis."""
+        """Route and decode; with ``stream``, decoding progress first; then the analysis."""
         with timer.stage(pathology_pb2.STAGE_ROUTING):
             route = await self.backends.route(question.task, question.scale, visual.pooled)
         request = DecodeRequest(
@@ -208,17 +211,20 @@ class Pipeline:
         final: DecodeEvent | None = None
         tokens = 0
         with timer.stage(pathology_pb2.STAGE_DECODING):
-            async for event in self.backends.decode(request, route.expert_set):
-                tokens += 1
-                if event.text_delta:
-                    yield pathology_pb2.Progress(
-                        stage=pathology_pb2.STAGE_DECODING,
-                        done=tokens,
-                        total=question.max_new_tokens,
-                        text_delta=event.text_delta,
-                    )
-                if event.done:
-                    final = event
+            if not stream:
+                final = await self.backends.complete(request, route.expert_set)
+            else:
+                async for event in self.backends.decode(request, route.expert_set):
+                    tokens += 1
+                    if event.text_delta:
+                        yield pathology_pb2.Progress(
+                            stage=pathology_pb2.STAGE_DECODING,
+                            done=tokens,
+                            total=question.max_new_tokens,
+                            text_delta=event.text_delta,
+                        )
+                    if event.done:
+                        final = event
         assert final is not None
         with timer.stage(pathology_pb2.STAGE_PARSING):
             analysis = analysis_from_completion(

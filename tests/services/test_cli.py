@@ -63,3 +63,71 @@ def test_train_submit_dry_run_prints_a_valid_rayjob(capsys: pytest.CaptureFixtur
     assert limits["nvidia.com/gpu"] in (1, "1")
     assert main([*argv, "--name", "Not_DNS", "--dry-run"]) == 2
     assert "DNS-1035" in capsys.readouterr().err
+
+
+def test_serve_print_config_is_the_serve_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    assert main(["serve", "--print-config"]) == 0
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert [a.name for a in schema.applications] == [
+        "tiler",
+        "encoder",
+        "router",
+        "decoder",
+        "gateway",
+    ]
+
+
+def test_analyze_an_image_a_slide_and_a_region(
+    serve_instance,
+    synthetic_tiff,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import yaml
+
+    from smartpath.training.synthetic.roi import render_roi
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+    from tests.services.conftest import API_TOKEN
+
+    # The CLI's own config: the server's object store (a local slide outside the server's
+    # roots is uploaded there first) and its gRPC port.
+    monkeypatch.setenv("SMARTPATH_STORAGE__ACCESS_KEY", S3_ACCESS_KEY)
+    monkeypatch.setenv("SMARTPATH_STORAGE__SECRET_KEY", S3_SECRET_KEY)
+    config = tmp_path / "cli.yaml"
+    storage = serve_instance.storage.model_dump(mode="json", exclude={"access_key", "secret_key"})
+    config.write_text(
+        yaml.safe_dump({"storage": storage, "serve": {"grpc_port": serve_instance.serve.grpc_port}})
+    )
+    token = tmp_path / "token"
+    token.write_text(API_TOKEN + "\n")
+    common = ["--token-file", str(token), "--out", str(tmp_path / "out")]
+
+    image = tmp_path / "roi.png"
+    Image.fromarray(render_roi(np.random.default_rng(1), "stroma", 288).image).save(image)
+    args = ["--config", str(config), "analyze", str(image), "--image", "--task", "classification"]
+    assert main([*args, *common, "--stem", "roi"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "classification" and result["label"] in result["label_scores"]
+    assert Image.open(result["files"]["overlay"]).size == (288, 288)
+
+    slide = tmp_path / "outside-roots.tiff"  # not under the server's local roots: uploaded
+    slide.write_bytes(synthetic_tiff.path.read_bytes())
+    args = ["--config", str(config), "analyze", str(slide), "--task", "vqa"]
+    assert main([*args, "--prompt", "Is adipose tissue present?", *common, "--stem", "wsi"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["scale"] == "wsi" and result["tiles"] > 0 and "tiles" in out.err  # progress bar
+    assert Path(result["files"]["overlay"]).is_file()
+
+    args = ["--config", str(config), "analyze", str(slide), "--task", "detection"]
+    assert main([*args, "--region", "512,512,448,448", *common, "--stem", "region"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert Image.open(result["files"]["overlay"]).size == (448, 448)  # the region at 0.5 µm/px
+    geojson = json.loads(Path(result["files"]["geojson"]).read_text())
+    for feature in geojson["features"]:
+        for x, y in feature["geometry"]["coordinates"][0]:
+            assert 512 <= x <= 960 and 512 <= y <= 960  # slide level-0 pixels
