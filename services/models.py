@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
 from smartpath.model.mllm import SmartPathModel
 from smartpath.services.config import SmartPathConfig
@@ -11,8 +9,7 @@ from smartpath.services.config import SmartPathConfig
 
 def load_served_model(config: SmartPathConfig) -> SmartPathModel:
     """The model named by ``config.model.uri`` (the packaged demo model when unset), in eval
-    mode with gradients off."""
-    torch.set_grad_enabled(False)
+    mode; the engines run it under ``torch.no_grad()``."""
     src = config.model.uri or DEMO_MODEL_DIR
     return SmartPathModel.load(src, store=config.storage).eval()
 
