@@ -172,28 +172,21 @@ class ModelServingConfig(BaseModel):
     )
 
 
-class EncoderDeploymentConfig(DeploymentConfig):
-    """The FeatureEncoder deployment and its dynamic batching (``@serve.batch``)."""
+class BatchingDeploymentConfig(DeploymentConfig):
+    """A deployment that batches concurrent requests into one forward pass."""
 
-    max_batch_size: int = Field(32, ge=1, description="Images or tile sets per forward.")
+    max_batch_size: int = Field(16, ge=1, description="Requests (or tile sets) per forward.")
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
-        description="How long a partial batch waits for more requests. 0: an idle encoder "
+        description="How long a partial batch waits for more requests. 0: an idle replica "
         "starts at once; requests that arrive meanwhile form the next batch.",
     )
 
 
-class DecoderDeploymentConfig(DeploymentConfig):
-    """The Decoder deployment and its batching across requests."""
+class DecoderDeploymentConfig(BatchingDeploymentConfig):
+    """The Decoder deployment: batching across requests, a bounded queue, expert sets."""
 
-    max_batch_size: int = Field(16, ge=1, description="Requests decoded together.")
-    batch_wait_timeout_s: float = Field(
-        0.0,
-        ge=0,
-        description="How long a partial batch waits for more requests. 0: an idle decoder "
-        "starts at once; requests that arrive meanwhile form the next batch.",
-    )
     max_pending: int = Field(
         64, ge=1, description="Requests waiting for a batch before RESOURCE_EXHAUSTED."
     )
@@ -219,8 +212,8 @@ class ServeConfig(BaseModel):
     )
     tiler: DeploymentConfig = Field(default_factory=DeploymentConfig)
     # Batching deployments take more concurrent requests than they batch, so batches fill.
-    encoder: EncoderDeploymentConfig = Field(
-        default_factory=lambda: EncoderDeploymentConfig(max_ongoing_requests=64)
+    encoder: BatchingDeploymentConfig = Field(
+        default_factory=lambda: BatchingDeploymentConfig(max_batch_size=32, max_ongoing_requests=64)
     )
     router: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64)

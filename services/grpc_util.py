@@ -41,6 +41,23 @@ SERVICE_OF_APP = {
 }
 
 
+class RpcCounter:
+    """Counts RPC outcomes by method and status code as ``smartpath_<service>_rpcs``; a
+    deployment sets one as its ``record_rpc`` (what the wrappers below call)."""
+
+    def __init__(self, service: str) -> None:
+        from ray.serve import metrics
+
+        self._counter = metrics.Counter(
+            f"smartpath_{service}_rpcs",
+            description=f"{service} RPCs by method and gRPC status code.",
+            tag_keys=("method", "code"),
+        )
+
+    def __call__(self, method: str, code: grpc.StatusCode) -> None:
+        self._counter.inc(tags={"method": method, "code": code.name})
+
+
 class RpcFailed(Exception):
     """Ends a failed server stream after its status was set on the context."""
 

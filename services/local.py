@@ -14,7 +14,6 @@ import numpy as np
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.tile_encoder import make_tile_encoder
-from smartpath.services.aio import iterate_in_thread
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.decoder import BatchDecoder, DecodeEvent, DecodeRequest
 from smartpath.services.encoding.cache import FeatureCache
@@ -23,39 +22,8 @@ from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, enc
 from smartpath.services.gateway.pipeline import Pipeline
 from smartpath.services.models import load_served_model, model_version
 from smartpath.services.routing.router import ExpertGate, Route
-from smartpath.services.tiling.plan import TileGeometry, TilePlan
-from smartpath.services.tiling.tiler import Tiler, TileRequest
-
-
-class LocalSlideSource:
-    """A :class:`~smartpath.services.encoding.slides.SlideSource` over a local Tiler."""
-
-    def __init__(self, tiler: Tiler) -> None:
-        self.tiler = tiler
-
-    async def identify(self, uri: str) -> str:
-        return await asyncio.to_thread(self.tiler.identify, uri)
-
-    async def tissue_params(self) -> dict[str, float]:
-        return self.tiler.tissue_params()
-
-    async def plan(
-        self, uri: str, request: TileRequest, mpp_override: float | None = None
-    ) -> tuple[TilePlan, object]:
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        return await asyncio.to_thread(self.tiler.plan, opened, request)
-
-    async def read_tiles(
-        self,
-        uri: str,
-        geometry: TileGeometry,
-        xs: np.ndarray,
-        ys: np.ndarray,
-        mpp_override: float | None = None,
-    ) -> AsyncIterator[tuple[int, np.ndarray]]:
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        async for batch in iterate_in_thread(self.tiler.read(opened, geometry, xs, ys)):
-            yield batch
+from smartpath.services.tiling.source import TilerSource
+from smartpath.services.tiling.tiler import Tiler
 
 
 class LocalBackends:
@@ -65,7 +33,7 @@ class LocalBackends:
         self.config = config
         self.model = model if model is not None else load_served_model(config)
         self.tiler = Tiler(config)
-        self.source = LocalSlideSource(self.tiler)
+        self.source = TilerSource(self.tiler)
         self.encoder = VisualEncoder(self.model, make_tile_encoder(config.model.tile_encoder))
         self.cache = FeatureCache(self.tiler.store, config.model.features_bucket)
         self.gate = ExpertGate(self.model)
@@ -81,8 +49,7 @@ class LocalBackends:
     async def read_region(
         self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
     ) -> np.ndarray:
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        return await asyncio.to_thread(self.tiler.read_region, opened, *rect, mpp)
+        return await self.source.read_region(uri, mpp_override, rect, mpp)
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens:
         roi = self.encoder.prepare(image)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from ray import serve
 from ray.serve import metrics
 
@@ -27,7 +26,7 @@ from smartpath.services.decoding.decoder import (
 from smartpath.services.decoding.question import make_question, parse_scale
 from smartpath.services.encoding.encoder import VisualTokens
 from smartpath.services.errors import InvalidArgumentError
-from smartpath.services.grpc_util import server_stream
+from smartpath.services.grpc_util import RpcCounter, server_stream
 from smartpath.services.models import load_served_model, model_version
 from smartpath.services.routing.router import parse_expert_set
 from smartpath.services.tensors import from_tensor
@@ -42,11 +41,7 @@ class DecoderService:
         self.model = load_served_model(self.config)
         self.version = model_version(self.model)
         d = self.config.serve.decoder
-        self._rpcs = metrics.Counter(
-            "smartpath_decoder_rpcs",
-            description="Decoder RPCs by method and gRPC status code.",
-            tag_keys=("method", "code"),
-        )
+        self.record_rpc = RpcCounter("decoder")
         queue = metrics.Histogram(
             "smartpath_decoder_queue_seconds",
             description="Time a request waited for its decoding batch.",
@@ -87,10 +82,6 @@ class DecoderService:
         self._expert_set = serve.multiplexed(max_num_models_per_replica=d.max_expert_sets)(
             load_expert_set
         )
-
-    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        """Count one RPC outcome (called by the gRPC wrappers)."""
-        self._rpcs.inc(tags={"method": method, "code": code.name})
 
     # -- Python API (DeploymentHandle) -----------------------------------------------------
     async def info(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import numpy as np
 from ray import serve
 from ray.serve import metrics
@@ -21,7 +20,7 @@ from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens, decode_image
 from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
 from smartpath.services.errors import InvalidArgumentError
-from smartpath.services.grpc_util import unary
+from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.handles import TilerHandle, handle
 from smartpath.services.models import load_served_model
 from smartpath.services.storage import make_store
@@ -43,11 +42,7 @@ class FeatureEncoderService:
         for batched in (self._encode_rois, self._encode_tile_sets):
             batched.set_max_batch_size(e.max_batch_size)
             batched.set_batch_wait_timeout_s(e.batch_wait_timeout_s)
-        self._rpcs = metrics.Counter(
-            "smartpath_encoder_rpcs",
-            description="FeatureEncoder RPCs by method and gRPC status code.",
-            tag_keys=("method", "code"),
-        )
+        self.record_rpc = RpcCounter("encoder")
         self._batch_size = metrics.Histogram(
             "smartpath_encoder_batch_size",
             description="Images or tile sets per encoder forward.",
@@ -63,10 +58,6 @@ class FeatureEncoderService:
             description="Slide feature cache lookups by result (hit or miss).",
             tag_keys=("result",),
         )
-
-    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        """Count one RPC outcome (called by the gRPC wrappers)."""
-        self._rpcs.inc(tags={"method": method, "code": code.name})
 
     # -- batched engines -------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

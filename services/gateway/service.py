@@ -8,14 +8,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from ray.serve import context as serve_context
-from ray.serve import metrics
 
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.gateway.auth import TokenCheck
 from smartpath.services.gateway.pipeline import Pipeline
-from smartpath.services.grpc_util import server_stream, unary
+from smartpath.services.grpc_util import RpcCounter, server_stream, unary
 from smartpath.services.handles import HandleBackends
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -40,15 +38,7 @@ class PathologyService:
         )
         self._pipeline: Pipeline | None = None
         self._info: dict[str, Any] | None = None
-        self._rpcs = metrics.Counter(
-            "smartpath_gateway_rpcs",
-            description="Pathology RPCs by method and gRPC status code.",
-            tag_keys=("method", "code"),
-        )
-
-    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        """Count one RPC outcome (called by the gRPC wrappers)."""
-        self._rpcs.inc(tags={"method": method, "code": code.name})
+        self.record_rpc = RpcCounter("gateway")
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:

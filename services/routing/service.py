@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
 import numpy as np
 from ray.serve import metrics
 
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.question import parse_scale, parse_task
-from smartpath.services.grpc_util import unary
+from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.models import load_served_model
 from smartpath.services.routing.router import ExpertGate, Route
 from smartpath.services.tensors import from_tensor
@@ -25,20 +24,12 @@ class ExpertRouterService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         self.gate = ExpertGate(load_served_model(self.config))
-        self._rpcs = metrics.Counter(
-            "smartpath_router_rpcs",
-            description="ExpertRouter RPCs by method and gRPC status code.",
-            tag_keys=("method", "code"),
-        )
+        self.record_rpc = RpcCounter("router")
         self._routes = metrics.Counter(
             "smartpath_router_expert_sets",
             description="Requests routed, by task/scale and chosen expert set.",
             tag_keys=("key", "expert_set"),
         )
-
-    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        """Count one RPC outcome (called by the gRPC wrappers)."""
-        self._rpcs.inc(tags={"method": method, "code": code.name})
 
     async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
         """The top-k experts of one request."""

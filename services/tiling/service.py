@@ -9,7 +9,6 @@ import io
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import numpy as np
 from PIL import Image
 from ray.serve import metrics
@@ -17,10 +16,10 @@ from ray.serve import metrics
 from smartpath.services.aio import iterate_in_thread
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.errors import InvalidArgumentError
-from smartpath.services.grpc_util import server_stream, unary
-from smartpath.services.tiling.plan import TileGeometry, TilePlan
-from smartpath.services.tiling.slide import SlideInfo
-from smartpath.services.tiling.tiler import OpenedSlide, Tiler, TileRequest, TissueMask
+from smartpath.services.grpc_util import RpcCounter, server_stream, unary
+from smartpath.services.tiling.plan import TilePlan
+from smartpath.services.tiling.source import TilerSource
+from smartpath.services.tiling.tiler import OpenedSlide, Tiler, TileRequest
 from smartpath.v1 import common_pb2, tiling_pb2
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -132,65 +131,20 @@ def tile_batch(
     return response
 
 
-class SlideTilerService:
-    """Ray Serve deployment class serving ``smartpath.v1.SlideTiler``."""
+class SlideTilerService(TilerSource):
+    """Ray Serve deployment class serving ``smartpath.v1.SlideTiler``; its Python API (for
+    DeploymentHandles) is :class:`TilerSource`'s."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.tiler = Tiler(SmartPathConfig(**config))
-        self._rpcs = metrics.Counter(
-            "smartpath_tiler_rpcs",
-            description="SlideTiler RPCs by method and gRPC status code.",
-            tag_keys=("method", "code"),
-        )
+        super().__init__(Tiler(SmartPathConfig(**config)))
+        self.record_rpc = RpcCounter("tiler")
         self._tiles = metrics.Counter(
             "smartpath_tiler_tiles", description="Tiles decoded and returned."
         )
 
-    def record_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        """Count one RPC outcome (called by the gRPC wrappers)."""
-        self._rpcs.inc(tags={"method": method, "code": code.name})
-
-    # -- Python API (DeploymentHandle) -----------------------------------------------------
-    async def describe(self, uri: str, mpp_override: float | None = None) -> tuple[SlideInfo, str]:
-        """The slide's metadata and content id."""
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        return opened.info, opened.slide_id
-
-    async def identify(self, uri: str) -> str:
-        """The slide's content id from metadata only (no download)."""
-        return await asyncio.to_thread(self.tiler.identify, uri)
-
-    async def tissue_params(self) -> dict[str, float]:
-        """The tissue-detection settings that shape this tiler's plans."""
-        return self.tiler.tissue_params()
-
-    async def read_region(
-        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
-    ) -> np.ndarray:
-        """A level-0 rectangle (x, y, w, h) of the slide as RGB at ``mpp`` µm/px."""
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        return await asyncio.to_thread(self.tiler.read_region, opened, *rect, mpp)
-
-    async def plan(
-        self, uri: str, request: TileRequest, mpp_override: float | None = None
-    ) -> tuple[TilePlan, TissueMask]:
-        """Tissue tile plan of a slide."""
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        return await asyncio.to_thread(self.tiler.plan, opened, request)
-
-    async def read_tiles(
-        self,
-        uri: str,
-        geometry: TileGeometry,
-        xs: np.ndarray,
-        ys: np.ndarray,
-        mpp_override: float | None = None,
-        batch_size: int | None = None,
-    ) -> AsyncIterator[tuple[int, np.ndarray]]:
-        """Stream (offset, tiles) batches; call with ``handle.options(stream=True)``."""
-        opened = await asyncio.to_thread(self.tiler.open, uri, mpp_override)
-        batches = self.tiler.read(opened, geometry, xs, ys, batch_size)
-        async for batch in iterate_in_thread(batches):
+    async def read_tiles(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """:meth:`TilerSource.read_tiles`, counted."""
+        async for batch in super().read_tiles(*args, **kwargs):
             self._tiles.inc(len(batch[1]))
             yield batch
 
