@@ -350,3 +350,28 @@ def test_request_id_reaches_every_service_log(client, roi) -> None:
             break
         time.sleep(0.5)
     assert {"gateway", "encoder", "router", "decoder"} <= seen
+
+
+def test_prometheus_metrics_of_the_pipeline(client, roi) -> None:
+    """Queue time, batch size, tokens, tiles and cache lookups reach Ray's metrics endpoint."""
+    import urllib.request
+
+    import ray
+
+    client.analyze_image(_png(roi), question("classification"))
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = {
+        "smartpath_decoder_queue_seconds",
+        "smartpath_decoder_batch_size",
+        "smartpath_decoder_tokens",
+        "smartpath_encoder_batch_size",
+        "smartpath_gateway_rpcs",
+    }
+    deadline = time.monotonic() + 60
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        missing = {m for m in wanted if m not in text}
+        time.sleep(2)
+    assert not missing, f"not exported: {sorted(missing)}"
