@@ -78,7 +78,6 @@ class DecodeEvent:
 class _Job:
     request: DecodeRequest
     prompt_ids: list[int]
-    instruction: str
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
@@ -97,10 +96,8 @@ class _Job:
 
 @dataclass
 class DecoderStats:
-    """Counters the deployment exports as metrics."""
+    """Hooks through which the deployment exports metrics (batch sizes, queue time, tokens)."""
 
-    batches: int = 0
-    tokens: int = 0
     on_batch: Callable[[int, list[float]], None] | None = None  # (size, queue seconds)
     on_tokens: Callable[[int, float], None] | None = None  # (tokens, seconds)
 
@@ -151,15 +148,13 @@ class BatchDecoder:
         if any(not 0 <= e < self.num_experts for e in request.experts):
             raise InvalidArgumentError(f"experts must be in [0, {self.num_experts})")
 
-    def _prompt(self, request: DecodeRequest) -> tuple[str, list[int]]:
-        instruction = request.question.text(self.default_labels)
-        ids = question_ids(
+    def _prompt(self, request: DecodeRequest) -> list[int]:
+        return question_ids(
             self.tokenizer,
-            instruction,
+            request.question.text(self.default_labels),
             slide=request.question.scale == Scale.WSI,
             visual_tokens=int(request.visual.tokens.shape[0]),
         )
-        return instruction, ids
 
     async def complete(self, request: DecodeRequest) -> DecodeEvent:
         """The final event of :meth:`decode` (the whole text), for callers that need no stream."""
@@ -172,13 +167,13 @@ class BatchDecoder:
     async def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeEvent]:
         """Stream the completion of ``request``: text deltas, then a final ``done`` event."""
         self._check(request)
-        instruction, ids = self._prompt(request)
+        ids = self._prompt(request)
         if len(self._pending) >= self.max_pending:
             raise ResourceExhaustedError(
                 f"decoder queue is full ({self.max_pending} requests waiting); retry later"
             )
         loop = asyncio.get_running_loop()
-        job = _Job(request, ids, instruction, asyncio.Queue(), loop)
+        job = _Job(request, ids, asyncio.Queue(), loop)
         self._pending.append(job)
         self._ensure_worker()
         try:

@@ -67,7 +67,6 @@ class VisualEncoder:
         self.model = model
         self.tile_encoder = tile_encoder
         self.processor = make_image_processor(model.cfg.vision)
-        self.merge = int(model.cfg.vision.spatial_merge_size)
 
     def prepare(self, image: np.ndarray) -> RoiInput:
         """Resize and patchify one ROI (cheap; done per request before batching)."""

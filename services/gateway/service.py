@@ -31,11 +31,8 @@ class PathologyService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         self.backends = HandleBackends()
-        self.auth = (
-            TokenCheck(self.config.serve.auth_token_file)
-            if (self.config.serve.auth_token_file)
-            else None
-        )
+        tokens = self.config.serve.auth_token_file
+        self.auth = TokenCheck(tokens) if tokens is not None else None
         self._pipeline: Pipeline | None = None
         self._info: dict[str, Any] | None = None
         self.record_rpc = RpcCounter("gateway")

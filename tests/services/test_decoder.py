@@ -64,7 +64,7 @@ def _requests(visuals, **kw) -> list[DecodeRequest]:
 
 def _reference(model: SmartPathModel, decoder: BatchDecoder, request: DecodeRequest) -> str:
     """The model's own generate() on this one request (precomputed visual tokens)."""
-    _, ids = decoder._prompt(request)
+    ids = decoder._prompt(request)
     batch: MultimodalBatch = decoder._batch([(ids, request)])
     routing = ExpertRouting(torch.tensor([request.experts]), torch.tensor([request.weights]))
     eos = model.tokenizer.convert_tokens_to_ids(IM_END)
