@@ -338,6 +338,11 @@ class ModelConfig(_Strict):
     aggregator: AggregatorConfig = Field(
         default_factory=AggregatorConfig, description="Slide aggregator (WSI path)."
     )
+    image_positions: bool = Field(
+        False,
+        description="Add learnt absolute 2-D positions to the vision tower's tokens "
+        "(smartpath.model.image_position); a tiny model needs them to localise objects.",
+    )
     seed: int = Field(0, ge=0, description="Seed of random initialisation (deterministic).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Parameter dtype of the built or loaded model."

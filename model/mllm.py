@@ -9,6 +9,8 @@ Design decisions:
   at ``<|image_pad|>`` tokens, aggregated slide tokens at ``<|slide_pad|>`` tokens; then the
   base runs on ``inputs_embeds`` with Qwen's 3-D (M-RoPE) positions computed from the ids.
   Slide tokens take ordinary 1-D text positions (their layout is in the aggregator's encoding).
+- With ``cfg.image_positions``, ROI image tokens also carry learnt absolute 2-D positions
+  (``image_position.py``), added in :meth:`encode_images`.
 - The router sees the task, the scale and the mean of the request's visual tokens; its top-k
   gate becomes the per-request ExpertRouting for the whole forward pass. Its load-balancing
   loss is returned, scaled, beside the LM loss.
@@ -31,6 +33,7 @@ from smartpath.model.config import ModelConfig
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
 from smartpath.model.grammar import Scale, Task
+from smartpath.model.image_position import ImagePositionEmbedding
 from smartpath.model.router import ExpertRouter, RouterOutput
 from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
@@ -111,6 +114,7 @@ class SmartPathModel(nn.Module):
             top_k=e.top_k,
             hidden_dim=cfg.router.hidden_size,
         )
+        self.image_position = ImagePositionEmbedding(hidden) if cfg.image_positions else None
 
     @property
     def slide_tokens(self) -> int:
@@ -120,7 +124,11 @@ class SmartPathModel(nn.Module):
     def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
         """The vision tower's tokens (image tokens, H) for packed ROI images."""
         images = self.base.model.get_image_features(pixel_values, image_grid_thw)
-        return torch.cat(images.pooler_output)
+        tokens = torch.cat(images.pooler_output)  # (image tokens, H)
+        if self.image_position is not None:
+            merge = self.base.config.vision_config.spatial_merge_size
+            tokens = tokens + self.image_position(image_grid_thw, merge).to(tokens.dtype)
+        return tokens
 
     def slide_tokens_of(self, slide: SlideInput) -> Tensor:
         """The aggregator's slide tokens (M, H) for one slide's tile features."""

@@ -27,6 +27,7 @@ __all__ = [
     "GrpoConfig",
     "OptimConfig",
     "SftConfig",
+    "TaskPhase",
     "TrainingConfig",
 ]
 
@@ -60,6 +61,13 @@ class DataConfig(_Strict):
         default_factory=lambda: {"roi": 0.5, "wsi": 0.5},
         description="Scale-balanced sampling: draw probability per scale (0 excludes a scale).",
     )
+    task_weights: dict[str, float] | None = Field(
+        None,
+        description="Task-balanced sampling within each scale: weight per task name "
+        "(classification, detection, segmentation, vqa) or per task/scale key "
+        "(classification/wsi); unnamed tasks weigh 1, 0 excludes. "
+        "None draws a scale's samples uniformly (tasks in their dataset proportions).",
+    )
     max_eval_per_task: int = Field(
         40, ge=1, description="Held-out samples evaluated per task/scale key."
     )
@@ -81,6 +89,15 @@ class DistributedConfig(_Strict):
     )
 
 
+class TaskPhase(_Strict):
+    """One phase of an SFT curriculum: task weights used until a step."""
+
+    until_step: int = Field(ge=1, description="The phase covers steps before this one.")
+    task_weights: dict[str, float] = Field(
+        description="Task weights in this phase (as data.task_weights; 0 excludes a task)."
+    )
+
+
 class SftConfig(_Strict):
     """Scale-aware supervised fine-tuning."""
 
@@ -94,7 +111,29 @@ class SftConfig(_Strict):
     aux_weight: float | None = Field(
         None, ge=0, description="Load-balancing loss weight; None uses model.router's."
     )
+    curriculum: list[TaskPhase] = Field(
+        default_factory=list,
+        description="Task-weight phases from step 0, in order; after the last phase "
+        "data.task_weights applies. A small model first learns to see from short-answer "
+        "tasks (classification, VQA), then adds long coordinate answers.",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _check_curriculum(self) -> SftConfig:
+        ends = [phase.until_step for phase in self.curriculum]
+        if ends != sorted(set(ends)):
+            raise ValueError("sft.curriculum phases need strictly increasing until_step")
+        return self
+
+    def task_weights_at(
+        self, step: int, default: dict[str, float] | None
+    ) -> dict[str, float] | None:
+        """The task weights of ``step`` (0-based): its curriculum phase's, else ``default``."""
+        for phase in self.curriculum:
+            if step < phase.until_step:
+                return phase.task_weights
+        return default
 
 
 class GrpoConfig(_Strict):

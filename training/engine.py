@@ -62,12 +62,15 @@ HISTORY_FILE = "history.jsonl"
 
 
 def trainable_parameters(model: SmartPathModel, train_base: bool) -> list[torch.nn.Parameter]:
-    """Unfreeze SmartPath's own parts (experts, aggregator, router) and, with ``train_base``,
-    every base weight; return the trainable parameters (tied weights once)."""
+    """Unfreeze SmartPath's own parts (experts, aggregator, router, image positions) and,
+    with ``train_base``, every base weight; return the trainable parameters (tied weights
+    once)."""
     params: list[torch.nn.Parameter] = []
     seen: set[int] = set()
     for name, param in model.named_parameters():
-        own = name.startswith(("aggregator.", "router.")) or name.endswith((".lora_A", ".lora_B"))
+        own = name.startswith(("aggregator.", "router.", "image_position.")) or name.endswith(
+            (".lora_A", ".lora_B")
+        )
         param.requires_grad_(own or train_base)
         if param.requires_grad and id(param) not in seen:
             seen.add(id(param))

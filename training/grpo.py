@@ -109,7 +109,7 @@ def train_loop(loop_config: dict) -> None:
     start, history = run.restore()
     for step in range(start, g.steps):
         tic = time.perf_counter()
-        prompts = step_batch(items, t, rank, step, g.prompts_per_step)
+        prompts = step_batch(items, t, rank, step, g.prompts_per_step, t.data.task_weights)
         rolls = rollout(
             run.model,
             collator,

@@ -614,6 +614,8 @@ def write_report(
                 history_pngs[stage] = rel(png)
                 written[rel(png)] = png
     example_rows: list[dict[str, Any]] = []
+    for stale in (out / "plots" / "examples").glob("*.png"):  # a previous report's overlays
+        stale.unlink()
     for i, pred in enumerate(examples or ()):
         path = out / "plots" / "examples" / f"{i:03d}_{_safe_name(pred.sample.id)}.png"
         png, score = _example_plot(i, pred, image_loader, path)

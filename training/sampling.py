@@ -15,6 +15,13 @@ Design decisions:
   a ValueError (silently renormalising would hide a broken manifest).
 - Scales are names (``"roi"``, ``"wsi"``); ``smartpath.model.grammar.Scale`` members and their
   ints are accepted and mapped to the lowercase name.
+- Optional task weights (``task_weights``, keyed by task name, or by ``task/scale`` for one
+  scale only, which wins over the plain name) split each scale's draws among its tasks: a draw
+  picks the scale, then a task of that scale with probability ``weight / sum(weights of the
+  scale's tasks present)`` (tasks not named weigh 1, 0 excludes), then a sample of that
+  (scale, task) pool. Without them a scale's samples are drawn uniformly, so tasks come in
+  their dataset proportions. Tasks compete for a small model's capacity: up-weighting a
+  short-answer task (classification) keeps long coordinate answers from crowding it out.
 - Not distributed-aware yet: under data parallelism each rank needs its own ``seed`` (e.g.
   ``seed + rank``) or a shard of the index list; the trainer is expected to do that.
 """
@@ -52,6 +59,13 @@ def scale_name(scale: str | int | Scale) -> str:
     return _enum_name(Scale, scale, coerce_scale)
 
 
+def _weight_key(key: str) -> str:
+    """A task weight's key: a task name, or ``task/scale`` for one scale only."""
+    task, _, scale = key.partition("/")
+    name = _enum_name(Task, task, coerce_task)
+    return f"{name}/{scale_name(scale)}" if scale else name
+
+
 def task_scale_key(task: str | int | Task, scale: str | int | Scale) -> str:
     """Stable key for per-task/per-scale expert assignment, e.g. ``"classification/roi"``."""
     return f"{_enum_name(Task, task, coerce_task)}/{scale_name(scale)}"
@@ -66,9 +80,16 @@ class ScaleBalancedSampler(Sampler[int]):
         weights: Mapping[str, float] | None = None,
         seed: int = 0,
         num_samples: int | None = None,
+        *,
+        tasks: Sequence[str | int | Task] | None = None,
+        task_weights: Mapping[str, float] | None = None,
     ) -> None:
         weights = dict(DEFAULT_SCALE_WEIGHTS if weights is None else weights)
         names = [scale_name(s) for s in scales]
+        if (tasks is None) != (task_weights is None):
+            raise ValueError("tasks and task_weights go together")
+        if tasks is not None and len(tasks) != len(names):
+            raise ValueError(f"{len(tasks)} tasks for {len(names)} scales")
         norm = {scale_name(k): float(v) for k, v in weights.items()}
         if any(v < 0 or v != v for v in norm.values()):
             raise ValueError(f"scale weights must be >= 0, got {weights}")
@@ -88,10 +109,33 @@ class ScaleBalancedSampler(Sampler[int]):
                     f"scale {name!r} has weight {w} but the dataset has no {name!r} samples; "
                     "set its weight to 0 or add samples"
                 )
-        self._active = [k for k, w in norm.items() if w > 0]
-        self._probs = torch.tensor([norm[k] for k in self._active], dtype=torch.float64)
-        self._probs = self._probs / self._probs.sum()
-        self._pools = {k: torch.tensor(pools[k], dtype=torch.long) for k in self._active}
+        active = [k for k, w in norm.items() if w > 0]
+        scale_probs = {k: norm[k] / sum(norm[a] for a in active) for k in active}
+        # Draw groups: one per active scale, or one per (scale, task) with task weights.
+        groups: list[tuple[str, list[int], float]] = []
+        if task_weights is None:
+            groups = [(k, pools[k], scale_probs[k]) for k in active]
+        else:
+            task_names = [_enum_name(Task, t, coerce_task) for t in tasks]  # type: ignore[union-attr]
+            tw = {_weight_key(k): float(v) for k, v in task_weights.items()}
+            if any(v < 0 or v != v for v in tw.values()):
+                raise ValueError(f"task weights must be >= 0, got {task_weights}")
+            for scale in active:
+                by_task: dict[str, list[int]] = {}
+                for i in pools[scale]:
+                    by_task.setdefault(task_names[i], []).append(i)
+                weight = {t: tw.get(f"{t}/{scale}", tw.get(t, 1.0)) for t in sorted(by_task)}
+                present = {t: w for t, w in weight.items() if w > 0}
+                if not present:
+                    raise ValueError(f"task weights exclude every {scale!r} task")
+                total = sum(present.values())
+                groups += [
+                    (f"{t}/{scale}", by_task[t], scale_probs[scale] * w / total)
+                    for t, w in present.items()
+                ]
+        self._active = [name for name, _, _ in groups]
+        self._probs = torch.tensor([p for _, _, p in groups], dtype=torch.float64)
+        self._pools = {name: torch.tensor(idx, dtype=torch.long) for name, idx, _ in groups}
         self.seed = int(seed)
         self.epoch = 0
         self.num_samples = len(names) if num_samples is None else int(num_samples)
@@ -100,7 +144,8 @@ class ScaleBalancedSampler(Sampler[int]):
 
     @property
     def probabilities(self) -> dict[str, float]:
-        """Normalised per-scale draw probabilities (scales with weight 0 omitted)."""
+        """Normalised draw probability per scale (or per ``task/scale`` key with task weights);
+        groups with weight 0 are omitted."""
         return {k: float(p) for k, p in zip(self._active, self._probs, strict=True)}
 
     def set_epoch(self, epoch: int) -> None:

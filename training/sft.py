@@ -46,7 +46,12 @@ def build_model(t: TrainingConfig, store) -> SmartPathModel:
 
 
 def step_batch(
-    items: list[Item], t: TrainingConfig, rank: int, step: int, batch_size: int
+    items: list[Item],
+    t: TrainingConfig,
+    rank: int,
+    step: int,
+    batch_size: int,
+    task_weights: dict[str, float] | None = None,
 ) -> list[Item]:
     """The batch rank ``rank`` trains on at ``step``: a pure function, so resume is exact."""
     sampler = ScaleBalancedSampler(
@@ -54,6 +59,8 @@ def step_batch(
         t.data.scale_weights,
         seed=t.seed * 9973 + rank,
         num_samples=batch_size,
+        tasks=None if task_weights is None else [s.task for s, _ in items],
+        task_weights=task_weights,
     )
     sampler.set_epoch(step)
     return [items[i] for i in sampler]
@@ -82,7 +89,8 @@ def train_loop(loop_config: dict) -> None:
     start, history = run.restore()
     for step in range(start, t.sft.steps):
         tic = time.perf_counter()
-        batch, labels = collator(step_batch(items, t, rank, step, t.sft.batch_size))
+        weights = t.sft.task_weights_at(step, t.data.task_weights)
+        batch, labels = collator(step_batch(items, t, rank, step, t.sft.batch_size, weights))
         batch = to_device(batch, run.device, run.dtype)
         run.engine.train()
         labels = labels.to(run.device)

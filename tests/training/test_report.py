@@ -258,3 +258,6 @@ def test_missing_pieces_are_skipped(tmp_path: Path, run) -> None:
     empty = write_report(tmp_path / "empty", title="Empty", stages={}, baseline={}, history={})
     assert set(empty) == {"report.json", "report.md"}
     assert "No tasks evaluated." in empty["report.md"].read_text()
+    (tmp_path / "plots" / "examples" / "099_old-run.png").write_bytes(b"stale")
+    write_report(tmp_path, title="Again", stages={}, baseline={}, history={}, examples=[])
+    assert not list((tmp_path / "plots" / "examples").glob("*.png"))  # no stale overlays

@@ -97,3 +97,99 @@ def test_task_scale_key() -> None:
         task_scale_key("classification", "unspecified")
     with pytest.raises(ValueError):
         task_scale_key("captioning", "roi")
+
+
+def test_task_weights_split_each_scale_among_its_tasks() -> None:
+    # ROI: 900 detection samples and 100 classification ones; WSI: 10 classification.
+    scales = ["roi"] * 1000 + ["wsi"] * 10
+    tasks = ["detection"] * 900 + ["classification"] * 100 + ["classification"] * 10
+    sampler = ScaleBalancedSampler(
+        scales,
+        {"roi": 0.8, "wsi": 0.2},
+        seed=2,
+        num_samples=20_000,
+        tasks=tasks,
+        task_weights={"classification": 3.0},  # detection is not named: weight 1
+    )
+    assert sampler.probabilities == pytest.approx(
+        {"classification/roi": 0.6, "detection/roi": 0.2, "classification/wsi": 0.2}
+    )
+    draws = Counter(
+        f"{tasks[i]}/{scales[i]}" for i in sampler
+    )  # natural ROI mix would be 90 % detection
+    assert draws["classification/roi"] / 20_000 == pytest.approx(0.6, abs=0.02)
+    assert draws["detection/roi"] / 20_000 == pytest.approx(0.2, abs=0.02)
+    assert draws["classification/wsi"] / 20_000 == pytest.approx(0.2, abs=0.02)
+    # task weight 0 excludes a task; excluding every task of an active scale is an error
+    only_cls = ScaleBalancedSampler(
+        scales, {"roi": 1, "wsi": 0}, tasks=tasks, task_weights={"detection": 0}
+    )
+    assert {tasks[i] for i in only_cls} == {"classification"}
+    with pytest.raises(ValueError, match="exclude every 'roi' task"):
+        ScaleBalancedSampler(
+            scales, tasks=tasks, task_weights={"detection": 0, "classification": 0}
+        )
+    # a task/scale key wins over the task's name on its scale only
+    per_scale = ScaleBalancedSampler(
+        scales + ["wsi"] * 10,
+        seed=3,
+        tasks=tasks + ["vqa"] * 10,
+        task_weights={"classification": 3.0, "classification/wsi": 0.0},
+    )
+    assert per_scale.probabilities == pytest.approx(
+        {"classification/roi": 0.375, "detection/roi": 0.125, "vqa/wsi": 0.5}
+    )
+    with pytest.raises(ValueError, match="unknown scale"):
+        ScaleBalancedSampler(scales, tasks=tasks, task_weights={"classification/tile": 1.0})
+    with pytest.raises(ValueError, match="go together"):
+        ScaleBalancedSampler(scales, tasks=tasks)
+    with pytest.raises(ValueError, match="unknown task"):
+        ScaleBalancedSampler(scales, tasks=tasks, task_weights={"captioning": 1.0})
+
+
+def test_without_task_weights_tasks_come_in_dataset_proportions() -> None:
+    scales = ["roi"] * 1000
+    tasks = ["detection"] * 900 + ["classification"] * 100
+    draws = list(ScaleBalancedSampler(scales, {"roi": 1.0}, seed=4, num_samples=10_000))
+    share = sum(tasks[i] == "detection" for i in draws) / len(draws)
+    assert share == pytest.approx(0.9, abs=0.02)
+
+
+def test_sft_curriculum_phases_set_the_task_mix_per_step() -> None:
+    from smartpath.training.config import SftConfig, TrainingConfig
+    from smartpath.training.manifest import RoiSample
+    from smartpath.training.sft import step_batch
+
+    sft = SftConfig(
+        curriculum=[
+            {"until_step": 3, "task_weights": {"detection": 0}},
+            {"until_step": 5, "task_weights": {"classification": 0}},
+        ]
+    )
+    assert sft.task_weights_at(0, None) == {"detection": 0}
+    assert sft.task_weights_at(2, None) == {"detection": 0}
+    assert sft.task_weights_at(3, None) == {"classification": 0}
+    assert sft.task_weights_at(5, {"vqa": 2.0}) == {"vqa": 2.0}
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SftConfig(
+            curriculum=[
+                {"until_step": 5, "task_weights": {}},
+                {"until_step": 5, "task_weights": {}},
+            ]
+        )
+
+    def sample(i: int, task: str) -> RoiSample:
+        box = '[{"label": "lymphocyte", "box": [1, 2, 3, 4]}]'
+        target = "tumour" if task == "classification" else box
+        labels = ["tumour", "stroma"] if task == "classification" else ["lymphocyte"]
+        return RoiSample(id=f"s{i}", image="a.png", task=task, labels=labels, target=target)
+
+    items = [(sample(i, "classification"), None) for i in range(10)]
+    items += [(sample(10 + i, "detection"), None) for i in range(10)]
+    t = TrainingConfig(data={"scale_weights": {"roi": 1.0, "wsi": 0.0}}, sft=sft)
+    early = step_batch(items, t, 0, 1, 64, sft.task_weights_at(1, None))
+    assert {s.task for s, _ in early} == {"classification"}
+    later = step_batch(items, t, 0, 4, 64, sft.task_weights_at(4, None))
+    assert {s.task for s, _ in later} == {"detection"}
+    mixed = step_batch(items, t, 0, 6, 64, sft.task_weights_at(6, None))
+    assert {s.task for s, _ in mixed} == {"classification", "detection"}

@@ -301,7 +301,7 @@ def test_default_profile_is_the_default() -> None:
 
 
 def test_compact_target_lengths(builtin_tokenizer) -> None:
-    """Builtin-tokenizer lengths under COMPACT: detection / segmentation p90 <= 150 (default
+    """Builtin-tokenizer lengths under COMPACT: detection / segmentation p90 <= 60 (default
     detection targets are thousands of tokens)."""
     lengths: dict[Task, list[int]] = {}
     for task in (Task.CLASSIFICATION, Task.DETECTION, Task.SEGMENTATION, Task.VQA):
@@ -309,7 +309,7 @@ def test_compact_target_lengths(builtin_tokenizer) -> None:
         assert all(s.image.shape == (224, 224, 3) for s in samples)
         lengths[task] = [_n_tokens(builtin_tokenizer, s.target_text) for s in samples]
     for task in (Task.DETECTION, Task.SEGMENTATION):
-        assert np.percentile(lengths[task], 90) <= 150, (task, sorted(lengths[task]))
+        assert np.percentile(lengths[task], 90) <= 60, (task, sorted(lengths[task]))
         assert np.median(lengths[task]) >= 30  # not trivially empty
     assert max(lengths[Task.CLASSIFICATION]) <= 10 and max(lengths[Task.VQA]) <= 45
     default = [make_roi_sample(Task.DETECTION, 13, i).target_text for i in range(3)]
@@ -414,7 +414,7 @@ def test_compact_polygons_match_painted_regions() -> None:
                 assert np.percentile(luma[m], 75) > np.percentile(luma[ring], 95) + 10
             else:  # tumour nest: more hematoxylin than the stroma around it
                 assert np.median(red_od[m]) > np.median(red_od[ring]) + 0.05
-    assert n_regions[2] > 0 and n_regions[1] + n_regions[2] >= 18
+    assert n_regions[1] >= 18  # COMPACT keeps one region
 
 
 def test_polygon_dice_check_can_fail() -> None:

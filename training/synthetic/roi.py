@@ -30,19 +30,21 @@ Design decisions
 - Target length is set by a :class:`RoiProfile` (keyword ``profile``; ``RoiProfile()``, the
   default, is the full-size generator described above, byte for byte). :data:`COMPACT` is for a
   tiny demo model: 224 px ROIs and integer coordinates everywhere (``format_answer`` prints
-  them without ".0"). Detection scenes keep a random 1-4 of their nuclei, picked before
-  rendering so the image shows exactly the annotated nuclei (wholly inside the image, boxes at
-  least 2 px apart, so every box still covers exactly one nucleus), scaled 3.5x so a tiny model
-  can hit IoU 0.5 (box sides 17-63 px, shorter side median ~22 px; per-class sizes and shapes
-  are kept, so stroma's spindle nuclei stay thin), on the class's usual background.
-  Segmentation scenes have at most 2 regions outlined by 6 vertices sampled (from a random
-  angle) on the smooth outline and snapped to the answer's 0-1000 integer grid; the region is
-  painted as that polygon's pixel-centre raster (``training.metrics.rasterize_polygon``), lumen
-  and rim nuclei follow the polygon, so the generator mask is exactly the answer's raster.
-  The builtin tokenizer splits digits, so a box costs ~30-35 tokens and a 6-vertex polygon ~70:
-  4 nuclei and 2 x 6 vertices keep detection / segmentation targets under ~150 tokens (p90),
-  from ~2,000 / ~900. Classification and VQA scenes change only in size (so the VQA count
-  question still counts the full scene).
+  them without ".0"). Detection scenes keep one of their nuclei (``max_nuclei=1``), picked
+  before rendering so the image shows exactly the annotated nucleus (wholly inside the image),
+  scaled 8x (shorter box side 30-107 px, median ~49 px; per-class sizes and shapes are kept,
+  so stroma's spindle nuclei stay thin), on the class's usual background. The size is what
+  lets a tiny model localise at all: a nucleus must cover several of the 64 image tokens
+  (28 px each) to draw attention; at 3.5-5x a tiny model's boxes stayed constant whatever the
+  image. Segmentation scenes have one region outlined by 4 vertices sampled (from
+  a random angle in the first quarter turn, so vertex k always lies in the k-th quadrant
+  around the centre) on the smooth outline and snapped to the answer's 0-1000 integer grid;
+  the region is painted as that polygon's pixel-centre raster
+  (``training.metrics.rasterize_polygon``), lumen and rim nuclei follow the polygon, so the
+  generator mask is exactly the answer's raster. The builtin tokenizer splits digits, so a
+  box costs ~30-35 tokens and a 4-vertex polygon ~50: detection / segmentation targets are
+  ~34 / ~52 tokens (median; p90 34 / 56), from ~2,000 / ~900 by default. Classification and
+  VQA scenes change only in size (so the VQA count question still counts the full scene).
 """
 
 from __future__ import annotations
@@ -164,14 +166,15 @@ class RoiProfile:
 
 COMPACT = RoiProfile(
     size=224,
-    max_nuclei=4,
-    nucleus_scale=3.5,
-    max_regions=2,
-    polygon_vertices=6,
+    max_nuclei=1,
+    nucleus_scale=8.0,
+    max_regions=1,
+    polygon_vertices=4,
     polygon_regions=True,
     coord_decimals=0,
 )
-"""Short targets for a tiny demo model (detection / segmentation p90 <= ~150 builtin tokens)."""
+"""Short targets for a tiny demo model: one large nucleus per detection image, one
+four-vertex region per segmentation image (targets of ~30-60 builtin tokens)."""
 
 
 @dataclass(frozen=True)
