@@ -10,7 +10,8 @@ Design decisions:
 - What trains: experts, aggregator and router; the base too when ``sft.train_base`` (the demo's
   randomly initialised tiny base has nothing to keep frozen).
 - The model is built from ``training.model`` (all ranks seed identically; DeepSpeed broadcasts
-  rank 0's weights anyway) or loaded from ``training.sft_init``.
+  rank 0's weights anyway), with the slide aggregator's pooled-statistics scaler fitted on the
+  training slides, or loaded from ``training.sft_init``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import torch
 
 from smartpath.model.base import base_from_config
-from smartpath.model.mllm import SmartPathModel
+from smartpath.model.mllm import SlideInput, SmartPathModel
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.storage import make_store
 from smartpath.training.collate import Collator
@@ -36,13 +37,18 @@ __all__ = ["build_model", "main", "step_batch", "train_loop"]
 STAGE = "sft"
 
 
-def build_model(t: TrainingConfig, store) -> SmartPathModel:
-    """The model SFT starts from: ``sft_init`` if set, else built from ``model`` with the seed."""
+def build_model(t: TrainingConfig, store, items: list[Item]) -> SmartPathModel:
+    """The model SFT starts from: ``sft_init`` if set, else built from ``model`` with the seed,
+    its slide aggregator's pooled statistics fitted on the training slides in ``items``."""
     if t.sft_init is not None:
         return SmartPathModel.load(t.sft_init, store)
     torch.manual_seed(t.seed)
     base, tokenizer = base_from_config(t.model, store=store)
-    return SmartPathModel(t.model, base, tokenizer)
+    model = SmartPathModel(t.model, base, tokenizer)
+    slides = [inp.features for _, inp in items if isinstance(inp, SlideInput)]
+    if slides:
+        model.aggregator.fit_pooled_statistics(slides)
+    return model
 
 
 def step_batch(
@@ -74,7 +80,8 @@ def train_loop(loop_config: dict) -> None:
     t = config.training
     rank = ray.train.get_context().get_world_rank()
     store = make_store(config.storage)
-    model = build_model(t, store)
+    items = load_items(t.data.manifests, t.data.train_split, store)
+    model = build_model(t, store, items)
     params = trainable_parameters(model, t.sft.train_base)
     run = DeepSpeedRun(
         model,
@@ -84,7 +91,6 @@ def train_loop(loop_config: dict) -> None:
         batch_size=t.sft.batch_size,
         total_steps=t.sft.steps,
     )
-    items = load_items(t.data.manifests, t.data.train_split, store)
     collator = Collator(run.model.cfg, run.model.tokenizer, run.model.slide_tokens)
     start, history = run.restore()
     for step in range(start, t.sft.steps):

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from smartpath.model.aggregator import SlideAggregator, position_encoding
+from smartpath.model.aggregator import SlideAggregator, pooled_statistics, position_encoding
 
 
 def _slide(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +56,46 @@ def test_gradients_reach_every_part() -> None:
     agg = SlideAggregator(16, 32, hidden_dim=32, num_tokens=4, num_heads=4, chunk_size=8)
     agg(*_slide(30, 16)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agg.parameters())
+
+
+def test_pooled_statistics_are_mean_and_std_over_tiles() -> None:
+    features = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]])
+    torch.testing.assert_close(
+        pooled_statistics(features), torch.tensor([3.0, 10.0, (8 / 3) ** 0.5, 0.0])
+    )
+
+
+def test_pooled_path_carries_slide_composition() -> None:
+    """With attention's output zeroed, tokens still differ between slides of different
+    composition (through the pooled skip path), and not between orderings of one slide."""
+    torch.manual_seed(0)
+    agg = SlideAggregator(16, 32, hidden_dim=32, num_tokens=4, num_heads=4)
+    torch.nn.init.zeros_(agg.o.weight)
+    torch.nn.init.zeros_(agg.o.bias)
+    features, coords = _slide(40, 16)
+    richer = features.clone()
+    richer[:20, 0] += 3.0  # half the tiles change in one descriptor
+    with torch.no_grad():
+        base = agg(features, coords)
+        torch.testing.assert_close(agg(features.flip(0), coords.flip(0)), base)
+        assert (agg(richer, coords) - base).abs().max() > 1e-3
+
+
+def test_fitted_pooled_statistics_standardise_the_training_slides() -> None:
+    agg = SlideAggregator(4, 8, hidden_dim=8, num_tokens=2, num_heads=2)
+    slides = [_slide(10 + 5 * i, 4, seed=i)[0] + 0.1 * i for i in range(6)]
+    for f in slides:
+        f[:, 3] = 2.0  # a descriptor that never varies: its std is 0 on every slide
+    agg.fit_pooled_statistics(slides)
+    stats = torch.stack([pooled_statistics(f) for f in slides])
+    z = (stats - agg.pooled_centre) / agg.pooled_scale
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    varying = [0, 1, 2, 4, 5, 6]
+    torch.testing.assert_close(z[:, varying].std(0, correction=0), torch.ones(6))
+    assert agg.pooled_scale[[3, 7]].tolist() == [1.0, 1.0]  # not divided by zero
+    assert {"pooled_centre", "pooled_scale"} <= set(agg.state_dict())  # saved with the model
+    with pytest.raises(ValueError, match="at least one slide"):
+        agg.fit_pooled_statistics([])
 
 
 def test_position_encoding_is_bounded_and_distinct() -> None:

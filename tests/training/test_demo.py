@@ -33,7 +33,7 @@ ALL_KEYS = (
     "classification/roi", "classification/wsi", "detection/roi", "segmentation/roi", "vqa/roi",
     "vqa/wsi",
 )  # fmt: skip
-ABOVE_CHANCE = ("classification/roi", "vqa/roi", "vqa/wsi")
+ABOVE_CHANCE = ("classification/roi", "classification/wsi", "vqa/roi", "vqa/wsi")
 
 
 @pytest.fixture(scope="module")

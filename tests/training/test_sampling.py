@@ -193,3 +193,28 @@ def test_sft_curriculum_phases_set_the_task_mix_per_step() -> None:
     assert {s.task for s, _ in later} == {"detection"}
     mixed = step_batch(items, t, 0, 6, 64, sft.task_weights_at(6, None))
     assert {s.task for s, _ in mixed} == {"classification", "detection"}
+
+
+def test_sft_fits_the_slide_scaler_on_training_slides_only_when_building() -> None:
+    from smartpath.model.mllm import SlideInput
+    from smartpath.training.config import TrainingConfig
+    from smartpath.training.manifest import RoiSample, WsiSample
+    from smartpath.training.sft import build_model
+
+    t = TrainingConfig(model={"preset": "tiny", "aggregator": {"feature_dim": 4}})
+    g = torch.Generator().manual_seed(0)
+    slides = [
+        SlideInput(torch.randn(20, 4, generator=g) + i, torch.zeros(20, 2)) for i in range(3)
+    ]
+    wsi = [
+        (WsiSample(id=f"w{i}", features=f"w{i}.safetensors", task="vqa", target="yes"), s)
+        for i, s in enumerate(slides)
+    ]
+    roi = [(RoiSample(id="r", image="a.png", task="vqa", target="yes"), None)]
+    model = build_model(t, None, roi + wsi)
+    agg = model.aggregator
+    means = torch.stack([s.features.mean(0) for s in slides])
+    torch.testing.assert_close(agg.pooled_centre[:4], means.mean(0))
+    assert (agg.pooled_scale[:4] - means.std(0, correction=0)).abs().max() < 1e-5
+    untouched = build_model(t, None, roi)  # no slides: the scaler stays the identity
+    assert untouched.aggregator.pooled_centre.abs().max() == 0
