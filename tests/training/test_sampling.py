@@ -203,9 +203,7 @@ def test_sft_fits_the_slide_scaler_on_training_slides_only_when_building() -> No
 
     t = TrainingConfig(model={"preset": "tiny", "aggregator": {"feature_dim": 4}})
     g = torch.Generator().manual_seed(0)
-    slides = [
-        SlideInput(torch.randn(20, 4, generator=g) + i, torch.zeros(20, 2)) for i in range(3)
-    ]
+    slides = [SlideInput(torch.randn(20, 4, generator=g) + i, torch.zeros(20, 2)) for i in range(3)]
     wsi = [
         (WsiSample(id=f"w{i}", features=f"w{i}.safetensors", task="vqa", target="yes"), s)
         for i, s in enumerate(slides)
