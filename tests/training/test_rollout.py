@@ -32,6 +32,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     with torch.no_grad():  # peaky logits, so greedy paths differ between experts
         base.model.language_model.norm.weight.mul_(10.0)
     randomise_experts(model, seed=3, std=0.3)
+    # The router gets weights of its own seed, so the prompts' routes do not depend on how many
+    # modules were initialised before it; seed 4 sends them to different experts (asserted).
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_(0.0, 1.0, generator=gen)
     out = Path(tmp_path_factory.mktemp("roi"))
     manifest = generate_roi_dataset(out, 3, seed=0, tasks=(Task.CLASSIFICATION, Task.VQA))
     items = load_items([str(manifest)], "train") + load_items([str(manifest)], "test")
