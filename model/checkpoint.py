@@ -101,6 +101,11 @@ class Provenance(_Strict):
     git_commit: str | None = Field(
         default_factory=lambda: _git_commit(), description="Commit of the code, if known."
     )
+    git_dirty: bool | None = Field(
+        default_factory=lambda: _git_dirty(),
+        description="Whether tracked files differed from git_commit (None: unknown), so a "
+        "checkpoint trained on uncommitted code says so.",
+    )
     smartpath_version: str = Field(
         default_factory=lambda: _version("smartpath"), description="SmartPath version."
     )
@@ -170,13 +175,11 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _git_commit() -> str | None:
-    """The commit of the source tree (env SMARTPATH_GIT_COMMIT wins); None if unknown."""
-    if commit := os.environ.get("SMARTPATH_GIT_COMMIT"):
-        return commit
+def _git(*args: str) -> str | None:
+    """stdout of a git command run in the source tree; None if git or the tree is missing."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -185,8 +188,24 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
+    return out.stdout
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree (env SMARTPATH_GIT_COMMIT wins); None if unknown."""
+    if commit := os.environ.get("SMARTPATH_GIT_COMMIT"):
+        return commit
+    commit = (_git("rev-parse", "HEAD") or "").strip()
     return commit if len(commit) == 40 else None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files of the source tree have uncommitted changes; None if unknown
+    (also when SMARTPATH_GIT_COMMIT names the commit: an installed copy has no tree)."""
+    if os.environ.get("SMARTPATH_GIT_COMMIT"):
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def parse_manifest(data: bytes | str, where: str = "manifest.json") -> Manifest:
@@ -213,6 +232,10 @@ def parse_manifest(data: bytes | str, where: str = "manifest.json") -> Manifest:
             f"{where} has format_version {version}, but this SmartPath ({_version('smartpath')}) "
             f"reads versions up to {FORMAT_VERSION}: upgrade smartpath to load it"
         )
+    provenance = raw.get("provenance")
+    if isinstance(provenance, dict):
+        # Written before the field existed: unknown, not the state of the reading tree.
+        provenance.setdefault("git_dirty", None)
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from smartpath.model.prompts import PromptStyle
+
 if TYPE_CHECKING:
     import torch
 
@@ -342,6 +344,12 @@ class ModelConfig(_Strict):
         False,
         description="Add learnt absolute 2-D positions to the vision tower's tokens "
         "(smartpath.model.image_position); a tiny model needs them to localise objects.",
+    )
+    prompt_style: PromptStyle = Field(
+        "full",
+        description="Instruction prompts the model is trained and served with "
+        "(smartpath.model.prompts.PROMPT_STYLES): 'full' (SmartPath-R1's, with format "
+        "instructions) or 'compact' (task, labels or question only; the tiny demo model).",
     )
     seed: int = Field(0, ge=0, description="Seed of random initialisation (deterministic).")
     dtype: Literal["float32", "bfloat16"] = Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from smartpath.model.grammar import (
     ANSWER_CLOSE,
@@ -37,8 +38,10 @@ from smartpath.model.grammar import (
 )
 
 __all__ = [
+    "PROMPT_STYLES",
     "PROMPT_TEMPLATES",
     "PromptInputs",
+    "PromptStyle",
     "PromptTemplate",
     "Scale",
     "Task",
@@ -46,6 +49,15 @@ __all__ = [
     "register_template",
     "template_name",
 ]
+
+
+PromptStyle = Literal["full", "compact"]
+PROMPT_STYLES: tuple[PromptStyle, ...] = ("full", "compact")
+"""``full``: SmartPath-R1's instruction prompts (scale, task, labels or options, the
+``<think>``/``<answer>`` format, the answer's syntax and an example), for a pretrained LLM that
+reads instructions. ``compact``: the task with its labels, options or question only, for a tiny
+model trained from scratch, which cannot read instructions and whose training cost is mostly
+prompt tokens. A model answers in the style it was trained with (``ModelConfig.prompt_style``)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class PromptInputs:
     question: str | None
     labels: tuple[str, ...] | None
     options: tuple[str, ...] | None
+    style: PromptStyle = "full"
 
 
 PromptTemplate = Callable[[PromptInputs], str]
@@ -105,12 +118,16 @@ def build_prompt(
     question: str | None = None,
     labels: Sequence[str] | None = None,
     options: Sequence[str] | None = None,
+    style: PromptStyle = "full",
 ) -> str:
     """The instruction prompt for ``task`` at ``scale`` (``Task``/``Scale`` or proto enum ints).
 
     Classification needs ``labels``; detection and segmentation may restrict labels; VQA needs a
-    ``question`` and takes ``options`` for closed VQA (answered by letter or text).
+    ``question`` and takes ``options`` for closed VQA (answered by letter or text). ``style``
+    is the model's prompt style (:data:`PROMPT_STYLES`).
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     t, s = coerce_task(task), coerce_scale(scale)
     if question is not None and not isinstance(question, str):
         raise ValueError(f"question must be a string or None, got {type(question).__name__}")
@@ -138,7 +155,7 @@ def build_prompt(
             f"no prompt template {name!r} for task {t.name} at scale {s.name}; registered: "
             f"{', '.join(sorted(PROMPT_TEMPLATES))}; add one with register_template()"
         )
-    return template(PromptInputs(t, s, q, names, opts))
+    return template(PromptInputs(t, s, q, names, opts, style))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,70 +184,75 @@ def _example(answer: str) -> str:
     return "Example: " + format_completion("...", answer)
 
 
+def _lines(p: PromptInputs, task: list[str], answer_format: list[str]) -> str:
+    """The prompt: scale intro, task lines, then the answer format; task lines only when
+    compact."""
+    if p.style == "compact":
+        return "\n".join(task)
+    return "\n".join([_SCALE_INTRO[p.scale], *task, _FORMAT, *answer_format])
+
+
 def _classification(p: PromptInputs) -> str:
     assert p.labels is not None
     subject = "this region" if p.scale is Scale.ROI else "this slide"
-    return "\n".join(
+    return _lines(
+        p,
         [
-            _SCALE_INTRO[p.scale],
             p.question or f"Classify {subject} into one of the labels below.",
             f"Labels: {_labels_json(p.labels)}",
-            _FORMAT,
+        ],
+        [
             "The answer is exactly one label from the list, written as listed.",
             _example(p.labels[0]),
-        ]
+        ],
     )
 
 
 def _detection(p: PromptInputs) -> str:
     label = p.labels[0] if p.labels else "nucleus"
-    lines = [_SCALE_INTRO[p.scale], p.question or "Detect every object of interest."]
+    lines = [p.question or "Detect every object of interest."]
     if p.labels:
         lines.append(f"Labels (each detection's label is one of these): {_labels_json(p.labels)}")
     example = DetectionAnswer((Detection(label, (120.0, 340.0, 180.0, 410.0)),))
-    lines += [
-        _FORMAT,
+    answer_format = [
         "The answer is a JSON list with one object per detection: "
         '[{"label": <label>, "box": [x1, y1, x2, y2]}], with x1 < x2 and y1 < y2. '
         + _SPACE
         + " Answer [] if there is nothing to detect.",
         _example(format_answer(example)),
     ]
-    return "\n".join(lines)
+    return _lines(p, lines, answer_format)
 
 
 def _segmentation(p: PromptInputs) -> str:
     label = p.labels[0] if p.labels else "gland"
-    lines = [_SCALE_INTRO[p.scale], p.question or "Segment every object of interest."]
+    lines = [p.question or "Segment every object of interest."]
     if p.labels:
         lines.append(f"Labels (each region's label is one of these): {_labels_json(p.labels)}")
     points = ((200.0, 150.0), (320.0, 170.0), (300.0, 290.0), (190.0, 260.0))
     example = SegmentationAnswer((Polygon(label, points),))
-    lines += [
-        _FORMAT,
+    answer_format = [
         "The answer is a JSON list with one object per region, its outline as a polygon of at "
         'least 3 [x, y] vertices: [{"label": <label>, "polygon": [[x, y], [x, y], [x, y]]}]. '
         + _SPACE
         + " Answer [] if there is nothing to segment.",
         _example(format_answer(example)),
     ]
-    return "\n".join(lines)
+    return _lines(p, lines, answer_format)
 
 
 def _vqa(p: PromptInputs) -> str:
     assert p.question is not None
-    lines = [_SCALE_INTRO[p.scale], f"Question: {p.question}"]
-    if p.options:
-        lines.append("Options:")
-        lines += [f"{option_letter(i)}. {o}" for i, o in enumerate(p.options)]
-        lines += [
-            _FORMAT,
-            "The answer is the letter of exactly one option, e.g. A, or that option's text.",
-            _example(option_letter(0)),
-        ]
-    else:
-        lines += [_FORMAT, "The answer is a short free-text answer to the question."]
-    return "\n".join(lines)
+    lines = [f"Question: {p.question}"]
+    if not p.options:
+        return _lines(p, lines, ["The answer is a short free-text answer to the question."])
+    lines.append("Options:")
+    lines += [f"{option_letter(i)}. {o}" for i, o in enumerate(p.options)]
+    answer_format = [
+        "The answer is the letter of exactly one option, e.g. A, or that option's text.",
+        _example(option_letter(0)),
+    ]
+    return _lines(p, lines, answer_format)
 
 
 for _scale in (Scale.ROI, Scale.WSI):

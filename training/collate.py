@@ -33,7 +33,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from smartpath.model.config import ModelConfig, VisionSizes
 from smartpath.model.grammar import Scale, Task, format_completion
 from smartpath.model.mllm import MultimodalBatch, SlideInput
-from smartpath.model.prompts import build_prompt
+from smartpath.model.prompts import PromptStyle, build_prompt
 from smartpath.model.tokenizer import IM_END
 from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi, question_ids
 from smartpath.training.manifest import RoiSample, WsiSample
@@ -63,7 +63,9 @@ class Collator:
         *,
         system_prompt: str | None = None,
     ) -> None:
+        self.prompt_style: PromptStyle = "full"
         if isinstance(vision, ModelConfig):
+            self.prompt_style = vision.prompt_style
             vision = vision.vision
         if isinstance(vision, VisionSizes):
             vision = make_image_processor(vision)
@@ -80,7 +82,9 @@ class Collator:
             return sample.prompt
         scale = Scale.ROI if isinstance(sample, RoiSample) else Scale.WSI
         task = Task[sample.task.upper()]
-        return build_prompt(task, scale, labels=sample.labels, options=sample.options)
+        return build_prompt(
+            task, scale, labels=sample.labels, options=sample.options, style=self.prompt_style
+        )
 
     def encode_prompt(
         self, sample: RoiSample | WsiSample, visual: np.ndarray | Image.Image | SlideInput

@@ -151,7 +151,7 @@ class BatchDecoder:
     def _prompt(self, request: DecodeRequest) -> list[int]:
         return question_ids(
             self.tokenizer,
-            request.question.text(self.default_labels),
+            request.question.text(self.default_labels, self.model.cfg.prompt_style),
             slide=request.question.scale == Scale.WSI,
             visual_tokens=int(request.visual.tokens.shape[0]),
         )

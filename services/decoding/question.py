@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task
-from smartpath.model.prompts import build_prompt
+from smartpath.model.prompts import PromptStyle, build_prompt
 from smartpath.services.errors import InvalidArgumentError
 from smartpath.training.sampling import task_scale_key
 
@@ -35,8 +35,9 @@ class Question:
         """The caller's labels, else the configured defaults for this task and scale."""
         return self.labels or tuple(defaults.get(self.key, ()))
 
-    def text(self, defaults: Mapping[str, Sequence[str]]) -> str:
-        """The model's instruction text; INVALID_ARGUMENT when the question cannot be asked."""
+    def text(self, defaults: Mapping[str, Sequence[str]], style: PromptStyle = "full") -> str:
+        """The model's instruction text in its prompt ``style``; INVALID_ARGUMENT when the
+        question cannot be asked."""
         try:
             return build_prompt(
                 self.task,
@@ -44,6 +45,7 @@ class Question:
                 question=self.prompt or None,
                 labels=self.effective_labels(defaults) or None,
                 options=self.options or None,
+                style=style,
             )
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None

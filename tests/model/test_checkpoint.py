@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 import socket
+import subprocess
 from datetime import UTC
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+import smartpath.model.checkpoint as checkpoint_module
 from smartpath.model.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -22,6 +24,7 @@ from smartpath.model.checkpoint import (
     CheckpointFormatError,
     ExpertInfo,
     Manifest,
+    Provenance,
     load_checkpoint,
     parse_manifest,
     save_checkpoint,
@@ -130,6 +133,29 @@ def test_provenance_is_hostname_free(
     commit = prov["git_commit"]
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
     assert prov["torch_version"] == torch.__version__
+
+
+def test_provenance_records_a_dirty_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    package = Path(checkpoint_module.__file__).resolve().parent
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the package is not in a git work tree")
+    assert Provenance().git_dirty is bool(status.strip())
+    monkeypatch.setenv("SMARTPATH_GIT_COMMIT", "0" * 40)  # an installed copy: no tree to ask
+    assert Provenance().git_dirty is None
+
+
+def test_manifest_written_before_git_dirty_reads_as_unknown(manifest: Manifest) -> None:
+    raw = json.loads(manifest.model_dump_json())
+    del raw["provenance"]["git_dirty"]
+    assert parse_manifest(json.dumps(raw)).provenance.git_dirty is None
 
 
 def test_s3_round_trip(

@@ -79,6 +79,32 @@ def test_answer_formats_are_stated() -> None:
     assert "free-text" in opened and "Options" not in opened and "Example" not in opened
 
 
+@pytest.mark.parametrize(("task", "scale"), sorted(SUPPORTED))
+@pytest.mark.parametrize("question", [None, "Which one?"])
+def test_compact_style_is_the_task_lines_of_the_full_prompt(
+    task: Task, scale: Scale, question: str | None
+) -> None:
+    kwargs = inputs(task) | ({"question": question} if question else {})
+    full = build_prompt(task, scale, **kwargs)
+    compact = build_prompt(task, scale, **kwargs, style="compact")
+    # No scale intro, format instructions or example: what a tiny model cannot read.
+    for absent in ("histopathology", g.THINK_OPEN, g.ANSWER_OPEN, "Example", "0-1000"):
+        assert absent not in compact, absent
+    names = kwargs.get("labels") or kwargs.get("options")
+    assert all(name in compact for name in names)
+    if question:
+        assert question in compact
+    lines = full.splitlines()
+    start = lines.index(compact.splitlines()[0])
+    assert start == 1 and "\n".join(lines[start:]).startswith(compact)
+    assert len(compact) < len(full) / 2
+
+
+def test_unknown_prompt_style_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"prompt style must be one of \('full', 'compact'\)"):
+        build_prompt(Task.CLASSIFICATION, Scale.ROI, labels=LABELS, style="terse")  # type: ignore[arg-type]
+
+
 def test_question_is_used() -> None:
     prompt = build_prompt(Task.CLASSIFICATION, Scale.ROI, "  Which grade?  ", labels=["G1", "G2"])
     assert "\nWhich grade?\n" in prompt and "Classify" not in prompt

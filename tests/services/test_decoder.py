@@ -14,8 +14,10 @@ import torch
 from smartpath.model.experts import ExpertRouting
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import MultimodalBatch, SmartPathModel
+from smartpath.model.prompts import PROMPT_STYLES
 from smartpath.model.tile_encoder import make_tile_encoder
 from smartpath.model.tokenizer import IM_END
+from smartpath.model.vision import question_ids
 from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.decoder import BatchDecoder, DecodeRequest
 from smartpath.services.decoding.question import Question
@@ -73,6 +75,23 @@ def _reference(model: SmartPathModel, decoder: BatchDecoder, request: DecodeRequ
     )[0]
     out = out[:-1] if out and out[-1] == eos else out
     return model.tokenizer.decode(out, skip_special_tokens=False)
+
+
+def test_prompts_are_in_the_served_models_style(model, visuals) -> None:
+    decoder = BatchDecoder(model, default_labels=LABELS)
+    for request in _requests(visuals):
+        q = request.question
+        expected = {
+            style: question_ids(
+                model.tokenizer,
+                q.text(LABELS, style),
+                slide=q.scale is Scale.WSI,
+                visual_tokens=int(request.visual.tokens.shape[0]),
+            )
+            for style in PROMPT_STYLES
+        }
+        assert expected["full"] != expected["compact"]
+        assert decoder._prompt(request) == expected[model.cfg.prompt_style]
 
 
 async def _collect(decoder: BatchDecoder, request: DecodeRequest):

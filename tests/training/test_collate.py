@@ -11,6 +11,7 @@ from smartpath.model.base import base_from_config
 from smartpath.model.config import ModelConfig
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import IGNORE_INDEX, SlideInput, SmartPathModel
+from smartpath.model.prompts import build_prompt
 from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD
 from smartpath.model.vision import make_image_processor
 from smartpath.training.collate import Collator, sft_completion
@@ -71,6 +72,24 @@ def test_labels_cover_exactly_the_completion(setup) -> None:
     assert per_row == [int(t.prod()) // merge**2 for t in batch.image_grid_thw]
     assert batch.pixel_values is not None
     assert batch.pixel_values.shape[0] == int(batch.image_grid_thw.prod(-1).sum())
+
+
+def test_samples_without_a_prompt_get_the_model_prompt_style(setup) -> None:
+    model, collator, pairs = setup
+    sample, image = next((s, i) for s, i in pairs if s.task == "classification")
+    bare = [(sample.model_copy(update={"prompt": None}), image)]
+    full = build_prompt(Task.CLASSIFICATION, Scale.ROI, labels=sample.labels)
+    compact = build_prompt(Task.CLASSIFICATION, Scale.ROI, labels=sample.labels, style="compact")
+    cfg = model.cfg.model_copy(update={"prompt_style": "compact"})
+    texts = {}
+    for name, c in (("processor", collator), ("compact model", Collator(cfg, model.tokenizer))):
+        batch, _ = c(bare)
+        texts[name] = model.tokenizer.decode(batch.input_ids[0].tolist())
+    assert full in texts["processor"] and compact in texts["compact model"]
+    assert full not in texts["compact model"]
+    # A sample's own prompt is used as written, whatever the style.
+    batch, _ = Collator(cfg, model.tokenizer)(pairs[:1])
+    assert pairs[0][0].prompt in model.tokenizer.decode(batch.input_ids[0].tolist())
 
 
 def test_wsi_needs_precomputed_features(setup) -> None:

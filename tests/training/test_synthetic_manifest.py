@@ -73,3 +73,23 @@ def test_parallel_roi_generation_writes_the_same_files(tmp_path: Path) -> None:
     assert one.read_text() == two.read_text()
     for image in sorted((tmp_path / "one" / "images").iterdir()):
         assert image.read_bytes() == (tmp_path / "two" / "images" / image.name).read_bytes()
+
+
+def test_compact_prompt_style_changes_only_the_prompts(tmp_path: Path) -> None:
+    """A dataset for a compact-prompt model: same samples and targets, the prompts are the
+    compact ones build_prompt gives (what the served model is then asked)."""
+    full = read_manifest(generate_roi_dataset(tmp_path / "full", 1, seed=3, profile=COMPACT))
+    compact = read_manifest(
+        generate_roi_dataset(
+            tmp_path / "compact", 1, seed=3, profile=COMPACT, prompt_style="compact"
+        )
+    )
+    wsi_full = read_manifest(generate_wsi_dataset(tmp_path / "wf", 1, seed=3, size_px=1024))
+    wsi_compact = read_manifest(
+        generate_wsi_dataset(tmp_path / "wc", 1, seed=3, size_px=1024, prompt_style="compact")
+    )
+    for a, b in zip(full + wsi_full, compact + wsi_compact, strict=True):
+        assert a.model_dump(exclude={"prompt"}) == b.model_dump(exclude={"prompt"})
+        assert b.prompt and b.prompt != a.prompt and a.prompt.startswith(("The image", "The input"))
+        assert "<answer>" in a.prompt and "<answer>" not in b.prompt
+        assert a.prompt.splitlines()[1] == b.prompt.splitlines()[0]  # the task line, kept

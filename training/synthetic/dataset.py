@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smartpath.model.grammar import LabelAnswer, Scale, Task, TextAnswer, format_answer
-from smartpath.model.prompts import build_prompt
+from smartpath.model.prompts import PromptStyle, build_prompt
 from smartpath.training.synthetic.roi import RoiProfile, make_roi_sample, roi_sample_classes
 from smartpath.training.synthetic.slides import SyntheticTissue, write_synthetic_slide
 
@@ -94,6 +94,7 @@ def generate_roi_dataset(
     progress: bool = False,
     profile: RoiProfile | None = None,
     workers: int = 1,
+    prompt_style: PromptStyle = "full",
 ) -> Path:
     """Write ``n_per_task`` ROI samples per task as ``images/<id>.png`` under ``out_dir`` and
     return the manifest path (``out_dir/roi.jsonl``).
@@ -101,6 +102,7 @@ def generate_roi_dataset(
     ``profile`` (default ``RoiProfile()``) sets ROI size and target detail, e.g. ``COMPACT``;
     a non-default one is recorded in ``out_dir/roi_profile.json``. ``workers`` > 1 renders in
     that many processes (same files: every sample is seeded by its own index).
+    ``prompt_style`` is that of the model to train (``ModelConfig.prompt_style``).
     """
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
@@ -119,7 +121,7 @@ def generate_roi_dataset(
         task = Task(task)
         split = assign_splits(n_per_task, splits, seed * 31 + int(task))
         for i, cls in enumerate(roi_sample_classes(task, n_per_task, seed)):
-            jobs.append((out, task, seed, i, cls, prof, split[i]))
+            jobs.append((out, task, seed, i, cls, prof, prompt_style, split[i]))
     with contextlib.ExitStack() as stack:
         records = map(_write_roi, jobs)
         if workers > 1:
@@ -135,8 +137,10 @@ def generate_roi_dataset(
 
 def _write_roi(job: tuple) -> dict:
     """Render one ROI sample, write its PNG, return its manifest record."""
-    out, task, seed, index, tissue_class, profile, split = job
-    sample = make_roi_sample(task, seed, index, tissue_class=tissue_class, profile=profile)
+    out, task, seed, index, tissue_class, profile, prompt_style, split = job
+    sample = make_roi_sample(
+        task, seed, index, tissue_class=tissue_class, profile=profile, prompt_style=prompt_style
+    )
     rel = f"images/{sample.id}.png"
     Image.fromarray(sample.image).save(out / rel, optimize=False)
     return {
@@ -192,9 +196,11 @@ def generate_wsi_dataset(
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     *,
     progress: bool = False,
+    prompt_style: PromptStyle = "full",
 ) -> Path:
     """Write ``n_slides`` small pyramidal SVS slides (``slides/<id>.svs``, ``size_px`` square)
     with slide-level classification and VQA lines; return the manifest (``out_dir/wsi.jsonl``).
+    ``prompt_style`` is that of the model to train (``ModelConfig.prompt_style``).
     """
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
@@ -229,7 +235,12 @@ def generate_wsi_dataset(
             ]  # fmt: skip
             for suffix, task, labels, options, question, target in items:
                 prompt = build_prompt(
-                    task, Scale.WSI, question=question, labels=labels, options=options
+                    task,
+                    Scale.WSI,
+                    question=question,
+                    labels=labels,
+                    options=options,
+                    style=prompt_style,
                 )
                 record = {
                     "id": f"{sid}-{suffix}",

@@ -68,7 +68,7 @@ from smartpath.model.grammar import (
     TextAnswer,
     format_answer,
 )
-from smartpath.model.prompts import build_prompt
+from smartpath.model.prompts import PromptStyle, build_prompt
 from smartpath.training.metrics import rasterize_polygon
 
 __all__ = [
@@ -660,12 +660,14 @@ def make_roi_sample(
     vqa_kind: str | None = None,
     size: int | None = None,
     profile: RoiProfile | None = None,
+    prompt_style: PromptStyle = "full",
 ) -> RoiSample:
     """One seeded sample for ``task``; the same arguments always give the same sample.
 
     ``vqa_kind`` (VQA only) is one of ``presence``, ``dominant``, ``count`` (closed) or
     ``describe`` (open); random when None. ``profile`` (default ``RoiProfile()``) sets size and
     detail, e.g. :data:`COMPACT`; an explicit ``size`` overrides ``profile.size``.
+    ``prompt_style`` is the prompt's (:data:`smartpath.model.prompts.PROMPT_STYLES`).
     """
     task = Task(task)
     prof = RoiProfile() if profile is None else profile
@@ -729,7 +731,9 @@ def make_roi_sample(
             raise ValueError(f"unknown vqa_kind {kind!r}; one of {_VQA_KINDS}")
     else:
         raise ValueError(f"no ROI samples for task {task!r}")
-    prompt = build_prompt(task, Scale.ROI, question=question, labels=labels, options=options)
+    prompt = build_prompt(
+        task, Scale.ROI, question=question, labels=labels, options=options, style=prompt_style
+    )
     return RoiSample(
         id=f"roi-{task.name.lower()}-{int(seed)}-{int(index):06d}",
         image=scene.image,
