@@ -39,6 +39,7 @@ import torch
 
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
 from smartpath.model.mllm import SmartPathModel
+from smartpath.model.prompts import PromptStyle
 from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
 from smartpath.services.storage import make_store
 from smartpath.services.storage.base import ObjectStore
@@ -69,13 +70,21 @@ REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
 ROI_PER_TASK = 500
 WSI_SLIDES = 200
 WSI_SPLITS = (0.6, 0.1, 0.3)
-SFT_STEPS = 1600
+SFT_STEPS = 3000
 CURRICULUM_STEPS = 600
 GRPO_STEPS = 40
 SEED = 0
+PROMPT_STYLE: PromptStyle = "compact"
 
 
-def generate_demo_data(root: Path, *, roi_per_task: int, wsi_slides: int, seed: int) -> list[str]:
+def generate_demo_data(
+    root: Path,
+    *,
+    roi_per_task: int,
+    wsi_slides: int,
+    seed: int,
+    prompt_style: PromptStyle = PROMPT_STYLE,
+) -> list[str]:
     """Write (or reuse) the demo's ROI and featurised WSI manifests under ``root``."""
     roi_dir, wsi_dir = root / "roi", root / "wsi"
     stamp = root / "data.json"
@@ -84,14 +93,23 @@ def generate_demo_data(root: Path, *, roi_per_task: int, wsi_slides: int, seed: 
         "roi_profile": dataclasses.asdict(COMPACT),
         "wsi_slides": wsi_slides,
         "wsi_splits": list(WSI_SPLITS),
+        "prompt_style": prompt_style,
         "seed": seed,
     }
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
         return [str(roi_dir / "roi.jsonl"), str(wsi_dir / "wsi.features.jsonl")]
     roi = generate_roi_dataset(
-        roi_dir, roi_per_task, seed, profile=COMPACT, progress=True, workers=2
+        roi_dir,
+        roi_per_task,
+        seed,
+        profile=COMPACT,
+        progress=True,
+        workers=2,
+        prompt_style=prompt_style,
     )
-    wsi = generate_wsi_dataset(wsi_dir, wsi_slides, seed, splits=WSI_SPLITS, progress=True)
+    wsi = generate_wsi_dataset(
+        wsi_dir, wsi_slides, seed, splits=WSI_SPLITS, progress=True, prompt_style=prompt_style
+    )
     features = featurize_manifest(wsi, progress=True)
     stamp.write_text(json.dumps(spec))
     return [str(roi), str(features)]
@@ -110,6 +128,7 @@ def demo_config(
             "model": {
                 "preset": "tiny",
                 "image_positions": True,
+                "prompt_style": PROMPT_STYLE,
                 "aggregator": {"feature_dim": 32, "num_tokens": 8, "num_heads": 4},
                 "experts": {"num_experts": 4, "top_k": 2, "rank": 8},
                 "router": {"hidden_size": 64},
@@ -117,7 +136,7 @@ def demo_config(
             "data": {
                 "manifests": list(manifests),
                 "scale_weights": {"roi": 0.8, "wsi": 0.2},
-                "task_weights": {"detection": 2.0, "segmentation": 2.0},
+                "task_weights": {"detection": 8.0, "segmentation": 8.0},
                 "max_eval_per_task": 40,
             },
             "sft": {
