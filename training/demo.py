@@ -7,14 +7,17 @@ Design decisions:
   profile (224 px, one large nucleus per detection image, one four-vertex region per
   segmentation image, integer coordinates: answers a tiny model can emit in a few minutes)
   and small pyramidal SVS slides featurised with the weight-free ``stain-stats-v1`` tile
-  encoder.
+  encoder. Prompts are in the ``compact`` style (``PROMPT_STYLE``): task lines only, ~30
+  tokens instead of ~450, which cuts the step cost by a third and shortens the plateau before
+  boxes follow the image (README, "The demo model").
 - The base is the ``tiny`` preset with image positions, randomly initialised, so SFT trains it
   too (``sft.train_base``); GRPO then trains only experts, aggregator, router and image
   positions, with the SFT model as its frozen KL reference.
 - SFT's curriculum: ``CURRICULUM_STEPS`` steps of classification, VQA and WSI tasks only (the
   vision tower learns to see from short answers), then every task with detection and
-  segmentation drawn twice as often. Without that first phase ROI classification stays at
-  chance (README, "The demo model").
+  segmentation drawn 8x as often (they need thousands of samples to leave their plateau).
+  Without that first phase ROI classification stays at chance; at lr 3e-3 instead of 1e-3 the
+  model often never learns to see.
 - Both stages run through the same Ray Train + DeepSpeed entry points as a cluster job, on two
   workers of one CPU each. Evaluation runs in the driver: greedy decoding on the held-out
   ``test`` split, per-task metrics against the best constant answer (the chance level), the
