@@ -5,7 +5,8 @@ Templates are plain callables registered by name (``roi_classification``, ``wsi_
 ``PROMPT_TEMPLATES``; replace one with ``register_template(name, fn, replace=True)``. SmartPath
 supports ROI classification, detection, segmentation and VQA, and WSI classification and VQA
 (DESIGN.md); other combinations need a template registered first. Prompts are text only: the
-image or slide tokens are placed by the tokenizer's chat template.
+image or slide tokens are placed by the tokenizer's chat template. Each template writes two
+styles (:data:`PROMPT_STYLES`): the full instructions, or only the task lines.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from smartpath.model.grammar import (
     ANSWER_CLOSE,
@@ -52,7 +53,7 @@ __all__ = [
 
 
 PromptStyle = Literal["full", "compact"]
-PROMPT_STYLES: tuple[PromptStyle, ...] = ("full", "compact")
+PROMPT_STYLES: tuple[PromptStyle, ...] = get_args(PromptStyle)
 """``full``: SmartPath-R1's instruction prompts (scale, task, labels or options, the
 ``<think>``/``<answer>`` format, the answer's syntax and an example), for a pretrained LLM that
 reads instructions. ``compact``: the task with its labels, options or question only, for a tiny
