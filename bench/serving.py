@@ -7,13 +7,13 @@ measured in the same run. The model is the packaged demo model everywhere.
 
 (a) Encoder throughput. Per call, the pipeline's encoder work is one tile batch of a slide:
     ``encode_slide`` hands each batch the tiler streams (``tiling.batch_size`` = 64 tiles of
-    ``model.slide_tile_size`` = 96 px at ``model.slide_mpp``) to ``encode_tiles``, which
+    the model's ``slide_tiles``: 96 px at 0.5 µm/px) to ``encode_tiles``, which
     ``@serve.batch`` batches across concurrent callers; ``FeatureEncoder.EncodeTiles`` is
     that same method over gRPC, so it is what is measured here. ``--clients`` threads (32),
     each with its own channel, each send their own sequence of ``--requests`` requests of
     ``--tiles-per-request`` tiles (64); all start together after one warm-up request each.
     The tiles are tissue tiles of the benchmark slide read with
-    ``smartpath.services.tiling.tiler.Tiler`` at the pipeline's tile spec. Items/s = tiles /
+    ``smartpath.core.slides.tiler.Tiler`` at the pipeline's tile spec. Items/s = tiles /
     wall time from the start to the last response. Baseline: the offline forward of the same
     encoder in this process (``VisualEncoder.encode_tiles``) over exactly the same tiles
     concatenated in request order, in chunks from one request up to the largest batch the
@@ -66,13 +66,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smartpath.model.tile_encoder import make_tile_encoder
-from smartpath.services.config import SmartPathConfig, load_config
+from smartpath.core.config import SmartPathConfig, load_config
+from smartpath.core.slides.tiler import Tiler, TileRequest
 from smartpath.services.encoding.encoder import VisualEncoder
 from smartpath.services.local import local_pipeline
 from smartpath.services.models import load_served_model
 from smartpath.services.tensors import from_tensor
-from smartpath.services.tiling.tiler import Tiler, TileRequest
 from smartpath.training.synthetic.roi import render_roi
 from smartpath.training.synthetic.slides import write_synthetic_slide
 from smartpath.v1 import (
@@ -146,9 +145,9 @@ def slide_tiles(config: SmartPathConfig, path: Path, n: int) -> np.ndarray:
     tiler = Tiler(config)
     try:
         opened = tiler.open(str(path))
-        m = config.model
+        spec = load_served_model(config).cfg.slide_tiles
         request = TileRequest(
-            mpp=m.slide_mpp, tile_size=m.slide_tile_size, min_tissue_fraction=m.slide_min_tissue
+            mpp=spec.mpp, tile_size=spec.tile_size, min_tissue_fraction=spec.min_tissue
         )
         plan, _ = tiler.plan(opened, request)
         pick = np.linspace(0, len(plan) - 1, min(n, len(plan))).astype(int)
@@ -300,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
         log("reading tiles and loading the model in this process…")
         pool = slide_tiles(config, slide, args.tile_pool)
         model = load_served_model(config)
-        encoder = VisualEncoder(model, make_tile_encoder(config.model.tile_encoder))
+        encoder = VisualEncoder(model)
         pipeline, backends = local_pipeline(config, model)
         work = request_tiles(pool, args.clients, args.requests, args.tiles_per_request)
         flat = np.concatenate([tiles for mine in work for tiles in mine])

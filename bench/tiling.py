@@ -34,10 +34,10 @@ import simplejpeg
 import tifffile
 from PIL import Image, JpegImagePlugin
 
-from smartpath.services.config import load_config
-from smartpath.services.tiling.reader import TileReader
-from smartpath.services.tiling.slide import Slide, resize
-from smartpath.services.tiling.tiler import Tiler, TileRequest
+from smartpath.core.config import load_config
+from smartpath.core.slides.reader import TileReader
+from smartpath.core.slides.slide import Slide, resize
+from smartpath.core.slides.tiler import Tiler, TileRequest
 from smartpath.training.synthetic.slides import write_synthetic_slide
 
 TARGET_MPP, TILE = 0.5, 256

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.config.training import GrpoConfig, TrainingConfig
 from smartpath.model.base import base_from_config
-from smartpath.model.config import ModelConfig
 from smartpath.model.mllm import SmartPathModel
 from smartpath.training.collate import Collator
-from smartpath.training.config import GrpoConfig, TrainingConfig
 from smartpath.training.data import load_items
 from smartpath.training.features import featurize_manifest
 from smartpath.training.grpo import grpo_update

@@ -33,13 +33,15 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from smartpath.core.config import StorageConfig
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.storage import ObjectStore
 from smartpath.model.checkpoint import (
     download_prefix,
     is_s3_uri,
     resolve_store,
     upload_folder,
 )
-from smartpath.model.config import ModelConfig
 from smartpath.model.tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -52,8 +54,6 @@ from smartpath.model.tokenizer import (
     token_ids,
     train_builtin_tokenizer,
 )
-from smartpath.services.config import StorageConfig
-from smartpath.services.storage import ObjectStore
 
 MODEL_TYPE = "qwen2_5_vl"
 

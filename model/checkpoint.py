@@ -47,11 +47,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from smartpath.model.config import ModelConfig
-from smartpath.services.config import StorageConfig
-from smartpath.services.errors import InvalidArgumentError, NotFoundError
-from smartpath.services.storage import ObjectRef, ObjectStore, make_store, parse_slide_ref
-from smartpath.services.storage.refs import key_problem
+from smartpath.core.config import StorageConfig
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.errors import InvalidArgumentError, NotFoundError
+from smartpath.core.storage import ObjectRef, ObjectStore, make_store, parse_slide_ref
+from smartpath.core.storage.refs import key_problem
 
 FORMAT_NAME = "smartpath-checkpoint"
 FORMAT_VERSION = 1

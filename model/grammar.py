@@ -36,7 +36,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
@@ -89,6 +89,31 @@ def coerce_task(task: int) -> Task:
 def coerce_scale(scale: int) -> Scale:
     """``Scale`` from a ``Scale``, a proto enum value or an int; ValueError if unspecified."""
     return _coerce_enum(Scale, scale, "scale", "SCALE")
+
+
+def _enum_name(enum: type[IntEnum], value: object, coerce: Callable[[int], IntEnum]) -> str:
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name.upper() not in enum.__members__ or name == "unspecified":
+            valid = ", ".join(m.name.lower() for m in enum if m.value != 0)
+            raise ValueError(f"unknown {enum.__name__.lower()} {value!r}; use one of {valid}")
+        return name
+    return coerce(operator.index(value)).name.lower()
+
+
+def scale_name(scale: str | int | Scale) -> str:
+    """Lowercase scale name (``"roi"``/``"wsi"``) from a name, a ``Scale`` or its int."""
+    return _enum_name(Scale, scale, coerce_scale)
+
+
+def task_name(task: str | int | Task) -> str:
+    """Lowercase task name (``"detection"`` …) from a name, a ``Task`` or its int."""
+    return _enum_name(Task, task, coerce_task)
+
+
+def task_scale_key(task: str | int | Task, scale: str | int | Scale) -> str:
+    """Stable key for per-task/per-scale expert assignment, e.g. ``"classification/roi"``."""
+    return f"{task_name(task)}/{scale_name(scale)}"
 
 
 _E = TypeVar("_E", bound=IntEnum)

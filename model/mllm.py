@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from smartpath.core.config.model import ModelConfig
 from smartpath.model.aggregator import SlideAggregator
 from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, save_checkpoint
-from smartpath.model.config import ModelConfig
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
 from smartpath.model.grammar import Scale, Task

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
+from smartpath.core.config.model import PromptStyle
 from smartpath.model.grammar import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 
-PromptStyle = Literal["full", "compact"]
 PROMPT_STYLES: tuple[PromptStyle, ...] = get_args(PromptStyle)
 """``full``: SmartPath-R1's instruction prompts (scale, task, labels or options, the
 ``<think>``/``<answer>`` format, the answer's syntax and an example), for a pretrained LLM that

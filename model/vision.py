@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from smartpath.model.config import VisionSizes
+from smartpath.core.config.model import VisionSizes
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD, render_chat
-from smartpath.services.errors import InvalidArgumentError
 
 MAX_ASPECT_RATIO = 200  # Qwen's resize refuses anything longer and thinner
 

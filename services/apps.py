@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from smartpath.services.config import DeploymentConfig, SmartPathConfig
+from smartpath.core.config import DeploymentConfig, SmartPathConfig
 from smartpath.services.handles import DEPLOYMENTS
 
 GRPC_SERVICERS = [

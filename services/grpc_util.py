@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from smartpath.services.errors import ResourceExhaustedError, SmartPathError
+from smartpath.core.errors import ResourceExhaustedError, SmartPathError
 
 logger = logging.getLogger("smartpath.rpc")
 

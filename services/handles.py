@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from smartpath.core.slides.plan import TileGeometry, TilePlan
+from smartpath.core.slides.tiler import TileRequest
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.decoding.decoder import DecodeEvent, DecodeRequest
 from smartpath.services.encoding.encoder import VisualTokens
 from smartpath.services.encoding.slides import SlideEncoding, SlideProgress
 from smartpath.services.routing.router import Route
-from smartpath.services.tiling.plan import TileGeometry, TilePlan
-from smartpath.services.tiling.tiler import TileRequest
 
 # Serve application -> its one deployment.
 DEPLOYMENTS = {

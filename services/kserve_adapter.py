@@ -12,7 +12,7 @@ local path under ``tiling.local_slide_roots``); ``task`` [1], one of :data:`TASK
 ``smartpath.v1.Analysis`` as proto3 JSON; ``label`` and ``answer``, copied from it.
 
 Bad input raises kserve's ``InvalidInput`` (gRPC INVALID_ARGUMENT, HTTP 400). Other
-:class:`~smartpath.services.errors.SmartPathError` subclasses keep their gRPC status (as a
+:class:`~smartpath.core.errors.SmartPathError` subclasses keep their gRPC status (as a
 ``grpc_interceptor`` ``GrpcException``, which KServe's gRPC interceptor passes through;
 :func:`main` maps it to an HTTP status for REST). Anything else is INTERNAL with a reference
 id only; stack traces stay in the server log.
@@ -32,9 +32,9 @@ import grpc
 from google.protobuf.json_format import MessageToJson
 from grpc_interceptor.exceptions import GrpcException
 
+from smartpath.core.config import SmartPathConfig, load_config
+from smartpath.core.errors import InvalidArgumentError, SmartPathError
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.config import SmartPathConfig, load_config
-from smartpath.services.errors import InvalidArgumentError, SmartPathError
 from smartpath.services.gateway.pipeline import Pipeline
 from smartpath.services.local import LocalBackends, local_pipeline
 from smartpath.v1 import common_pb2, pathology_pb2

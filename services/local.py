@@ -11,19 +11,18 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.slides.tiler import Tiler
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import SmartPathModel
-from smartpath.model.tile_encoder import make_tile_encoder
-from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.decoder import BatchDecoder, DecodeEvent, DecodeRequest
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
 from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
 from smartpath.services.gateway.pipeline import Pipeline
-from smartpath.services.models import load_served_model, model_version
+from smartpath.services.models import load_served_model, model_info
 from smartpath.services.routing.router import ExpertGate, Route
 from smartpath.services.tiling.source import TilerSource
-from smartpath.services.tiling.tiler import Tiler
 
 
 class LocalBackends:
@@ -34,13 +33,12 @@ class LocalBackends:
         self.model = model if model is not None else load_served_model(config)
         self.tiler = Tiler(config)
         self.source = TilerSource(self.tiler)
-        self.encoder = VisualEncoder(self.model, make_tile_encoder(config.model.tile_encoder))
+        self.encoder = VisualEncoder(self.model)
         self.cache = FeatureCache(self.tiler.store, config.model.features_bucket)
         self.gate = ExpertGate(self.model)
         d = config.serve.decoder
         self.decoder = BatchDecoder(
             self.model,
-            default_labels=config.model.default_labels,
             max_batch_size=d.max_batch_size,
             batch_wait_s=d.batch_wait_timeout_s,
             max_pending=d.max_pending,
@@ -68,7 +66,6 @@ class LocalBackends:
             encode_tiles=encode_tiles,
             encoder=self.encoder,
             cache=self.cache,
-            spec=self.config.model,
         )
 
     async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
@@ -90,4 +87,4 @@ def local_pipeline(
 ) -> tuple[Pipeline, LocalBackends]:
     """A :class:`Pipeline` over :class:`LocalBackends` (close the backends when done)."""
     backends = LocalBackends(config, model)
-    return Pipeline(backends, config, model_version(backends.model)), backends
+    return Pipeline(backends, config, model_info(backends.model)), backends

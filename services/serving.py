@@ -17,9 +17,9 @@ from ray import serve
 from ray.serve.api import RunTarget
 from ray.serve.config import gRPCOptions
 
+from smartpath.core.config import SmartPathConfig
 from smartpath.services import apps
 from smartpath.services.apps import APPS, serve_config
-from smartpath.services.config import SmartPathConfig
 
 logger = logging.getLogger("smartpath.serving")
 

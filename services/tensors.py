@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from smartpath.services.errors import InvalidArgumentError
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.v1 import common_pb2
 
 _DTYPE = np.dtype("<f4")

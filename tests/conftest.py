@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from smartpath.services.config import StorageConfig
+from smartpath.core.config import StorageConfig
+from smartpath.training.synthetic.slides import SyntheticSlide, write_synthetic_slide
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -107,3 +108,22 @@ def ray_session() -> Iterator[None]:
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def synthetic_svs(slides_dir: Path) -> SyntheticSlide:
+    """A 6144×5120 px Aperio SVS at 0.25 µm/px (40x) with 256-px JPEG tiles."""
+    return write_synthetic_slide(slides_dir / "synthetic.svs", width=6144, height=5120, seed=7)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tiff(slides_dir: Path) -> SyntheticSlide:
+    """A 3000×2600 px generic tiled TIFF at 0.5 µm/px (sizes not multiples of the tile)."""
+    return write_synthetic_slide(
+        slides_dir / "synthetic.tiff", width=3000, height=2600, fmt="tiff", mpp=0.5, seed=3
+    )

@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from smartpath.model.config import ModelConfig, VisionSizes
+from smartpath.core.config.model import ModelConfig, VisionSizes
 from smartpath.model.grammar import Scale, Task, format_completion
 from smartpath.model.mllm import MultimodalBatch, SlideInput
 from smartpath.model.prompts import PromptStyle, build_prompt

@@ -23,10 +23,11 @@ from typing import TypeAlias
 
 import numpy as np
 
+from smartpath.core.storage.base import ObjectStore
+from smartpath.core.storage.refs import ObjectRef
+from smartpath.model.grammar import task_scale_key
 from smartpath.model.mllm import SlideInput
-from smartpath.services.storage.base import ObjectStore
-from smartpath.services.storage.refs import ObjectRef
-from smartpath.training.features import load_features
+from smartpath.model.slide_features import load_features
 from smartpath.training.manifest import (
     ManifestError,
     RoiSample,
@@ -35,7 +36,6 @@ from smartpath.training.manifest import (
     read_manifest,
     resolve_ref,
 )
-from smartpath.training.sampling import task_scale_key
 
 __all__ = ["Item", "cap_per_key", "item_key", "load_items"]
 

@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
+from smartpath.core.storage import make_store
+from smartpath.core.storage.base import ObjectStore
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.prompts import PromptStyle
-from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
-from smartpath.services.storage import make_store
-from smartpath.services.storage.base import ObjectStore
 from smartpath.training.collate import Collator
 from smartpath.training.data import Item, item_key, load_items
 from smartpath.training.engine import read_history, run_stage
@@ -53,7 +53,11 @@ from smartpath.training.evaluate import constant_baseline, predict, task_metrics
 from smartpath.training.features import featurize_manifest
 from smartpath.training.manifest import load_roi_image, read_manifest
 from smartpath.training.report import write_report
-from smartpath.training.synthetic.dataset import generate_roi_dataset, generate_wsi_dataset
+from smartpath.training.synthetic.dataset import (
+    generate_roi_dataset,
+    generate_wsi_dataset,
+    label_taxonomy,
+)
 from smartpath.training.synthetic.roi import COMPACT
 
 __all__ = [
@@ -132,6 +136,7 @@ def demo_config(
                 "preset": "tiny",
                 "image_positions": True,
                 "prompt_style": PROMPT_STYLE,
+                "labels": label_taxonomy(),
                 "aggregator": {"feature_dim": 32, "num_tokens": 8, "num_heads": 4},
                 "experts": {"num_experts": 4, "top_k": 2, "rank": 8},
                 "router": {"hidden_size": 64},

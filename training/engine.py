@@ -1,12 +1,18 @@
-"""Distributed plumbing shared by SFT and GRPO: Ray Train TorchTrainer, DeepSpeed ZeRO,
-checkpoints in object storage, resume, and the exported model.
+"""Distributed plumbing shared by every training stage: a registry of stages by name, the ONE
+per-worker loop that runs any of them, Ray Train TorchTrainer, DeepSpeed ZeRO, checkpoints in
+object storage, resume, and the exported model.
 
 Design decisions:
 
-- One entry point per stage (:func:`run_stage`) builds a ``TorchTrainer`` whose workers all run
-  the stage's loop; ``distributed`` in the config picks 1 CPU worker, 2 CPU workers or N GPU
-  workers. Ray Train creates the process group (gloo on CPU, NCCL on GPU) and DeepSpeed joins
-  it.
+- Stages register by name (:func:`register_stage`; ``sft`` and ``grpo`` are built in). A
+  :class:`Stage` says only what differs: its config section, how the model (and any reference)
+  is built, the rows per step, and what one step does and logs. :func:`train_worker` is the one
+  loop: DeepSpeed setup, restore, steps with the lr schedule, logging, checkpoints and the export.
+- One entry point (:func:`run_stage`) builds a ``TorchTrainer`` whose workers all run
+  :func:`train_worker` on the stage's *name* (a module-level function, so Ray pickles it by
+  reference; each worker looks the stage up in its own registry). ``distributed`` in the config
+  picks 1 CPU worker, 2 CPU workers or N GPU workers. Ray Train creates the process group (gloo
+  on CPU, NCCL on GPU) and DeepSpeed joins it.
 - DeepSpeed ZeRO-2 wraps the model with a plain ``torch.optim.AdamW`` over the trainable
   parameters only (no DeepSpeed-built optimizer ops, so nothing compiles for the optimizer on
   CPU; ``DS_ACCELERATOR=cpu`` is set when ``use_gpu`` is False). Frozen base weights are
@@ -26,31 +32,43 @@ Design decisions:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
 import os
 import tempfile
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from smartpath.core.config import SmartPathConfig, StorageConfig
+from smartpath.core.config.training import DistributedConfig, OptimConfig
+from smartpath.core.storage import make_store
+from smartpath.core.storage.base import ObjectStore
+from smartpath.core.storage.refs import ObjectRef
 from smartpath.model.checkpoint import is_s3_uri, parse_prefix
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.config import SmartPathConfig, StorageConfig
-from smartpath.services.storage import make_store
-from smartpath.services.storage.base import ObjectStore
-from smartpath.services.storage.refs import ObjectRef
-from smartpath.training.config import DistributedConfig, OptimConfig
+from smartpath.training.collate import Collator
+from smartpath.training.data import load_items
 
 __all__ = [
     "DeepSpeedRun",
+    "Stage",
+    "StepMetrics",
+    "get_stage",
     "read_history",
+    "register_stage",
     "run_stage",
     "stage_main",
+    "stages",
     "storage_target",
+    "train_worker",
     "trainable_parameters",
     "write_text",
 ]
@@ -222,6 +240,107 @@ class DeepSpeedRun:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stages
+
+
+class StageSection(Protocol):
+    """What the engine reads from a stage's config section (``training.sft``, ``training.grpo``)."""
+
+    steps: int
+    train_base: bool
+    optim: OptimConfig
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one step logs: ``mean`` is averaged over the ranks; ``local`` is this rank's value as
+    is (timings, or DeepSpeed's grad norm, which is already global)."""
+
+    mean: dict[str, float]
+    local: dict[str, float] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """A training stage on one Ray Train worker: what differs between stages.
+
+    :func:`train_worker` builds one per worker (the training items are loaded here), wraps
+    :meth:`build_model`'s model with DeepSpeed, hands the run to :meth:`attach`, restores the
+    latest checkpoint and calls :meth:`train_step` once per step.
+    """
+
+    name: ClassVar[str]
+    run: DeepSpeedRun
+    collator: Collator
+
+    def __init__(self, config: SmartPathConfig, store: ObjectStore, rank: int) -> None:
+        t = config.training
+        self.config = config
+        self.store = store
+        self.rank = rank
+        self.items = load_items(t.data.manifests, t.data.train_split, store)
+
+    @classmethod
+    def check(cls, config: SmartPathConfig) -> None:
+        """Raise ValueError for a config this stage cannot run; called before any worker starts
+        (the default accepts every config)."""
+        return None
+
+    @property
+    @abstractmethod
+    def section(self) -> StageSection:
+        """This stage's config section: steps, optimizer and whether the base trains."""
+
+    @property
+    @abstractmethod
+    def rows_per_step(self) -> int:
+        """Sequences each rank trains on per step (DeepSpeed's micro-batch)."""
+
+    @abstractmethod
+    def build_model(self) -> SmartPathModel:
+        """The model this stage trains (built or loaded on every rank)."""
+
+    def attach(self, run: DeepSpeedRun) -> None:
+        """Keep the DeepSpeed run and build the collator for its model."""
+        self.run = run
+        self.collator = Collator(run.model.cfg, run.model.tokenizer, run.model.slide_tokens)
+
+    @abstractmethod
+    def train_step(self, step: int) -> StepMetrics:
+        """Run step ``step`` (0-based): draw the batch, update through ``self.run``, say what
+        to log."""
+
+
+_STAGES: dict[str, type[Stage]] = {}
+BUILTIN_STAGE_MODULES = ("smartpath.training.sft", "smartpath.training.grpo")
+"""Modules whose import registers the built-in stages."""
+
+
+def register_stage(stage: type[Stage]) -> type[Stage]:
+    """Class decorator: register ``stage`` under its ``name``. Registering a name again replaces
+    the stage (``python -m smartpath.training.sft`` runs the module twice: as ``__main__`` and
+    as itself)."""
+    _STAGES[stage.name] = stage
+    return stage
+
+
+def stages() -> dict[str, type[Stage]]:
+    """The registered stages by name, the built-in ones included."""
+    for module in BUILTIN_STAGE_MODULES:
+        importlib.import_module(module)
+    return dict(_STAGES)
+
+
+def get_stage(name: str) -> type[Stage]:
+    """The stage registered as ``name``; ValueError naming the known stages otherwise."""
+    known = stages()
+    if name not in known:
+        raise ValueError(
+            f"unknown training stage {name!r}; known stages: {', '.join(sorted(known))}"
+        )
+    return known[name]
+
+
+# ---------------------------------------------------------------------------------------------
 # Storage of runs
 
 
@@ -307,8 +426,53 @@ def with_absolute_paths(config: SmartPathConfig) -> SmartPathConfig:
     return config.model_copy(update={"training": training, "storage": storage})
 
 
-def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None]) -> Any:
-    """Run ``loop`` on the configured Ray Train workers; return Ray Train's Result.
+def train_worker(loop_config: dict) -> None:
+    """The one per-worker loop of every stage (runs inside Ray Train): ``loop_config`` holds the
+    ``config`` and the ``stage``'s name."""
+    import ray.train
+
+    config: SmartPathConfig = loop_config["config"]
+    t = config.training
+    rank = ray.train.get_context().get_world_rank()
+    stage = get_stage(loop_config["stage"])(config, make_store(config.storage), rank)
+    section = stage.section
+    model = stage.build_model()
+    run = DeepSpeedRun(
+        model,
+        trainable_parameters(model, section.train_base),
+        section.optim,
+        t.distributed,
+        batch_size=stage.rows_per_step,
+        total_steps=section.steps,
+    )
+    stage.attach(run)
+    start, history = run.restore()
+    for step in range(start, section.steps):
+        tic = time.perf_counter()
+        lr = run.lr
+        metrics = stage.train_step(step)
+        row = run.all_reduce_mean(metrics.mean)
+        row.update(
+            step=step + 1,
+            resumes=run.resumes,
+            lr=lr,
+            **metrics.local,
+            step_s=time.perf_counter() - tic,
+        )
+        run.record(
+            row,
+            history,
+            step=step + 1,
+            total_steps=section.steps,
+            checkpoint_every=t.checkpoint_every,
+            report_every=t.report_every,
+        )
+    finish_stage(run, config, stage.name, history)
+
+
+def run_stage(config: SmartPathConfig, stage: str) -> Any:
+    """Run the stage registered as ``stage`` on the configured Ray Train workers; return Ray
+    Train's Result. An unknown stage, or a config the stage refuses, raises ValueError first.
 
     Starts a local Ray when none is running (the embedded default), joins
     ``serve.ray_address`` when set.
@@ -317,6 +481,7 @@ def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    get_stage(stage).check(config)
     config = with_absolute_paths(config)
     t = config.training
     dist = t.distributed
@@ -328,8 +493,8 @@ def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None])
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     storage_path, filesystem = storage_target(t.run_dir(), config.storage)
     trainer = TorchTrainer(
-        loop,
-        train_loop_config={"config": config},
+        train_worker,
+        train_loop_config={"config": config, "stage": stage},
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers,
             use_gpu=dist.use_gpu,
@@ -350,18 +515,18 @@ def run_stage(config: SmartPathConfig, stage: str, loop: Callable[[dict], None])
     return trainer.fit()
 
 
-def stage_main(stage: str, loop: Callable[[dict], None], argv: list[str] | None = None) -> None:
+def stage_main(stage: str, argv: list[str] | None = None) -> None:
     """Command-line entry of a stage: load the config once, run the stage, print where its
     model went."""
     import argparse
 
-    from smartpath.services.config import load_config
+    from smartpath.core.config import load_config
 
     parser = argparse.ArgumentParser(prog=f"python -m smartpath.training.{stage}")
     parser.add_argument("--config", help="SmartPath config YAML (the training section is used)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    result = run_stage(config, stage, loop)
+    result = run_stage(config, stage)
     if result.error is not None:
         raise SystemExit(f"{stage} failed: {result.error}")
     print(json.dumps({"stage": stage, "model": config.training.model_uri(stage), **result.metrics}))

@@ -70,11 +70,11 @@ from smartpath.model.grammar import (
     parse_answer,
     parse_option,
     split_completion,
+    task_scale_key,
 )
 from smartpath.model.tokenizer import IM_END
 from smartpath.training import metrics
 from smartpath.training.manifest import RoiSample, WsiSample, parse_target, sample_task
-from smartpath.training.sampling import task_scale_key
 
 if TYPE_CHECKING:
     from PIL import Image

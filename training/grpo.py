@@ -1,4 +1,5 @@
-"""Task-aware GRPO as a Ray Train + DeepSpeed job: ``python -m smartpath.training.grpo --config F``.
+"""Task-aware GRPO, the ``grpo`` stage of the training engine (:mod:`smartpath.training.engine`
+runs it on Ray Train + DeepSpeed): ``python -m smartpath.training.grpo --config F``.
 
 Design decisions:
 
@@ -7,9 +8,10 @@ Design decisions:
   computed without gradient right after the rollouts (so with one update per rollout the ratio
   starts at 1 and the clip only matters for ``updates_per_rollout`` > 1, as in GRPO).
 - Each worker rolls out ``prompts_per_step`` scale-balanced prompts × G samples in one batched
-  mixed-expert generation (see :mod:`smartpath.training.rollout`), scores them with the task
-  rewards, normalises advantages within each prompt's group, and updates with the clipped
-  surrogate + β·k3 KL. The router keeps its load-balancing term.
+  mixed-expert generation (see :mod:`smartpath.training.rollout`), scores them with the rewards
+  ``grpo.rewards`` names (looked up in :data:`smartpath.training.rewards.REWARDS`; unknown names
+  are refused before any worker starts), normalises advantages within each prompt's group, and
+  updates with the clipped surrogate + β·k3 KL. The router keeps its load-balancing term.
 - Logged per step: mean reward, task reward per task/scale key, format rate, KL, clip fraction,
   completion length and rollout/update times.
 """
@@ -23,15 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.config.training import GrpoConfig
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.config import SmartPathConfig
-from smartpath.services.storage import make_store
 from smartpath.training.collate import Collator
-from smartpath.training.config import GrpoConfig
-from smartpath.training.data import load_items
-from smartpath.training.engine import DeepSpeedRun, finish_stage, trainable_parameters
+from smartpath.training.engine import DeepSpeedRun, Stage, StepMetrics, register_stage, stage_main
 from smartpath.training.objectives import grpo_loss
-from smartpath.training.rewards import format_reward
+from smartpath.training.rewards import format_reward, get_rewards
 from smartpath.training.rollout import (
     Rollouts,
     completion_logprobs,
@@ -41,9 +41,7 @@ from smartpath.training.rollout import (
 )
 from smartpath.training.sft import step_batch
 
-__all__ = ["grpo_update", "main", "train_loop"]
-
-STAGE = "grpo"
+__all__ = ["GrpoStage", "grpo_update", "main"]
 
 
 def grpo_update(
@@ -84,49 +82,63 @@ def grpo_update(
     return loss.detach(), stats
 
 
-def train_loop(loop_config: dict) -> None:
-    """The per-worker GRPO loop (runs inside Ray Train)."""
-    import ray.train
+@register_stage
+class GrpoStage(Stage):
+    """GRPO on one worker: rollouts of scale-balanced prompts, scored, then clipped updates
+    against a frozen reference."""
 
-    config: SmartPathConfig = loop_config["config"]
-    t = config.training
-    g = t.grpo
-    rank = ray.train.get_context().get_world_rank()
-    store = make_store(config.storage)
-    init = g.init or t.model_uri("sft")
-    policy = SmartPathModel.load(init, store)
-    reference = SmartPathModel.load(init, store).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    params = trainable_parameters(policy, g.train_base)
-    batch_rows = g.prompts_per_step * g.group_size
-    run = DeepSpeedRun(
-        policy, params, g.optim, t.distributed, batch_size=batch_rows, total_steps=g.steps
-    )
-    reference.to(run.device, dtype=run.dtype or torch.float32)
-    items = load_items(t.data.manifests, t.data.train_split, store)
-    collator = Collator(run.model.cfg, run.model.tokenizer, run.model.slide_tokens)
-    start, history = run.restore()
-    for step in range(start, g.steps):
+    name = "grpo"
+    reference: SmartPathModel
+
+    @classmethod
+    def check(cls, config: SmartPathConfig) -> None:
+        get_rewards(config.training.grpo.rewards)
+
+    @property
+    def section(self) -> GrpoConfig:
+        return self.config.training.grpo
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.section.prompts_per_step * self.section.group_size
+
+    def build_model(self) -> SmartPathModel:
+        """The policy, from ``grpo.init`` (default: this run's SFT model); a second, frozen copy
+        becomes the KL reference."""
+        init = self.section.init or self.config.training.model_uri("sft")
+        policy = SmartPathModel.load(init, self.store)
+        self.reference = SmartPathModel.load(init, self.store).eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        return policy
+
+    def attach(self, run: DeepSpeedRun) -> None:
+        """Also put the reference on the run's device, in its dtype."""
+        super().attach(run)
+        self.reference.to(run.device, dtype=run.dtype or torch.float32)
+
+    def train_step(self, step: int) -> StepMetrics:
+        t, g, run = self.config.training, self.section, self.run
         tic = time.perf_counter()
-        prompts = step_batch(items, t, rank, step, g.prompts_per_step, t.data.task_weights)
+        prompts = step_batch(
+            self.items, t, self.rank, step, g.prompts_per_step, t.data.task_weights
+        )
         rolls = rollout(
             run.model,
-            collator,
+            self.collator,
             prompts,
             group_size=g.group_size,
             max_new_tokens=g.max_new_tokens,
             temperature=g.temperature,
             top_p=g.top_p,
-            seed=(t.seed * 7919 + rank) * 100_003 + step,
-            format_weight=g.format_weight,
+            seed=(t.seed * 7919 + self.rank) * 100_003 + step,
+            rewards=g.reward_weights(),
             device=run.device,
             dtype=run.dtype,
         )
         rollout_s = time.perf_counter() - tic
-        lr = run.lr
         loss, stats = grpo_update(
-            run.engine, run.model, reference, collator, rolls, g,
+            run.engine, run.model, self.reference, self.collator, rolls, g,
             backward=run.backward, step=run.engine.step, device=run.device, dtype=run.dtype,
         )  # fmt: skip
         values = {
@@ -139,30 +151,12 @@ def train_loop(loop_config: dict) -> None:
             "completion_tokens": float(stats["completion_tokens"]),
         }
         values.update({f"reward/{k}": v for k, v in rolls.reward_by_key().items()})
-        row = run.all_reduce_mean(values)
-        row.update(
-            step=step + 1,
-            resumes=run.resumes,
-            lr=lr,
-            rollout_s=rollout_s,
-            step_s=time.perf_counter() - tic,
-        )
-        run.record(
-            row,
-            history,
-            step=step + 1,
-            total_steps=g.steps,
-            checkpoint_every=t.checkpoint_every,
-            report_every=t.report_every,
-        )
-    finish_stage(run, config, STAGE, history)
+        return StepMetrics(mean=values, local={"rollout_s": rollout_s})
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m smartpath.training.grpo --config config.yaml``."""
-    from smartpath.training.engine import stage_main
-
-    stage_main(STAGE, train_loop, argv)
+    stage_main(GrpoStage.name, argv)
 
 
 if __name__ == "__main__":

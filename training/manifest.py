@@ -16,7 +16,7 @@ Design decisions:
   (``..`` allowed as long as it stays inside the bucket), so a dataset folder can be copied
   between a disk and a bucket unchanged.
 - Local writes are atomic (temp file in the same folder, then ``os.replace``); ``s3://`` goes
-  through an :class:`~smartpath.services.storage.ObjectStore` (a whole-object put is atomic).
+  through an :class:`~smartpath.core.storage.ObjectStore` (a whole-object put is atomic).
 - Ids must be unique within a manifest (checked by :func:`read_manifest`/:func:`iter_manifest`
   and :func:`write_manifest`).
 """
@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from smartpath.core.storage import ObjectRef, ObjectStore, parse_slide_ref
+from smartpath.core.storage.refs import key_problem
 from smartpath.model.grammar import (
     Answer,
     Task,
@@ -42,8 +44,6 @@ from smartpath.model.grammar import (
     format_completion,
     parse_answer,
 )
-from smartpath.services.storage import ObjectRef, ObjectStore, parse_slide_ref
-from smartpath.services.storage.refs import key_problem
 
 __all__ = [
     "ManifestError",

@@ -49,7 +49,6 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "k3_kl",
-    "sequence_logprobs",
     "sft_loss",
 ]
 
@@ -99,24 +98,6 @@ def answer_span_mask(input_ids: Tensor, open_id: int, close_id: int) -> Tensor:
     closes = torch.cumsum(close_after.int(), dim=1)  # (B, T) closes seen up to and incl. t
     closed_before = (closes - close_after.int()) > 0  # a close strictly before t
     return opened & ~closed_before
-
-
-def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Per-token log-probs (B, T) float32 of ``tokens`` under ``logits`` (B, T, V), shifted.
-
-    ``out[:, t] = log_softmax(logits[:, t-1])[tokens[:, t]]`` for t ≥ 1; ``out[:, 0] = 0``;
-    positions where ``mask`` (B, T, aligned with ``tokens``) is 0 are 0.
-    """
-    if logits.shape[:2] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
-    pred = logits[:, :-1].float()  # (B, T-1, V)
-    target = tokens[:, 1:]  # (B, T-1)
-    picked = pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    lp = picked - torch.logsumexp(pred, dim=-1)  # (B, T-1)
-    out = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)  # (B, T)
-    if mask is not None:
-        out = out * mask.to(out.dtype)
-    return out
 
 
 def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from smartpath.services.config import SmartPathConfig
+    from smartpath.core.config import SmartPathConfig
 
 GROUP = "ray.io"
 VERSION = "v1"

@@ -26,7 +26,7 @@ so reward and evaluation cannot drift apart. Design decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from smartpath.model.grammar import (
@@ -265,3 +265,16 @@ REWARDS: dict[str, RewardFn] = {
     "task": task_reward,
 }
 """Rewards by name, so a config can pick and swap them."""
+
+
+def get_rewards(names: Iterable[str]) -> dict[str, RewardFn]:
+    """The rewards registered as ``names``, in order; ValueError naming the known rewards for an
+    unknown name."""
+    names = list(names)
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown:
+        raise ValueError(
+            f"unknown reward(s) {', '.join(map(repr, unknown))}; "
+            f"known rewards: {', '.join(sorted(REWARDS))}"
+        )
+    return {name: REWARDS[name] for name in names}

@@ -7,9 +7,11 @@ Design decisions:
   the experts its own router picked, so a batch mixing tasks and scales (hence expert sets)
   decodes together. ``sequential=True`` is the naive baseline the benchmark compares against:
   one prompt, one sample at a time.
-- The reward is the task reward (exact match, IoU-matched F1, Dice, EM/token-F1; see
-  :mod:`smartpath.training.rewards`) plus ``format_weight`` × the format reward, so the output
-  grammar stays learnt while the task reward dominates.
+- The reward is a weighted sum of rewards chosen by name from
+  :data:`smartpath.training.rewards.REWARDS` (:func:`score`); GRPO's default is the task reward
+  (exact match, IoU-matched F1, Dice, EM/token-F1) plus ``format_weight`` × the format reward,
+  so the output grammar stays learnt while the task reward dominates. The task reward is always
+  scored too, for the per-task logs.
 - :func:`policy_batch` turns rollouts back into a left-padded training batch whose labels mark
   the generated tokens only, for the log-prob passes (old, reference and policy).
 - Log-probs use logits divided by the sampling temperature, matching the distribution that
@@ -18,21 +20,23 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from smartpath.core.config.training import GrpoConfig
+from smartpath.model.logprobs import sequence_logprobs
 from smartpath.model.mllm import IGNORE_INDEX, MultimodalBatch, SmartPathModel
 from smartpath.model.tokenizer import IM_END
 from smartpath.training.collate import Collator
 from smartpath.training.data import Item, item_key
-from smartpath.training.manifest import sample_task
-from smartpath.training.objectives import group_advantages, sequence_logprobs
-from smartpath.training.rewards import format_reward, task_reward
+from smartpath.training.manifest import RoiSample, WsiSample, sample_task
+from smartpath.training.objectives import group_advantages
+from smartpath.training.rewards import get_rewards
 
-__all__ = ["Rollouts", "completion_logprobs", "policy_batch", "rollout", "to_device"]
+__all__ = ["Rollouts", "completion_logprobs", "policy_batch", "rollout", "score", "to_device"]
 
 
 @dataclass
@@ -60,6 +64,28 @@ def _decode(model: SmartPathModel, ids: Sequence[int]) -> str:
     return text.split(IM_END, 1)[0]
 
 
+def score(
+    texts: Sequence[str],
+    samples: Sequence[RoiSample | WsiSample],
+    rewards: Mapping[str, float],
+) -> tuple[Tensor, Tensor]:
+    """(reward, task reward) of each completion in ``texts`` of the matching sample: the reward
+    is the sum of the rewards named in ``rewards`` (looked up in ``REWARDS``), each times its
+    weight; ValueError for an unknown name."""
+    columns = dict(
+        tasks=[sample_task(s) for s in samples],
+        targets=[s.target for s in samples],
+        labels=[s.labels for s in samples],
+        options=[s.options for s in samples],
+    )
+    scores = {
+        name: torch.tensor(reward(texts, **columns))
+        for name, reward in get_rewards([*rewards, "task"]).items()
+    }
+    total = sum((w * scores[name] for name, w in rewards.items()), torch.zeros(len(texts)))
+    return total, scores["task"]
+
+
 def rollout(
     model: SmartPathModel,
     collator: Collator,
@@ -70,13 +96,14 @@ def rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
-    format_weight: float = 0.1,
+    rewards: Mapping[str, float] | None = None,
     sequential: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Rollouts:
-    """Sample ``group_size`` completions for each prompt and score them (inputs moved to
-    ``device``, pixels and slide features cast to ``dtype``, the model's)."""
+    """Sample ``group_size`` completions for each prompt and :func:`score` them with the
+    ``rewards`` weights by name (None: GRPO's default), inputs moved to ``device``, pixels and
+    slide features cast to ``dtype``, the model's."""
     items = [item for item in prompts for _ in range(group_size)]
     stop = model.tokenizer.convert_tokens_to_ids(IM_END)
     kwargs = dict(
@@ -101,24 +128,15 @@ def rollout(
         completions = model.generate(batch, seed=seed, **kwargs)
     model.train(was_training)
     texts = [_decode(model, ids) for ids in completions]
-    samples = [s for s, _ in items]
-    task = torch.tensor(
-        task_reward(
-            texts,
-            [sample_task(s) for s in samples],
-            [s.target for s in samples],
-            labels=[s.labels for s in samples],
-            options=[s.options for s in samples],
-        )
-    )
-    rewards = task + format_weight * torch.tensor(format_reward(texts))
+    weights = GrpoConfig().reward_weights() if rewards is None else rewards
+    total, task = score(texts, [s for s, _ in items], weights)
     return Rollouts(
         items=items,
         completions=completions,
         texts=texts,
-        rewards=rewards,
+        rewards=total,
         task_rewards=task,
-        advantages=group_advantages(rewards, group_size),
+        advantages=group_advantages(total, group_size),
         group_size=group_size,
     )
 

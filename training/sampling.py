@@ -28,47 +28,25 @@ Design decisions:
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from enum import IntEnum
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
-from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task
+from smartpath.model.grammar import Scale, Task, scale_name, task_name
 
-__all__ = ["DEFAULT_SCALE_WEIGHTS", "ScaleBalancedSampler", "scale_name", "task_scale_key"]
+__all__ = ["DEFAULT_SCALE_WEIGHTS", "ScaleBalancedSampler"]
 
 DEFAULT_SCALE_WEIGHTS: Mapping[str, float] = {"roi": 0.5, "wsi": 0.5}
 
 _SEED_MIX = 1_000_003  # keeps (seed, epoch) pairs apart: (0, 1) and (1, 0) differ
 
 
-def _enum_name(enum: type[IntEnum], value: object, coerce: Callable[[int], IntEnum]) -> str:
-    if isinstance(value, str):
-        name = value.strip().lower()
-        if name.upper() not in enum.__members__ or name == "unspecified":
-            valid = ", ".join(m.name.lower() for m in enum if m.value != 0)
-            raise ValueError(f"unknown {enum.__name__.lower()} {value!r}; use one of {valid}")
-        return name
-    return coerce(operator.index(value)).name.lower()
-
-
-def scale_name(scale: str | int | Scale) -> str:
-    """Lowercase scale name (``"roi"``/``"wsi"``) from a name, a ``Scale`` or its int."""
-    return _enum_name(Scale, scale, coerce_scale)
-
-
 def _weight_key(key: str) -> str:
     """A task weight's key: a task name, or ``task/scale`` for one scale only."""
     task, _, scale = key.partition("/")
-    name = _enum_name(Task, task, coerce_task)
+    name = task_name(task)
     return f"{name}/{scale_name(scale)}" if scale else name
-
-
-def task_scale_key(task: str | int | Task, scale: str | int | Scale) -> str:
-    """Stable key for per-task/per-scale expert assignment, e.g. ``"classification/roi"``."""
-    return f"{_enum_name(Task, task, coerce_task)}/{scale_name(scale)}"
 
 
 class ScaleBalancedSampler(Sampler[int]):
@@ -116,7 +94,7 @@ class ScaleBalancedSampler(Sampler[int]):
         if task_weights is None:
             groups = [(k, pools[k], scale_probs[k]) for k in active]
         else:
-            task_names = [_enum_name(Task, t, coerce_task) for t in tasks]  # type: ignore[union-attr]
+            task_names = [task_name(t) for t in tasks]  # type: ignore[union-attr]
             tw = {_weight_key(k): float(v) for k, v in task_weights.items()}
             if any(v < 0 or v != v for v in tw.values()):
                 raise ValueError(f"task weights must be >= 0, got {task_weights}")

@@ -1,4 +1,5 @@
-"""Scale-aware SFT as a Ray Train + DeepSpeed job: ``python -m smartpath.training.sft --config F``.
+"""Scale-aware SFT, the ``sft`` stage of the training engine (:mod:`smartpath.training.engine`
+runs it on Ray Train + DeepSpeed): ``python -m smartpath.training.sft --config F``.
 
 Design decisions:
 
@@ -16,28 +17,22 @@ Design decisions:
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from smartpath.core.config.training import SftConfig, TrainingConfig
+from smartpath.core.storage.base import ObjectStore
 from smartpath.model.base import base_from_config
 from smartpath.model.mllm import SlideInput, SmartPathModel
-from smartpath.services.config import SmartPathConfig
-from smartpath.services.storage import make_store
-from smartpath.training.collate import Collator
-from smartpath.training.config import TrainingConfig
-from smartpath.training.data import Item, load_items
-from smartpath.training.engine import DeepSpeedRun, finish_stage, trainable_parameters
+from smartpath.training.data import Item
+from smartpath.training.engine import Stage, StepMetrics, register_stage, stage_main
 from smartpath.training.objectives import sft_loss
 from smartpath.training.rollout import to_device
 from smartpath.training.sampling import ScaleBalancedSampler
 
-__all__ = ["build_model", "main", "step_batch", "train_loop"]
-
-STAGE = "sft"
+__all__ = ["SftStage", "build_model", "main", "step_batch"]
 
 
-def build_model(t: TrainingConfig, store, items: list[Item]) -> SmartPathModel:
+def build_model(t: TrainingConfig, store: ObjectStore | None, items: list[Item]) -> SmartPathModel:
     """The model SFT starts from: ``sft_init`` if set, else built from ``model`` with the seed,
     its slide aggregator's pooled statistics fitted on the training slides in ``items``."""
     if t.sft_init is not None:
@@ -72,71 +67,51 @@ def step_batch(
     return [items[i] for i in sampler]
 
 
-def train_loop(loop_config: dict) -> None:
-    """The per-worker SFT loop (runs inside Ray Train)."""
-    import ray.train
+@register_stage
+class SftStage(Stage):
+    """SFT on one worker: a collated scale-balanced batch per step, LM loss + router aux loss."""
 
-    config: SmartPathConfig = loop_config["config"]
-    t = config.training
-    rank = ray.train.get_context().get_world_rank()
-    store = make_store(config.storage)
-    items = load_items(t.data.manifests, t.data.train_split, store)
-    model = build_model(t, store, items)
-    params = trainable_parameters(model, t.sft.train_base)
-    run = DeepSpeedRun(
-        model,
-        params,
-        t.sft.optim,
-        t.distributed,
-        batch_size=t.sft.batch_size,
-        total_steps=t.sft.steps,
-    )
-    collator = Collator(run.model.cfg, run.model.tokenizer, run.model.slide_tokens)
-    start, history = run.restore()
-    for step in range(start, t.sft.steps):
-        tic = time.perf_counter()
-        weights = t.sft.task_weights_at(step, t.data.task_weights)
-        batch, labels = collator(step_batch(items, t, rank, step, t.sft.batch_size, weights))
+    name = "sft"
+
+    @property
+    def section(self) -> SftConfig:
+        return self.config.training.sft
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.section.batch_size
+
+    def build_model(self) -> SmartPathModel:
+        return build_model(self.config.training, self.store, self.items)
+
+    def train_step(self, step: int) -> StepMetrics:
+        t, sft, run = self.config.training, self.section, self.run
+        weights = sft.task_weights_at(step, t.data.task_weights)
+        batch, labels = self.collator(
+            step_batch(self.items, t, self.rank, step, sft.batch_size, weights)
+        )
         batch = to_device(batch, run.device, run.dtype)
         run.engine.train()
         labels = labels.to(run.device)
         out = run.engine(batch)
         lm_loss = sft_loss(out.logits, labels)
-        weight = t.sft.aux_weight
+        weight = sft.aux_weight
         if weight is None:
             weight = run.model.cfg.router.load_balance_weight
         aux = weight * run.model.router.aux_loss(out.router)
         loss = lm_loss + aux
         run.backward(loss)
-        lr = run.lr
         run.engine.step()
-        row = run.all_reduce_mean(
-            {"loss": float(loss), "lm_loss": float(lm_loss), "aux_loss": float(aux)}
-        )
         grad_norm = run.engine.get_global_grad_norm()
-        row.update(
-            step=step + 1,
-            resumes=run.resumes,
-            lr=lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            step_s=time.perf_counter() - tic,
+        return StepMetrics(
+            mean={"loss": float(loss), "lm_loss": float(lm_loss), "aux_loss": float(aux)},
+            local={"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")},
         )
-        run.record(
-            row,
-            history,
-            step=step + 1,
-            total_steps=t.sft.steps,
-            checkpoint_every=t.checkpoint_every,
-            report_every=t.report_every,
-        )
-    finish_stage(run, config, STAGE, history)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m smartpath.training.sft --config config.yaml``."""
-    from smartpath.training.engine import stage_main
-
-    stage_main(STAGE, train_loop, argv)
+    stage_main(SftStage.name, argv)
 
 
 if __name__ == "__main__":

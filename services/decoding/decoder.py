@@ -23,25 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from smartpath.core.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from smartpath.model.experts import ExpertRouting
 from smartpath.model.grammar import Scale, Task, format_completion, split_completion
+from smartpath.model.logprobs import sequence_logprobs
 from smartpath.model.mllm import MultimodalBatch, SmartPathModel
 from smartpath.model.tokenizer import IM_END
 from smartpath.model.vision import question_ids
 from smartpath.services.decoding.question import Question
 from smartpath.services.encoding.encoder import VisualTokens
-from smartpath.services.errors import (
-    DeadlineExceededError,
-    InvalidArgumentError,
-    ResourceExhaustedError,
-)
-from smartpath.training.objectives import sequence_logprobs
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -109,7 +109,6 @@ class BatchDecoder:
         self,
         model: SmartPathModel,
         *,
-        default_labels: Mapping[str, Sequence[str]],
         max_batch_size: int = 16,
         batch_wait_s: float = 0.0,
         max_pending: int = 64,
@@ -117,7 +116,7 @@ class BatchDecoder:
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
-        self.default_labels = default_labels
+        self.default_labels = model.cfg.labels
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.max_pending = max_pending

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task
+from smartpath.core.errors import InvalidArgumentError
+from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task, task_scale_key
 from smartpath.model.prompts import PromptStyle, build_prompt
-from smartpath.services.errors import InvalidArgumentError
-from smartpath.training.sampling import task_scale_key
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale
-from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.decoder import (
     FINISH_STOP,
     BatchDecoder,
@@ -25,9 +26,8 @@ from smartpath.services.decoding.decoder import (
 )
 from smartpath.services.decoding.question import make_question, parse_scale
 from smartpath.services.encoding.encoder import VisualTokens
-from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.grpc_util import RpcCounter, server_stream
-from smartpath.services.models import load_served_model, model_version
+from smartpath.services.models import ModelInfo, load_served_model, model_info
 from smartpath.services.routing.router import parse_expert_set
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, decoding_pb2
@@ -39,7 +39,6 @@ class DecoderService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         self.model = load_served_model(self.config)
-        self.version = model_version(self.model)
         d = self.config.serve.decoder
         self.record_rpc = RpcCounter("decoder")
         queue = metrics.Histogram(
@@ -68,7 +67,6 @@ class DecoderService:
 
         self.engine = BatchDecoder(
             self.model,
-            default_labels=self.config.model.default_labels,
             max_batch_size=d.max_batch_size,
             batch_wait_s=d.batch_wait_timeout_s,
             max_pending=d.max_pending,
@@ -84,17 +82,9 @@ class DecoderService:
         )
 
     # -- Python API (DeploymentHandle) -----------------------------------------------------
-    async def info(self) -> dict[str, Any]:
-        """What the gateway's GetModelInfo reports about the served model."""
-        cfg = self.model.cfg
-        manifest = self.model.manifest
-        experts = [e.name for e in manifest.experts] if manifest is not None else []
-        return {
-            "preset": cfg.preset,
-            "version": self.version,
-            "experts": experts,
-            "top_k": int(cfg.experts.top_k),
-        }
+    async def info(self) -> ModelInfo:
+        """The served model's facts (the gateway's GetModelInfo and request validation)."""
+        return model_info(self.model)
 
     async def _check_expert_set(self, request: DecodeRequest) -> None:
         key = serve.get_multiplexed_model_id()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import re
 
-from smartpath.services.errors import NotFoundError
-from smartpath.services.storage import ObjectRef, ObjectStore
-from smartpath.training.features import SlideFeatures, features_bytes, load_features
+from smartpath.core.errors import NotFoundError
+from smartpath.core.storage import ObjectRef, ObjectStore
+from smartpath.model.slide_features import SlideFeatures, features_bytes, load_features
 
 logger = logging.getLogger("smartpath.encoding")
 

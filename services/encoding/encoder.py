@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from smartpath.core.config import ModelServingConfig
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.mllm import SmartPathModel
-from smartpath.model.tile_encoder import TileEncoder
+from smartpath.model.slide_features import SlideFeatures
+from smartpath.model.tile_encoder import TileEncoder, make_tile_encoder
 from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi
-from smartpath.services.config import ModelServingConfig
-from smartpath.services.errors import InvalidArgumentError
-from smartpath.training.features import SlideFeatures
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,10 @@ def decode_image(data: bytes, limits: ModelServingConfig) -> np.ndarray:
 class VisualEncoder:
     """The served model's visual side (see module docstring)."""
 
-    def __init__(self, model: SmartPathModel, tile_encoder: TileEncoder) -> None:
+    def __init__(self, model: SmartPathModel, tile_encoder: TileEncoder | None = None) -> None:
+        """``tile_encoder`` defaults to the one the model's checkpoint names."""
         self.model = model
-        self.tile_encoder = tile_encoder
+        self.tile_encoder = tile_encoder or make_tile_encoder(model.cfg.tile_encoder)
         self.processor = make_image_processor(model.cfg.vision)
 
     def prepare(self, image: np.ndarray) -> RoiInput:

@@ -13,17 +13,16 @@ import numpy as np
 from ray import serve
 from ray.serve import metrics
 
-from smartpath.model.tile_encoder import make_tile_encoder
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import InvalidArgumentError
+from smartpath.core.storage import make_store
 from smartpath.model.vision import RoiInput
-from smartpath.services.config import SmartPathConfig
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens, decode_image
 from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
-from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.handles import TilerHandle, handle
 from smartpath.services.models import load_served_model
-from smartpath.services.storage import make_store
 from smartpath.services.tensors import to_tensor
 from smartpath.v1 import encoding_pb2
 
@@ -34,7 +33,7 @@ class FeatureEncoderService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         model = load_served_model(self.config)
-        self.encoder = VisualEncoder(model, make_tile_encoder(self.config.model.tile_encoder))
+        self.encoder = VisualEncoder(model)
         store = make_store(self.config.storage)
         self.cache = FeatureCache(store, self.config.model.features_bucket)
         self.tiler = TilerHandle(handle("tiler"))
@@ -96,7 +95,6 @@ class FeatureEncoderService:
             encode_tiles=self.encode_tiles,
             encoder=self.encoder,
             cache=self.cache,
-            spec=self.config.model,
         ):
             if isinstance(item, SlideEncoding):
                 self._cache.inc(tags={"result": "hit" if item.cache_hit else "miss"})

@@ -13,13 +13,12 @@ from typing import Protocol
 
 import numpy as np
 
-from smartpath.services.config import ModelServingConfig
+from smartpath.core.errors import FailedPreconditionError
+from smartpath.core.slides.plan import TileGeometry, TilePlan, plan_hash
+from smartpath.core.slides.tiler import TileRequest
+from smartpath.model.slide_features import SlideFeatures
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
-from smartpath.services.errors import FailedPreconditionError
-from smartpath.services.tiling.plan import TileGeometry, TilePlan, plan_hash
-from smartpath.services.tiling.tiler import TileRequest
-from smartpath.training.features import SlideFeatures
 
 
 class SlideSource(Protocol):
@@ -70,20 +69,20 @@ async def encode_slide(
     encode_tiles: Callable[[np.ndarray], Awaitable[np.ndarray]],
     encoder: VisualEncoder,
     cache: FeatureCache,
-    spec: ModelServingConfig,
 ) -> AsyncIterator[SlideProgress | SlideEncoding]:
     """Yield progress while tiles are encoded, then the :class:`SlideEncoding`.
 
-    The cache key is known from the slide's content id and the tile spec alone, so a hit
-    neither downloads nor tiles the slide.
+    The cache key is known from the slide's content id and the model's slide tile spec
+    alone, so a hit neither downloads nor tiles the slide.
     """
+    spec = encoder.model.cfg.slide_tiles
     slide_id = await source.identify(uri)
     key = plan_hash(
         slide_id if mpp_override is None else f"{slide_id}@mpp={mpp_override}",
-        mpp=spec.slide_mpp,
-        tile_size=spec.slide_tile_size,
+        mpp=spec.mpp,
+        tile_size=spec.tile_size,
         overlap=0,
-        min_tissue_fraction=spec.slide_min_tissue,
+        min_tissue_fraction=spec.min_tissue,
         tissue_params=await source.tissue_params(),
     )
     ref = cache.ref(slide_id, encoder.tile_encoder.name, key)
@@ -91,9 +90,9 @@ async def encode_slide(
     hit = features is not None
     if features is None:
         request = TileRequest(
-            mpp=spec.slide_mpp,
-            tile_size=spec.slide_tile_size,
-            min_tissue_fraction=spec.slide_min_tissue,
+            mpp=spec.mpp,
+            tile_size=spec.tile_size,
+            min_tissue_fraction=spec.min_tissue,
         )
         plan, _ = await source.plan(uri, request, mpp_override)
         if len(plan) == 0:

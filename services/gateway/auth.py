@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from smartpath.services.errors import UnauthenticatedError, UnavailableError
+from smartpath.core.errors import UnauthenticatedError, UnavailableError
 
 logger = logging.getLogger("smartpath.auth")
 

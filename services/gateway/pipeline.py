@@ -13,14 +13,15 @@ from typing import Protocol
 
 import numpy as np
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale, Task
-from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.decoder import DecodeEvent, DecodeRequest
 from smartpath.services.decoding.question import Question, make_question
 from smartpath.services.encoding.encoder import VisualTokens, decode_image
 from smartpath.services.encoding.slides import SlideEncoding, SlideProgress
-from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.gateway.results import analysis_from_completion
+from smartpath.services.models import ModelInfo
 from smartpath.services.routing.router import Route
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -77,11 +78,11 @@ def _resolution_mpp(resolution: common_pb2.Resolution, default: float) -> float:
 class Pipeline:
     """One analysis from request to ``Analysis`` (see module docstring)."""
 
-    def __init__(self, backends: Backends, config: SmartPathConfig, model_version: str) -> None:
+    def __init__(self, backends: Backends, config: SmartPathConfig, model: ModelInfo) -> None:
         self.backends = backends
         self.config = config
         self.limits = config.model
-        self.model_version = model_version
+        self.model = model
 
     def question(self, message: pathology_pb2.Question, scale: Scale) -> Question:
         """Validate a request's question (before any slide or image work)."""
@@ -95,7 +96,8 @@ class Pipeline:
             max_prompt_chars=self.limits.max_prompt_chars,
             max_new_tokens_cap=self.limits.max_new_tokens,
         )
-        q.text(self.limits.default_labels)  # INVALID_ARGUMENT now rather than after encoding
+        # INVALID_ARGUMENT now rather than after encoding.
+        q.text(self.model.labels, self.model.prompt_style)
         return q
 
     def _deadline(self, deadline: float | None) -> float:
@@ -230,7 +232,7 @@ class Pipeline:
             analysis = analysis_from_completion(
                 final.text,
                 question,
-                self.limits.default_labels,
+                self.model.labels,
                 size=size,
                 region=region,
                 label_scores=final.label_scores,
@@ -244,7 +246,7 @@ class Pipeline:
     def _finish(
         self, analysis: pathology_pb2.Analysis, timer: _Timer, request_id: str
     ) -> pathology_pb2.Analysis:
-        analysis.model_version = self.model_version
+        analysis.model_version = self.model.version
         analysis.request_id = request_id
         analysis.timings.extend(timer.timings)
         return analysis

@@ -10,11 +10,12 @@ from typing import Any
 
 from ray.serve import context as serve_context
 
-from smartpath.services.config import SmartPathConfig
+from smartpath.core.config import SmartPathConfig
 from smartpath.services.gateway.auth import TokenCheck
 from smartpath.services.gateway.pipeline import Pipeline
 from smartpath.services.grpc_util import RpcCounter, server_stream, unary
 from smartpath.services.handles import HandleBackends
+from smartpath.services.models import ModelInfo
 from smartpath.v1 import common_pb2, pathology_pb2
 
 
@@ -34,10 +35,10 @@ class PathologyService:
         tokens = self.config.serve.auth_token_file
         self.auth = TokenCheck(tokens) if tokens is not None else None
         self._pipeline: Pipeline | None = None
-        self._info: dict[str, Any] | None = None
+        self._info: ModelInfo | None = None
         self.record_rpc = RpcCounter("gateway")
 
-    async def _model_info(self) -> dict[str, Any]:
+    async def _model_info(self) -> ModelInfo:
         if self._info is None:
             self._info = await self.backends.decoder.info.remote()
         return self._info
@@ -47,7 +48,7 @@ class PathologyService:
             self.auth.check(context.invocation_metadata() if context is not None else ())
         if self._pipeline is None:
             info = await self._model_info()
-            self._pipeline = Pipeline(self.backends, self.config, info["version"])
+            self._pipeline = Pipeline(self.backends, self.config, info)
         return self._pipeline
 
     @unary(pathology_pb2.AnalyzeRegionResponse)
@@ -75,12 +76,12 @@ class PathologyService:
 
 
 def model_info_response(
-    config: SmartPathConfig, info: dict[str, Any]
+    config: SmartPathConfig, info: ModelInfo
 ) -> pathology_pb2.GetModelInfoResponse:
-    """GetModelInfoResponse from the decoder's model info and the serving config."""
+    """GetModelInfoResponse from the served model's facts and the serving limits."""
     m = config.model
     labels = []
-    for key, values in sorted(m.default_labels.items()):
+    for key, values in sorted(info.labels.items()):
         task, _, scale = key.partition("/")
         labels.append(
             pathology_pb2.TaskLabels(
@@ -89,14 +90,19 @@ def model_info_response(
                 labels=values,
             )
         )
+    tiles = info.slide_tiles
     return pathology_pb2.GetModelInfoResponse(
         name=m.uri or "smartpath-demo",
-        version=info["version"],
-        preset=info["preset"],
-        experts=info["experts"],
-        top_k=info["top_k"],
-        tile_encoder=m.tile_encoder,
+        version=info.version,
+        preset=info.preset,
+        experts=info.experts,
+        top_k=info.top_k,
+        tile_encoder=info.tile_encoder,
         default_labels=labels,
+        slide_tiles=pathology_pb2.SlideTileSpec(
+            mpp=tiles.mpp, tile_size=tiles.tile_size, min_tissue=tiles.min_tissue
+        ),
+        prompt_style=info.prompt_style,
         max_prompt_chars=m.max_prompt_chars,
         max_image_pixels=m.max_image_pixels,
         max_new_tokens=m.max_new_tokens,

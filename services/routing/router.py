@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)

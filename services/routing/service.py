@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from ray.serve import metrics
 
+from smartpath.core.config import SmartPathConfig
 from smartpath.model.grammar import Scale, Task
-from smartpath.services.config import SmartPathConfig
 from smartpath.services.decoding.question import parse_scale, parse_task
 from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.models import load_served_model

@@ -13,13 +13,13 @@ import numpy as np
 from PIL import Image
 from ray.serve import metrics
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import InvalidArgumentError
+from smartpath.core.slides.plan import TilePlan
+from smartpath.core.slides.tiler import OpenedSlide, Tiler, TileRequest
 from smartpath.services.aio import iterate_in_thread
-from smartpath.services.config import SmartPathConfig
-from smartpath.services.errors import InvalidArgumentError
 from smartpath.services.grpc_util import RpcCounter, server_stream, unary
-from smartpath.services.tiling.plan import TilePlan
 from smartpath.services.tiling.source import TilerSource
-from smartpath.services.tiling.tiler import OpenedSlide, Tiler, TileRequest
 from smartpath.v1 import common_pb2, tiling_pb2
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024

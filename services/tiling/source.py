@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from smartpath.core.slides.plan import TileGeometry, TilePlan
+from smartpath.core.slides.slide import SlideInfo
+from smartpath.core.slides.tiler import Tiler, TileRequest, TissueMask
 from smartpath.services.aio import iterate_in_thread
-from smartpath.services.tiling.plan import TileGeometry, TilePlan
-from smartpath.services.tiling.slide import SlideInfo
-from smartpath.services.tiling.tiler import Tiler, TileRequest, TissueMask
 
 
 class TilerSource:

@@ -67,7 +67,7 @@ def _schema_of(model: type) -> dict[str, Any]:
 
 def config_schema() -> dict[str, Any]:
     """Schema of ``.Values.config``: SmartPathConfig without secrets and without training."""
-    from smartpath.services.config import SmartPathConfig
+    from smartpath.core.config import SmartPathConfig
 
     schema = _schema_of(SmartPathConfig)
     schema["properties"].pop("training")
@@ -75,7 +75,7 @@ def config_schema() -> dict[str, Any]:
         for field in fields:
             schema["properties"][section]["properties"].pop(field)
     schema["description"] = (
-        "The SmartPath config tree (smartpath.services.config.SmartPathConfig) rendered into "
+        "The SmartPath config tree (smartpath.core.config.SmartPathConfig) rendered into "
         "the RayService's serveConfigV2 args and the config.yaml ConfigMap. No secrets here. "
         + GENERATED_NOTE.format("SmartPathConfig")
     )
@@ -84,11 +84,11 @@ def config_schema() -> dict[str, Any]:
 
 def training_config_schema() -> dict[str, Any]:
     """Schema of ``.Values.training.config``: the ``training`` section (TrainingConfig)."""
-    from smartpath.training.config import TrainingConfig
+    from smartpath.core.config.training import TrainingConfig
 
     schema = _schema_of(TrainingConfig)
     schema["description"] = (
-        "The training section of the config tree (smartpath.training.config.TrainingConfig), "
+        "The training section of the config tree (smartpath.core.config.training.TrainingConfig), "
         "merged into the RayJobs' config.yaml as `training`. "
         + GENERATED_NOTE.format("TrainingConfig")
     )

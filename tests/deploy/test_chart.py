@@ -292,8 +292,8 @@ def test_should_render_the_serve_config_smartpath_serve_builds(
 ) -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from smartpath.core.config import SmartPathConfig
     from smartpath.services.apps import serve_config
-    from smartpath.services.config import SmartPathConfig
 
     rendered = serve_config_of(objects)
     ServeDeploySchema.model_validate(rendered)  # what Serve itself accepts
@@ -395,7 +395,7 @@ def test_should_build_the_rayjob_smartpath_train_submit_builds(helm: Path) -> No
     (training_cm,) = [
         c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("training-config")
     ]
-    from smartpath.services.config import SmartPathConfig
+    from smartpath.core.config import SmartPathConfig
 
     tree = yaml.safe_load(training_cm["data"]["config.yaml"])
     assert SmartPathConfig(**tree).training.name == "pathology-run-1"

@@ -15,6 +15,9 @@ import torch
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 
+from smartpath.core.config import StorageConfig
+from smartpath.core.config.model import PRESETS, ModelConfig
+from smartpath.core.storage import S3Store
 from smartpath.model.base import (
     BaseModelMismatchError,
     base_from_config,
@@ -24,7 +27,6 @@ from smartpath.model.base import (
     load_base_model,
     save_base_model,
 )
-from smartpath.model.config import PRESETS, ModelConfig
 from smartpath.model.tokenizer import (
     IMAGE_PAD,
     SLIDE_PAD,
@@ -36,8 +38,6 @@ from smartpath.model.tokenizer import (
     train_builtin_tokenizer,
 )
 from smartpath.model.vision import RoiInput, expand_image_pads, make_image_processor, prepare_roi
-from smartpath.services.config import StorageConfig
-from smartpath.services.storage import S3Store
 
 TINY = ModelConfig(preset="tiny")
 
@@ -131,7 +131,7 @@ def test_presets_and_defaults() -> None:
 
 
 def test_every_field_is_described() -> None:
-    from smartpath.model import config as mod
+    from smartpath.core.config import model as mod
 
     for cls in (
         mod.ModelConfig,
@@ -140,6 +140,7 @@ def test_every_field_is_described() -> None:
         mod.ExpertsConfig,
         mod.RouterConfig,
         mod.AggregatorConfig,
+        mod.SlideTiles,
     ):
         undocumented = [n for n, f in cls.model_fields.items() if not f.description]
         assert undocumented == [], f"{cls.__name__}: {undocumented}"

@@ -16,6 +16,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 import smartpath.model.checkpoint as checkpoint_module
+from smartpath.core.config import StorageConfig
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.errors import InvalidArgumentError
+from smartpath.core.storage import LocalStore, ObjectRef, S3Store
 from smartpath.model.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,11 +33,7 @@ from smartpath.model.checkpoint import (
     parse_manifest,
     save_checkpoint,
 )
-from smartpath.model.config import ModelConfig
 from smartpath.model.tokenizer import load_tokenizer, train_builtin_tokenizer
-from smartpath.services.config import StorageConfig
-from smartpath.services.errors import InvalidArgumentError
-from smartpath.services.storage import LocalStore, ObjectRef, S3Store
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from smartpath.core.config.model import ModelConfig
 from smartpath.model.base import base_from_config
-from smartpath.model.config import ModelConfig
 from smartpath.model.image_position import normalised_token_centres
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.vision import make_image_processor, prepare_roi

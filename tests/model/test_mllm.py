@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from smartpath.core.config.model import ModelConfig
 from smartpath.model.base import base_from_config
-from smartpath.model.config import ModelConfig
 from smartpath.model.experts import ExpertRouting, expert_modules
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import IGNORE_INDEX, MultimodalBatch, SlideInput, SmartPathModel
@@ -200,7 +200,7 @@ def test_decode_positions_follow_the_vision_block(model: SmartPathModel) -> None
 
 
 def test_checkpoint_round_trip_through_s3(model: SmartPathModel, s3_config) -> None:
-    from smartpath.services.storage import make_store
+    from smartpath.core.storage import make_store
 
     store = make_store(s3_config)
     store.ensure_bucket("models")

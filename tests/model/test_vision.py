@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from smartpath.model.config import PRESETS, VisionSizes
+from smartpath.core.config.model import PRESETS, VisionSizes
+from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD
 from smartpath.model.vision import (
     InvalidImageError,
@@ -21,7 +22,6 @@ from smartpath.model.vision import (
     num_image_tokens,
     prepare_roi,
 )
-from smartpath.services.errors import InvalidArgumentError
 
 TINY = PRESETS["tiny"].vision
 

@@ -8,30 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
-from smartpath.training.synthetic.slides import SyntheticSlide, write_synthetic_slide
+from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, free_port
 
 API_TOKEN = "test-token-4f1c"
-
-
-@pytest.fixture(scope="session")
-def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slides")
-
-
-@pytest.fixture(scope="session")
-def synthetic_svs(slides_dir: Path) -> SyntheticSlide:
-    """A 6144×5120 px Aperio SVS at 0.25 µm/px (40x) with 256-px JPEG tiles."""
-    return write_synthetic_slide(slides_dir / "synthetic.svs", width=6144, height=5120, seed=7)
-
-
-@pytest.fixture(scope="session")
-def synthetic_tiff(slides_dir: Path) -> SyntheticSlide:
-    """A 3000×2600 px generic tiled TIFF at 0.5 µm/px (sizes not multiples of the tile)."""
-    return write_synthetic_slide(
-        slides_dir / "synthetic.tiff", width=3000, height=2600, fmt="tiff", mpp=0.5, seed=3
-    )
 
 
 @pytest.fixture(scope="session")

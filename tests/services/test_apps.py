@@ -12,9 +12,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import UnauthenticatedError, UnavailableError
 from smartpath.services.apps import APPS, serve_config
-from smartpath.services.config import SmartPathConfig
-from smartpath.services.errors import UnauthenticatedError, UnavailableError
 from smartpath.services.gateway.auth import TokenCheck
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smartpath.services.cli import main
+from smartpath.client.cli import main
 
 
 def test_synth_slide_then_plan_outputs(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from smartpath.services.config import load_config
+from smartpath.core.config import load_config
 
 
 def test_defaults_are_the_embedded_mode() -> None:

@@ -11,26 +11,27 @@ import numpy as np
 import pytest
 import torch
 
-from smartpath.model.experts import ExpertRouting
-from smartpath.model.grammar import Scale, Task
-from smartpath.model.mllm import MultimodalBatch, SmartPathModel
-from smartpath.model.prompts import PROMPT_STYLES
-from smartpath.model.tile_encoder import make_tile_encoder
-from smartpath.model.tokenizer import IM_END
-from smartpath.model.vision import question_ids
-from smartpath.services.config import SmartPathConfig
-from smartpath.services.decoding.decoder import BatchDecoder, DecodeRequest
-from smartpath.services.decoding.question import Question
-from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
-from smartpath.services.errors import (
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from smartpath.model.experts import ExpertRouting
+from smartpath.model.grammar import Scale, Task
+from smartpath.model.mllm import MultimodalBatch, SmartPathModel
+from smartpath.model.prompts import PROMPT_STYLES
+from smartpath.model.tokenizer import IM_END
+from smartpath.model.vision import question_ids
+from smartpath.services.decoding.decoder import BatchDecoder, DecodeRequest
+from smartpath.services.decoding.question import Question
+from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
 from smartpath.services.models import load_served_model
+from smartpath.training.synthetic.dataset import label_taxonomy
 from smartpath.training.synthetic.roi import render_roi
 
-LABELS = SmartPathConfig().model.default_labels
+# The demo checkpoint's taxonomy (the decoder reads it from the model).
+LABELS = label_taxonomy()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def model() -> SmartPathModel:
 
 @pytest.fixture(scope="module")
 def visuals(model: SmartPathModel) -> list[VisualTokens]:
-    encoder = VisualEncoder(model, make_tile_encoder("stain-stats-v1"))
+    encoder = VisualEncoder(model)
     rng = np.random.default_rng(0)
     images = [render_roi(rng, cls, size).image for cls, size in (("tumour", 224), ("stroma", 288))]
     rois = encoder.encode_rois([encoder.prepare(im) for im in images])
@@ -78,7 +79,7 @@ def _reference(model: SmartPathModel, decoder: BatchDecoder, request: DecodeRequ
 
 
 def test_prompts_are_in_the_served_models_style(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS)
+    decoder = BatchDecoder(model)
     for request in _requests(visuals):
         q = request.question
         expected = {
@@ -100,7 +101,7 @@ async def _collect(decoder: BatchDecoder, request: DecodeRequest):
 
 
 def test_batched_mixed_experts_equal_each_request_alone(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS, batch_wait_s=0.05)
+    decoder = BatchDecoder(model, batch_wait_s=0.05)
     requests = _requests(visuals)
 
     async def run():
@@ -122,7 +123,7 @@ def test_batched_mixed_experts_equal_each_request_alone(model, visuals) -> None:
 
 def test_label_scores_follow_the_models_likelihood(model, visuals) -> None:
     """The generated label is the most probable candidate under greedy decoding."""
-    decoder = BatchDecoder(model, default_labels=LABELS)
+    decoder = BatchDecoder(model)
     request = _requests(visuals)[0]
     final = asyncio.run(_collect(decoder, request))[-1]
     scores = dict(final.label_scores)
@@ -132,7 +133,7 @@ def test_label_scores_follow_the_models_likelihood(model, visuals) -> None:
 
 
 def test_past_deadline_is_deadline_exceeded_and_others_finish(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS, batch_wait_s=0.05)
+    decoder = BatchDecoder(model, batch_wait_s=0.05)
     late, ok, _ = _requests(visuals)
     late = replace(late, deadline=time.time() - 1)
 
@@ -149,7 +150,7 @@ def test_past_deadline_is_deadline_exceeded_and_others_finish(model, visuals) ->
 
 
 def test_full_queue_is_resource_exhausted(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS, max_batch_size=1, max_pending=1)
+    decoder = BatchDecoder(model, max_batch_size=1, max_pending=1)
     requests = _requests(visuals) * 2
 
     async def run():
@@ -165,7 +166,7 @@ def test_full_queue_is_resource_exhausted(model, visuals) -> None:
 
 
 def test_a_caller_that_goes_away_leaves_the_batch(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS, batch_wait_s=0.05)
+    decoder = BatchDecoder(model, batch_wait_s=0.05)
     a, b, _ = _requests(visuals)
 
     async def run():
@@ -180,7 +181,7 @@ def test_a_caller_that_goes_away_leaves_the_batch(model, visuals) -> None:
 
 
 def test_malformed_visual_tokens_are_invalid_argument(model, visuals) -> None:
-    decoder = BatchDecoder(model, default_labels=LABELS)
+    decoder = BatchDecoder(model)
     request = _requests(visuals)[2]
     bad = DecodeRequest(
         **{**request.__dict__, "visual": VisualTokens(np.zeros((3, 7), np.float32))}

@@ -25,8 +25,6 @@ import yaml
 from google.protobuf import json_format
 from PIL import Image
 
-from smartpath.services.config import SmartPathConfig
-
 # kserve only through the adapter: kserve parses sys.argv on import (pytest --co would be its
 # --configure_logging), and the adapter hides the command line from it.
 from smartpath.services.kserve_adapter import (
@@ -36,6 +34,7 @@ from smartpath.services.kserve_adapter import (
     InferResponse,
     kserve,
 )
+from smartpath.training.synthetic.dataset import label_taxonomy
 from smartpath.training.synthetic.roi import render_roi
 from smartpath.training.synthetic.slides import write_synthetic_slide
 from smartpath.v1 import pathology_pb2
@@ -141,7 +140,7 @@ def test_roi_classification(server: Server) -> None:
     assert analysis["task"] == "TASK_CLASSIFICATION"
     assert analysis["scale"] == "SCALE_ROI"
     assert analysis["requestId"] == "req-1"
-    labels = SmartPathConfig().model.default_labels["classification/roi"]
+    labels = label_taxonomy()["classification/roi"]
     assert analysis["label"] in labels
     assert out["label"] == analysis["label"]
     scores = {s["label"]: s["score"] for s in analysis["labelScores"]}

@@ -16,9 +16,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from smartpath.services.client import PathologyClient, question
+from smartpath.client.rpc import PathologyClient, question
+from smartpath.core.storage import ObjectRef, make_store
+from smartpath.model.checkpoint import DEMO_MODEL_DIR
+from smartpath.model.mllm import SmartPathModel
 from smartpath.services.local import local_pipeline
-from smartpath.services.storage import ObjectRef, make_store
+from smartpath.training.synthetic.dataset import label_taxonomy
 from smartpath.training.synthetic.roi import render_roi
 from smartpath.v1 import (
     common_pb2,
@@ -31,6 +34,8 @@ from smartpath.v1 import (
     routing_pb2_grpc,
 )
 from tests.services.conftest import API_TOKEN
+
+DEMO_LABELS = label_taxonomy()  # the demo checkpoint's taxonomy
 
 BUCKET = "pathology"
 ROI_TASKS = ("classification", "detection", "segmentation", "vqa")
@@ -107,9 +112,20 @@ def test_model_info(client) -> None:
     info = client.model_info()
     assert info.preset == "tiny" and info.version.startswith("tiny@")
     assert list(info.experts) == [f"expert-{i}" for i in range(4)] and info.top_k == 2
-    keys = {(t.task, t.scale) for t in info.default_labels}
-    assert (common_pb2.TASK_CLASSIFICATION, common_pb2.SCALE_ROI) in keys
-    assert info.tile_encoder == "stain-stats-v1"
+    # The model's facts come from its checkpoint, not from the serving config.
+    facts = SmartPathModel.load(DEMO_MODEL_DIR).cfg
+    labels = {
+        f"{common_pb2.Task.Name(t.task)[5:].lower()}/{common_pb2.Scale.Name(t.scale)[6:].lower()}":
+        list(t.labels) for t in info.default_labels
+    }  # fmt: skip
+    assert labels == facts.labels and "classification/roi" in labels
+    assert info.tile_encoder == facts.tile_encoder == "stain-stats-v1"
+    assert (info.slide_tiles.mpp, info.slide_tiles.tile_size, info.slide_tiles.min_tissue) == (
+        facts.slide_tiles.mpp,
+        facts.slide_tiles.tile_size,
+        facts.slide_tiles.min_tissue,
+    )
+    assert info.prompt_style == facts.prompt_style == "compact"
 
 
 @pytest.mark.parametrize("task", ROI_TASKS)
@@ -133,7 +149,7 @@ def test_roi_tasks_over_grpc_equal_the_in_process_pipeline(
     stages = {t.stage for t in served.timings}
     assert {pathology_pb2.STAGE_ENCODING, pathology_pb2.STAGE_DECODING} <= stages
     assert served.parsed or served.parse_error
-    defaults = serve_instance.model.default_labels
+    defaults = DEMO_LABELS
     if task == "classification":
         assert served.parsed and served.label in defaults["classification/roi"]
         scores = {s.label: s.score for s in served.label_scores}
@@ -175,7 +191,7 @@ def test_slide_analysis_streams_progress_and_second_call_hits_the_cache(
     assert first.answer and first.answer in decoded
     assert not first.feature_cache_hit and first.scale == common_pb2.SCALE_WSI
     if task == "classification":
-        assert first.label in serve_instance.model.default_labels["classification/wsi"]
+        assert first.label in DEMO_LABELS["classification/wsi"]
     second = client.analyze_slide(uri, question(task, prompt))
     assert second.feature_cache_hit and second.tiles == first.tiles
     assert second.answer == first.answer

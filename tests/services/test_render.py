@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smartpath.services.gateway.render import (
+from smartpath.client.render import (
     analysis_geojson,
     draw_analysis,
     label_colour,

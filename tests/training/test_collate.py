@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from smartpath.core.config.model import ModelConfig
 from smartpath.model.base import base_from_config
-from smartpath.model.config import ModelConfig
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import IGNORE_INDEX, SlideInput, SmartPathModel
 from smartpath.model.prompts import build_prompt

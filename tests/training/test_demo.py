@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from smartpath.client.cli import main as cli_main
+from smartpath.core.config import StorageConfig
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.storage import make_store
 from smartpath.model.base import base_from_config
 from smartpath.model.checkpoint import load_checkpoint
-from smartpath.model.config import ModelConfig
 from smartpath.model.grammar import Task, Unparseable, parse_answer
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.cli import main as cli_main
-from smartpath.services.config import StorageConfig
-from smartpath.services.storage import make_store
 from smartpath.training.collate import Collator
 from smartpath.training.data import load_items
 from smartpath.training.demo import (

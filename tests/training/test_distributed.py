@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
+from smartpath.core.storage import make_store
 from smartpath.model.grammar import Task
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.config import SmartPathConfig, StorageConfig, load_config
-from smartpath.services.storage import make_store
 from smartpath.training.engine import read_history, run_stage
 from smartpath.training.features import featurize_manifest
 from smartpath.training.synthetic.dataset import generate_roi_dataset, generate_wsi_dataset
@@ -55,7 +55,7 @@ def test_sft_then_grpo_on_two_workers_with_checkpoints_in_s3(
     config = training_config(s3_config, manifests, f"s3://{bucket_name}/runs", name="smoke")
     store = make_store(s3_config)
 
-    sft = run_stage(config, "sft", _sft_loop())
+    sft = run_stage(config, "sft")
     assert sft.error is None
     history = read_history(config.training.stage_dir("sft"), store)
     assert [row["step"] for row in history] == [1, 2, 3, 4]
@@ -66,7 +66,7 @@ def test_sft_then_grpo_on_two_workers_with_checkpoints_in_s3(
     assert len({k.split("/")[3] for k in shards}) == 2 and len(shards) == 4, keys
     sft_model = SmartPathModel.load(config.training.model_uri("sft"), store)
 
-    grpo = run_stage(config, "grpo", _grpo_loop())
+    grpo = run_stage(config, "grpo")
     assert grpo.error is None
     rows = read_history(config.training.stage_dir("grpo"), store)
     assert [row["step"] for row in rows] == [1, 2]
@@ -99,7 +99,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     store = make_store(s3_config)
     store.ensure_bucket(bucket_name)
     results: list = []
-    thread = threading.Thread(target=lambda: results.append(run_stage(config, "sft", _sft_loop())))
+    thread = threading.Thread(target=lambda: results.append(run_stage(config, "sft")))
     thread.start()
     killed = None
     deadline = time.monotonic() + 240
@@ -137,20 +137,8 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def _sft_loop():
-    from smartpath.training.sft import train_loop
-
-    return train_loop
-
-
-def _grpo_loop():
-    from smartpath.training.grpo import train_loop
-
-    return train_loop
-
-
 def test_entry_point_parses_config(tmp_path: Path) -> None:
     from smartpath.training.engine import stage_main
 
     with pytest.raises(SystemExit):
-        stage_main("sft", _sft_loop(), ["--config", str(tmp_path / "missing.yaml"), "--bogus"])
+        stage_main("sft", ["--config", str(tmp_path / "missing.yaml"), "--bogus"])

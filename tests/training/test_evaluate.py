@@ -292,8 +292,8 @@ class _StubModel(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny():
+    from smartpath.core.config.model import ModelConfig
     from smartpath.model.base import base_from_config
-    from smartpath.model.config import ModelConfig
     from smartpath.model.mllm import SmartPathModel
     from smartpath.model.vision import make_image_processor
     from smartpath.training.collate import Collator

@@ -13,14 +13,9 @@ import tifffile
 import torch
 
 from smartpath.model.aggregator import SlideAggregator
+from smartpath.model.slide_features import SlideFeatures, load_features, save_features
 from smartpath.training import features as features_mod
-from smartpath.training.features import (
-    SlideFeatures,
-    extract_slide_features,
-    featurize_manifest,
-    load_features,
-    save_features,
-)
+from smartpath.training.features import extract_slide_features, featurize_manifest
 from smartpath.training.manifest import (
     RoiSample,
     WsiSample,

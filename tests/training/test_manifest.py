@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from smartpath.core.config import StorageConfig
+from smartpath.core.storage import ObjectRef, S3Store
 from smartpath.model.grammar import (
     Detection,
     DetectionAnswer,
@@ -20,8 +22,6 @@ from smartpath.model.grammar import (
     TextAnswer,
     format_answer,
 )
-from smartpath.services.config import StorageConfig
-from smartpath.services.storage import ObjectRef, S3Store
 from smartpath.training.manifest import (
     ManifestError,
     RoiSample,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from smartpath.services.config import SmartPathConfig
+from smartpath.core.config import SmartPathConfig
 from smartpath.training import rayjob
 from smartpath.training.rayjob import (
     PodResources,

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.config.training import GrpoConfig
 from smartpath.model.base import base_from_config
-from smartpath.model.config import ModelConfig
-from smartpath.model.grammar import Task
+from smartpath.model.grammar import Task, format_completion
 from smartpath.model.mllm import IGNORE_INDEX, SmartPathModel
 from smartpath.model.vision import make_image_processor
 from smartpath.training.collate import Collator
@@ -18,7 +19,7 @@ from smartpath.training.data import load_items
 from smartpath.training.manifest import sample_task
 from smartpath.training.objectives import group_advantages
 from smartpath.training.rewards import format_reward, task_reward
-from smartpath.training.rollout import completion_logprobs, policy_batch, rollout
+from smartpath.training.rollout import completion_logprobs, policy_batch, rollout, score
 from smartpath.training.synthetic.dataset import generate_roi_dataset
 from tests.model.tiny import randomise_experts
 
@@ -61,7 +62,7 @@ def test_rewards_and_group_advantages(setup) -> None:
     model, collator, prompts = setup
     rolls = rollout(
         model, collator, prompts, group_size=3, max_new_tokens=10, temperature=1.5, seed=1,
-        format_weight=0.5,
+        rewards={"task": 1.0, "format": 0.5},
     )  # fmt: skip
     samples = [s for s, _ in rolls.items]
     assert [s.id for s in samples] == [s.id for s, _ in prompts for _ in range(3)]
@@ -97,3 +98,49 @@ def test_policy_batch_logprobs_match_greedy_generation(setup) -> None:
     assert torch.equal(best.indices[shifted], batch.input_ids[:, 1:][shifted])
     assert torch.allclose(logprobs[:, 1:][shifted], best.values[shifted], atol=1e-4)
     assert bool((logprobs[~mask] == 0).all())
+
+
+def _scored_completions(prompts) -> tuple[list[str], list]:
+    """Per prompt: a correct well-formed answer, the bare answer, a wrong well-formed answer and
+    a completion with no answer block."""
+    texts, samples = [], []
+    for sample, _ in prompts:
+        for text in (
+            format_completion("looking", sample.target),
+            sample.target,
+            format_completion("looking", "no idea"),
+            "<think>looking</think>",
+        ):
+            texts.append(text)
+            samples.append(sample)
+    return texts, samples
+
+
+def test_default_rewards_equal_task_plus_weighted_format(setup) -> None:
+    texts, samples = _scored_completions(setup[2])
+    g = GrpoConfig()
+    total, task = score(texts, samples, g.reward_weights())
+    expected_task = torch.tensor(
+        task_reward(
+            texts,
+            [sample_task(s) for s in samples],
+            [s.target for s in samples],
+            labels=[s.labels for s in samples],
+            options=[s.options for s in samples],
+        )
+    )
+    # The formula GRPO used before rewards were chosen by name, bit for bit.
+    expected = expected_task + g.format_weight * torch.tensor(format_reward(texts))
+    assert torch.equal(task, expected_task) and torch.equal(total, expected)
+    assert set(expected_task.tolist()) >= {0.0, 1.0} and set(format_reward(texts)) == {0.0, 1.0}
+
+
+def test_rewards_by_name(setup) -> None:
+    texts, samples = _scored_completions(setup[2])
+    task_only, task = score(texts, samples, GrpoConfig(rewards=["task"]).reward_weights())
+    assert torch.equal(task_only, task)  # no format term
+    assert not torch.equal(task_only, score(texts, samples, GrpoConfig().reward_weights())[0])
+    format_only, still_task = score(texts, samples, {"format": 1.0})
+    assert format_only.tolist() == format_reward(texts) and torch.equal(still_task, task)
+    with pytest.raises(ValueError, match=r"unknown reward\(s\) 'exact'; known rewards: "):
+        score(texts, samples, {"task": 1.0, "exact": 1.0})

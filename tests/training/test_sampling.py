@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from smartpath.model.grammar import Scale, Task
-from smartpath.training.sampling import ScaleBalancedSampler, scale_name, task_scale_key
+from smartpath.model.grammar import Scale, Task, scale_name, task_scale_key
+from smartpath.training.sampling import ScaleBalancedSampler
 
 IMBALANCED = ["roi"] * 1000 + ["wsi"] * 10  # wsi indices are 1000..1009
 
@@ -156,7 +156,7 @@ def test_without_task_weights_tasks_come_in_dataset_proportions() -> None:
 
 
 def test_sft_curriculum_phases_set_the_task_mix_per_step() -> None:
-    from smartpath.training.config import SftConfig, TrainingConfig
+    from smartpath.core.config.training import SftConfig, TrainingConfig
     from smartpath.training.manifest import RoiSample
     from smartpath.training.sft import step_batch
 
@@ -196,8 +196,8 @@ def test_sft_curriculum_phases_set_the_task_mix_per_step() -> None:
 
 
 def test_sft_fits_the_slide_scaler_on_training_slides_only_when_building() -> None:
+    from smartpath.core.config.training import TrainingConfig
     from smartpath.model.mllm import SlideInput
-    from smartpath.training.config import TrainingConfig
     from smartpath.training.manifest import RoiSample, WsiSample
     from smartpath.training.sft import build_model
 

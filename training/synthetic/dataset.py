@@ -41,7 +41,14 @@ from tqdm import tqdm
 
 from smartpath.model.grammar import LabelAnswer, Scale, Task, TextAnswer, format_answer
 from smartpath.model.prompts import PromptStyle, build_prompt
-from smartpath.training.synthetic.roi import RoiProfile, make_roi_sample, roi_sample_classes
+from smartpath.training.synthetic.roi import (
+    NUCLEUS_LABELS,
+    REGION_LABELS,
+    TISSUE_CLASSES,
+    RoiProfile,
+    make_roi_sample,
+    roi_sample_classes,
+)
 from smartpath.training.synthetic.slides import SyntheticTissue, write_synthetic_slide
 
 __all__ = [
@@ -51,12 +58,26 @@ __all__ = [
     "assign_splits",
     "generate_roi_dataset",
     "generate_wsi_dataset",
+    "label_taxonomy",
     "slide_composition",
     "slide_label",
 ]
 
 ROI_TASKS: tuple[Task, ...] = (Task.CLASSIFICATION, Task.DETECTION, Task.SEGMENTATION, Task.VQA)
 WSI_CLASSES: tuple[str, ...] = ("cellular-rich", "stroma-rich", "adipose-rich")
+
+
+def label_taxonomy() -> dict[str, list[str]]:
+    """The synthetic data's labels per "task/scale": the taxonomy a model trained on it carries
+    in its checkpoint (``ModelConfig.labels``)."""
+    return {
+        "classification/roi": list(TISSUE_CLASSES),
+        "classification/wsi": list(WSI_CLASSES),
+        "detection/roi": list(NUCLEUS_LABELS),
+        "segmentation/roi": list(REGION_LABELS),
+    }
+
+
 COMPONENTS: tuple[str, ...] = ("cellular", "stroma", "adipose")
 # A slide is cellular-rich above this cellular share, else adipose-rich above this fat share,
 # else stroma-rich (stroma dominates most slides; thresholds near the 60th/70th percentiles give

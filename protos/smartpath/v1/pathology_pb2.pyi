@@ -186,6 +186,16 @@ class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SlideTileSpec(_message.Message):
+    __slots__ = ("mpp", "tile_size", "min_tissue")
+    MPP_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_TISSUE_FIELD_NUMBER: _ClassVar[int]
+    mpp: float
+    tile_size: int
+    min_tissue: float
+    def __init__(self, mpp: _Optional[float] = ..., tile_size: _Optional[int] = ..., min_tissue: _Optional[float] = ...) -> None: ...
+
 class TaskLabels(_message.Message):
     __slots__ = ("task", "scale", "labels")
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -197,7 +207,7 @@ class TaskLabels(_message.Message):
     def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., scale: _Optional[_Union[_common_pb2.Scale, str]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "version", "preset", "experts", "top_k", "tile_encoder", "default_labels", "max_prompt_chars", "max_image_pixels", "max_new_tokens")
+    __slots__ = ("name", "version", "preset", "experts", "top_k", "tile_encoder", "default_labels", "slide_tiles", "prompt_style", "max_prompt_chars", "max_image_pixels", "max_new_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +215,8 @@ class GetModelInfoResponse(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TILE_ENCODER_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SLIDE_TILES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_STYLE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -215,7 +227,9 @@ class GetModelInfoResponse(_message.Message):
     top_k: int
     tile_encoder: str
     default_labels: _containers.RepeatedCompositeFieldContainer[TaskLabels]
+    slide_tiles: SlideTileSpec
+    prompt_style: str
     max_prompt_chars: int
     max_image_pixels: int
     max_new_tokens: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., preset: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., tile_encoder: _Optional[str] = ..., default_labels: _Optional[_Iterable[_Union[TaskLabels, _Mapping]]] = ..., max_prompt_chars: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., preset: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., tile_encoder: _Optional[str] = ..., default_labels: _Optional[_Iterable[_Union[TaskLabels, _Mapping]]] = ..., slide_tiles: _Optional[_Union[SlideTileSpec, _Mapping]] = ..., prompt_style: _Optional[str] = ..., max_prompt_chars: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...

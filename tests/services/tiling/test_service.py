@@ -11,11 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from smartpath.services.client import TilerClient, tile_spec
-from smartpath.services.storage import ObjectRef, make_store
-from smartpath.services.tiling.plan import tile_geometry
-from smartpath.services.tiling.reader import TileReader
-from smartpath.services.tiling.slide import Slide
+from smartpath.client.rpc import TilerClient, tile_spec
+from smartpath.core.slides.plan import tile_geometry
+from smartpath.core.slides.reader import TileReader
+from smartpath.core.slides.slide import Slide
+from smartpath.core.storage import ObjectRef, make_store
 from smartpath.v1 import tiling_pb2
 
 BUCKET = "slides"
@@ -250,7 +250,7 @@ def test_failed_stream_details_do_not_echo_slide_names(client) -> None:
 def test_python_methods_through_a_deployment_handle(serve_instance, svs_uri) -> None:
     from ray import serve
 
-    from smartpath.services.tiling.tiler import TileRequest
+    from smartpath.core.slides.tiler import TileRequest
 
     handle = serve.get_deployment_handle("SlideTiler", app_name="tiler")
     info, slide_id = handle.describe.remote(svs_uri).result(timeout_s=60)

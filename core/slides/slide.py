@@ -1,0 +1,263 @@
+"""Open slides and ROI images behind one MPP-aware interface.
+
+Design decisions:
+- OpenSlide reads every whole-slide format (SVS, NDPI, MRXS, SCN, generic tiled TIFF, DICOM…);
+  plain PNG/JPEG ROIs go through Pillow, and nothing else is accepted (no BMP/GIF surprises).
+- Every failure to open or read becomes ``InvalidArgumentError``; messages never carry the
+  file's path (slide names can be patient data).
+- Geometry is in level-0 pixels; ``read_region`` returns RGB composited on white.
+- An MPP outside [0.01, 50] µm/px is treated as unknown: generic TIFFs often carry a default
+  72-dpi resolution (≈ 353 µm/px) that is not a scan resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openslide
+from openslide import lowlevel
+from PIL import Image, UnidentifiedImageError
+
+from smartpath.core.errors import FailedPreconditionError, InvalidArgumentError
+
+PLAUSIBLE_MPP = (0.01, 50.0)
+ROI_FORMATS = {"PNG", "JPEG"}
+MAX_ROI_PIXELS = 32768 * 32768
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a caller needs to know about a slide to plan work on it."""
+
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None
+    mpp_y: float | None
+    mpp_from_override: bool
+    objective_power: float | None
+    vendor: str
+    associated_images: dict[str, tuple[int, int]] = field(default_factory=dict)
+    reported_mpp: float | None = None  # the slide's own MPP even when implausible, for messages
+
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 µm/px (mean of x and y), or None when unknown."""
+        if self.mpp_x is None or self.mpp_y is None:
+            return None
+        return (self.mpp_x + self.mpp_y) / 2
+
+    def require_mpp(self) -> float:
+        """The level-0 MPP, or FAILED_PRECONDITION saying how to supply one."""
+        if self.mpp is not None:
+            return self.mpp
+        if self.reported_mpp is not None:
+            raise FailedPreconditionError(
+                f"slide reports mpp={self.reported_mpp:g} µm/px, outside the plausible range "
+                f"{PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} (often a default 72-dpi TIFF resolution); "
+                "pass the slide's real mpp as SlideRef.mpp_override"
+            )
+        raise FailedPreconditionError(
+            "slide has no MPP (µm/px) metadata; pass SlideRef.mpp_override with the scan "
+            "resolution, e.g. 0.25 for a 40x scan"
+        )
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as ``downsample`` (never upsample)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3):
+                best = level
+        return best
+
+
+def _float_property(props: dict[str, str], name: str) -> float | None:
+    try:
+        value = float(props[name])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class Slide:
+    """An open slide or ROI image. Reads are thread-safe (OpenSlide is; Pillow is locked)."""
+
+    def __init__(self, path: Path, handle: openslide.AbstractSlide, info: SlideInfo) -> None:
+        self.path = path
+        self.info = info
+        self._handle = handle
+        # Pillow images are not safe to crop from several threads; OpenSlide handles are.
+        self._lock = threading.Lock() if isinstance(handle, openslide.ImageSlide) else None
+
+    @classmethod
+    def open(cls, path: str | Path, mpp_override: float | None = None) -> Slide:
+        """Open ``path``; ``mpp_override`` (µm/px) replaces missing or wrong slide MPP."""
+        path = Path(path)
+        if mpp_override is not None and not (
+            math.isfinite(mpp_override) and PLAUSIBLE_MPP[0] <= mpp_override <= PLAUSIBLE_MPP[1]
+        ):
+            raise InvalidArgumentError(
+                f"mpp_override={mpp_override!r} is outside {PLAUSIBLE_MPP[0]}–"
+                f"{PLAUSIBLE_MPP[1]} µm/px"
+            )
+        handle = _open_handle(path)
+        try:
+            info = _describe(handle, mpp_override)
+        except Exception:
+            handle.close()
+            raise
+        return cls(path, handle, info)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level`` whose top-left is level-0 (x, y).
+
+        Pixels outside the slide are white.
+        """
+        if not 0 <= level < len(self.info.level_downsamples):
+            raise InvalidArgumentError(f"level {level} does not exist")
+        try:
+            if self._lock is None:
+                rgba = self._handle.read_region((x, y), level, (width, height))
+            else:
+                with self._lock:
+                    rgba = self._handle.read_region((x, y), level, (width, height))
+        except (openslide.OpenSlideError, OSError, ValueError) as e:
+            raise InvalidArgumentError(f"slide data is unreadable ({type(e).__name__})") from e
+        return rgba_on_white(np.asarray(rgba))
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        """RGB thumbnail whose long side is at most ``max_px``."""
+        w, h = self.info.width, self.info.height
+        scale = max(w, h) / max_px
+        return self.region_at(0, 0, w, h, max(1, round(w / scale)), max(1, round(h / scale)))
+
+    def region_at(self, x: int, y: int, w0: int, h0: int, out_w: int, out_h: int) -> np.ndarray:
+        """Level-0 rectangle (x, y, w0, h0) resampled to (out_h, out_w, 3) from the best level."""
+        level = self.info.best_level(min(w0 / out_w, h0 / out_h))
+        ds = self.info.level_downsamples[level]
+        region = self.read_region(level, x, y, max(1, round(w0 / ds)), max(1, round(h0 / ds)))
+        if region.shape[:2] == (out_h, out_w):
+            return region
+        return resize(region, out_w, out_h)
+
+    def close(self) -> None:
+        """Release the file handle."""
+        self._handle.close()
+
+
+def rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA uint8 array on white; transparent pixels are outside the slide."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-average down (box filter) or bilinear up to (height, width, 3)."""
+    src_h, src_w = rgb.shape[:2]
+    if (src_h, src_w) == (height, width):
+        return rgb
+    shrinking = src_w >= width and src_h >= height
+    if shrinking and src_w % width == 0 and src_h % height == 0:
+        fy, fx = src_h // height, src_w // width
+        blocks = rgb.reshape(height, fy, width, fx, 3).astype(np.uint32)
+        return ((blocks.sum(axis=(1, 3)) + fy * fx // 2) // (fy * fx)).astype(np.uint8)
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(rgb).resize((width, height), method))
+
+
+def _open_handle(path: Path) -> openslide.AbstractSlide:
+    if not path.exists():
+        raise InvalidArgumentError("slide file does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InvalidArgumentError("slide file is empty (0 bytes)")
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        pass
+    except (openslide.OpenSlideError, OSError) as e:
+        raise InvalidArgumentError(f"slide file is corrupt or truncated ({e})") from e
+    if path.is_dir():
+        raise InvalidArgumentError("folder is not a slide OpenSlide can read")
+    return _open_roi_image(path)
+
+
+def _open_roi_image(path: Path) -> openslide.ImageSlide:
+    try:
+        with Image.open(path) as probe:
+            fmt, size = probe.format, probe.size
+        if fmt not in ROI_FORMATS:
+            raise InvalidArgumentError(
+                f"unsupported image format {fmt}; ROIs must be PNG or JPEG, slides any "
+                "format OpenSlide reads"
+            )
+        if size[0] * size[1] > MAX_ROI_PIXELS:
+            raise InvalidArgumentError(
+                f"ROI image of {size[0]}x{size[1]} px is too large; store it as a tiled slide"
+            )
+        image = Image.open(path)
+        image.load()  # decode now so a truncated file fails here, not mid-request
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except InvalidArgumentError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise InvalidArgumentError(
+            "file is not a slide or image that SmartPath reads (OpenSlide formats, PNG, JPEG), "
+            "or it is corrupt or truncated"
+        ) from None
+    return openslide.ImageSlide(image)
+
+
+def _describe(handle: openslide.AbstractSlide, mpp_override: float | None) -> SlideInfo:
+    props = dict(handle.properties)
+    mpp_x = _float_property(props, openslide.PROPERTY_NAME_MPP_X)
+    mpp_y = _float_property(props, openslide.PROPERTY_NAME_MPP_Y)
+    reported = mpp_x
+    plausible = (
+        mpp_x is not None
+        and mpp_y is not None
+        and all(PLAUSIBLE_MPP[0] <= m <= PLAUSIBLE_MPP[1] for m in (mpp_x, mpp_y))
+    )
+    if not plausible:
+        mpp_x = mpp_y = None
+    if mpp_override is not None:
+        mpp_x = mpp_y = mpp_override
+    width, height = handle.dimensions
+    if width <= 0 or height <= 0:
+        raise InvalidArgumentError("slide has no pixels")
+    associated = _associated_image_sizes(handle)
+    return SlideInfo(
+        width=width,
+        height=height,
+        level_dimensions=tuple(handle.level_dimensions),
+        level_downsamples=tuple(float(d) for d in handle.level_downsamples),
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+        mpp_from_override=mpp_override is not None,
+        objective_power=_float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "image",
+        associated_images=associated,
+        reported_mpp=None if plausible else reported,
+    )
+
+
+def _associated_image_sizes(handle: openslide.AbstractSlide) -> dict[str, tuple[int, int]]:
+    """Names and sizes of associated images, without decoding them."""
+    if not isinstance(handle, openslide.OpenSlide):
+        return {}
+    try:
+        return {
+            name: tuple(lowlevel.get_associated_image_dimensions(handle._osr, name))
+            for name in handle.associated_images
+        }
+    except (openslide.OpenSlideError, OSError):
+        return {}

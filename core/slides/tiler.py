@@ -1,0 +1,267 @@
+"""The tiling service's logic, free of Ray and gRPC: slide references in, plans and tiles out.
+
+Resolves a slide reference to a local file (object store + slide cache, or an allowed local
+path), keeps recently used slides open, detects tissue once per slide, and reads tiles on a
+shared thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from smartpath.core.config import SmartPathConfig, TilingConfig
+from smartpath.core.errors import InvalidArgumentError
+from smartpath.core.slides.plan import TileGeometry, TilePlan, plan_tiles, target_mpp
+from smartpath.core.slides.plan import tile_geometry as make_geometry
+from smartpath.core.slides.reader import TileReader
+from smartpath.core.slides.slide import Slide, SlideInfo
+from smartpath.core.slides.tissue import detect_tissue
+from smartpath.core.storage import (
+    ObjectRef,
+    ObjectStore,
+    SlideCache,
+    make_store,
+    parse_slide_ref,
+    resolve_local_path,
+)
+
+OPEN_SLIDES = 16  # handles kept open; each holds OpenSlide's tile cache
+TISSUE_MASKS = 64
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    """What tiles a caller wants; None fields take the configured defaults."""
+
+    mpp: float | None = None
+    magnification: float | None = None
+    tile_size: int | None = None
+    overlap: int = 0
+    min_tissue_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Detected tissue at thumbnail scale."""
+
+    mask: np.ndarray  # (H, W) bool
+    downsample: float  # level-0 px per mask px
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+@dataclass(frozen=True)
+class OpenedSlide:
+    """An open slide, the identity of its content, and its slide-cache lease."""
+
+    slide: Slide
+    slide_id: str
+    lease: ExitStack = field(default_factory=ExitStack, repr=False, compare=False)
+
+    @property
+    def info(self) -> SlideInfo:
+        return self.slide.info
+
+
+class Tiler:
+    """Describe, plan and read slides. Thread-safe; one per replica."""
+
+    def __init__(self, config: SmartPathConfig, store: ObjectStore | None = None) -> None:
+        self.config: TilingConfig = config.tiling
+        self.store = store if store is not None else make_store(config.storage)
+        self.cache = SlideCache(config.slide_cache, self.store)
+        workers = self.config.read_workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tile-decode")
+        self._lock = threading.Lock()
+        self._slides: OrderedDict[tuple[str, float | None], OpenedSlide] = OrderedDict()
+        self._masks: OrderedDict[str, TissueMask] = OrderedDict()
+
+    def close(self) -> None:
+        """Close open slides and stop the decode pool."""
+        with self._lock:
+            for opened in self._slides.values():
+                opened.lease.close()
+                opened.slide.close()
+            self._slides.clear()
+        self.pool.shutdown(wait=True)
+
+    # -- slides ------------------------------------------------------------------------
+    def open(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
+        """Open (or reuse) the slide named by ``uri``: ``s3://bucket/key`` or a local path.
+
+        A slide from object storage stays leased in the slide cache (safe from eviction)
+        while it is among the open slides.
+        """
+        ref = parse_slide_ref(uri)
+        with ExitStack() as lease:
+            if isinstance(ref, ObjectRef):
+                entry = lease.enter_context(self.cache.lease(ref))
+                path, slide_id = entry.path, f"s3:{entry.etag}"
+            else:
+                path, slide_id = self._local(ref)
+            key = (slide_id, mpp_override)
+            with self._lock:
+                opened = self._slides.get(key)
+                if opened is not None:
+                    self._slides.move_to_end(key)
+                    return opened
+            opened = OpenedSlide(Slide.open(path, mpp_override), slide_id, lease.pop_all())
+        with self._lock:
+            self._slides[key] = opened
+            evicted = []
+            while len(self._slides) > OPEN_SLIDES:
+                evicted.append(self._slides.popitem(last=False)[1])
+        for old in evicted:
+            # Readers in flight keep their own references and file descriptors; the
+            # OpenSlide handle closes when the last reference goes.
+            old.lease.close()
+        return opened
+
+    def identify(self, uri: str) -> str:
+        """The slide id :meth:`open` would give, from metadata only (nothing is downloaded)."""
+        ref = parse_slide_ref(uri)
+        if isinstance(ref, ObjectRef):
+            return f"s3:{self.cache.identify(ref)}"
+        return self._local(ref)[1]
+
+    def _local(self, path: Path) -> tuple[Path, str]:
+        path = resolve_local_path(path, self.config.local_slide_roots)
+        st = path.stat()
+        ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        return path, "file:" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+    def thumbnail(self, opened: OpenedSlide, max_px: int) -> np.ndarray:
+        """RGB thumbnail with long side ``max_px`` (1–4096)."""
+        if not 1 <= max_px <= 4096:
+            raise InvalidArgumentError(f"thumbnail_max_px={max_px} must be in 1–4096")
+        return opened.slide.thumbnail(max_px)
+
+    # -- tissue and plans ----------------------------------------------------------------
+    def tissue(self, opened: OpenedSlide) -> TissueMask:
+        """Tissue mask of the slide at ``tiling.tissue_mpp`` (cached per slide)."""
+        mpp = opened.info.require_mpp()
+        key = f"{opened.slide_id}:{mpp}"
+        with self._lock:
+            cached = self._masks.get(key)
+        if cached is not None:
+            return cached
+        info, cfg = opened.info, self.config
+        downsample = max(cfg.tissue_mpp / mpp, max(info.width, info.height) / cfg.tissue_max_px)
+        downsample = max(downsample, 1.0)
+        out_w = max(1, round(info.width / downsample))
+        out_h = max(1, round(info.height / downsample))
+        thumb = opened.slide.region_at(0, 0, info.width, info.height, out_w, out_h)
+        mask = detect_tissue(
+            thumb,
+            um_per_px=mpp * downsample,
+            min_area_um2=cfg.min_tissue_area_um2,
+            max_hole_area_um2=cfg.max_hole_area_um2,
+        )
+        tissue = TissueMask(mask, info.width / out_w)
+        with self._lock:
+            self._masks[key] = tissue
+            while len(self._masks) > TISSUE_MASKS:
+                self._masks.popitem(last=False)
+        return tissue
+
+    def geometry(self, opened: OpenedSlide, request: TileRequest) -> TileGeometry:
+        """The tile lattice for ``request`` on this slide."""
+        mpp, mag = request.mpp, request.magnification
+        if mpp is None and mag is None:
+            mpp = self.config.target_mpp
+        return make_geometry(
+            opened.info,
+            mpp=target_mpp(opened.info, mpp=mpp, magnification=mag),
+            tile_size=request.tile_size or self.config.tile_size,
+            overlap=request.overlap,
+        )
+
+    def plan(self, opened: OpenedSlide, request: TileRequest) -> tuple[TilePlan, TissueMask]:
+        """The tissue tiles of the slide for ``request``, and the mask they came from."""
+        geometry = self.geometry(opened, request)
+        tissue = self.tissue(opened)
+        cfg = self.config
+        min_fraction = request.min_tissue_fraction
+        if min_fraction is None:
+            min_fraction = cfg.min_tissue_fraction
+        plan = plan_tiles(
+            geometry,
+            slide_id=opened.slide_id,
+            tissue_mask=tissue.mask,
+            mask_downsample=tissue.downsample,
+            min_tissue_fraction=min_fraction,
+            tissue_params=self.tissue_params(),
+        )
+        return plan, tissue
+
+    def tissue_params(self) -> dict[str, float]:
+        """The tissue-detection settings that shape every plan (part of its hash)."""
+        cfg = self.config
+        return {
+            "mpp": cfg.tissue_mpp,
+            "max_px": cfg.tissue_max_px,
+            "min_area": cfg.min_tissue_area_um2,
+            "max_hole": cfg.max_hole_area_um2,
+        }
+
+    def read_region(
+        self, opened: OpenedSlide, x: int, y: int, width: int, height: int, mpp: float
+    ) -> np.ndarray:
+        """The level-0 rectangle (x, y, width, height) as RGB at ``mpp`` µm/px."""
+        info = opened.info
+        if width <= 0 or height <= 0:
+            raise InvalidArgumentError(f"region {width}x{height} must have a positive size")
+        if x < 0 or y < 0 or x + width > info.width or y + height > info.height:
+            raise InvalidArgumentError(
+                f"region ({x}, {y}, {width}x{height}) does not lie inside the "
+                f"{info.width}x{info.height} slide"
+            )
+        scale = info.require_mpp() / mpp  # output px per level-0 px
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if out_w * out_h > self.config.max_region_pixels:
+            raise InvalidArgumentError(
+                f"region would be {out_w}x{out_h} px at {mpp} µm/px; the limit is "
+                f"{self.config.max_region_pixels} px (ask for a smaller region or a coarser mpp)"
+            )
+        return opened.slide.region_at(x, y, width, height, out_w, out_h)
+
+    # -- tiles -----------------------------------------------------------------------------
+    def read(
+        self,
+        opened: OpenedSlide,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (offset, (n, S, S, 3) uint8) batches of the tiles at level-0 (xs, ys)."""
+        info = opened.info
+        xs = np.asarray(xs, dtype=np.int64)
+        ys = np.asarray(ys, dtype=np.int64)
+        if xs.shape != ys.shape or xs.ndim != 1:
+            raise InvalidArgumentError("tile x and y lists must have the same length")
+        limit = self.config.max_tiles_per_request
+        if limit and len(xs) > limit:
+            raise InvalidArgumentError(f"{len(xs)} tiles requested; the limit is {limit}")
+        outside = (xs < 0) | (ys < 0) | (xs >= info.width) | (ys >= info.height)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise InvalidArgumentError(
+                f"tile {i} at ({xs[i]}, {ys[i]}) lies outside the {info.width}x{info.height} slide"
+            )
+        with TileReader(opened.slide, geometry, self.pool) as reader:
+            yield from reader.iter_batches(
+                xs, ys, batch_size or self.config.batch_size, self.config.prefetch_batches
+            )

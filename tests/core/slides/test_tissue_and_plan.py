@@ -1,0 +1,126 @@
+"""Tissue detection against synthetic ground truth, and MPP-correct tile plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartpath.core.config import TilingConfig
+from smartpath.core.errors import FailedPreconditionError, InvalidArgumentError
+from smartpath.core.slides.plan import plan_tiles, target_mpp, tile_geometry
+from smartpath.core.slides.slide import Slide, SlideInfo
+from smartpath.core.slides.tissue import detect_tissue, otsu_threshold, tile_fractions
+from smartpath.training.synthetic.slides import SyntheticTissue
+
+
+def _info(width=40_000, height=30_000, mpp=0.25, power=40.0, levels=(1.0, 4.0, 16.0)):
+    return SlideInfo(
+        width=width,
+        height=height,
+        level_dimensions=tuple((round(width / d), round(height / d)) for d in levels),
+        level_downsamples=levels,
+        mpp_x=mpp,
+        mpp_y=mpp,
+        mpp_from_override=False,
+        objective_power=power,
+        vendor="aperio",
+    )
+
+
+def test_tissue_mask_matches_ground_truth(synthetic_svs) -> None:
+    slide = Slide.open(synthetic_svs.path)
+    ds = 32.0  # 8 µm/px, the default tissue resolution
+    w, h = round(slide.info.width / ds), round(slide.info.height / ds)
+    thumb = slide.region_at(0, 0, slide.info.width, slide.info.height, w, h)
+    cfg = TilingConfig()
+    mask = detect_tissue(
+        thumb,
+        um_per_px=0.25 * ds,
+        min_area_um2=cfg.min_tissue_area_um2,
+        max_hole_area_um2=cfg.max_hole_area_um2,
+    )
+    truth = SyntheticTissue(synthetic_svs.width, synthetic_svs.height, synthetic_svs.seed)
+    expected = truth.tissue_mask(0, 0, w, h, downsample=ds)
+    iou = (mask & expected).sum() / max(1, (mask | expected).sum())
+    assert iou > 0.9, f"IoU {iou:.3f}"
+
+
+def test_blank_glass_has_no_tissue() -> None:
+    glass = np.full((200, 300, 3), 245, np.uint8)
+    glass += np.random.default_rng(0).integers(0, 4, glass.shape, dtype=np.uint8)
+    assert not detect_tissue(glass, um_per_px=8, min_area_um2=0, max_hole_area_um2=0).any()
+
+
+def test_specks_dropped_and_small_holes_filled() -> None:
+    rgb = np.full((200, 200, 3), 245, np.uint8)
+    rgb[40:160, 40:160] = (200, 80, 160)  # tissue, 120 px square
+    rgb[95:100, 95:100] = 245  # small hole, 25 px
+    rgb[10:13, 10:13] = (200, 80, 160)  # speck, 9 px
+    mask = detect_tissue(rgb, um_per_px=8, min_area_um2=64 * 50, max_hole_area_um2=64 * 50)
+    assert mask[97, 97], "small hole should be filled"
+    assert not mask[11, 11], "speck should be dropped"
+    assert mask[50:150, 50:150].all()
+
+
+def test_otsu_separates_two_modes() -> None:
+    values = np.concatenate([np.full(1000, 0.1), np.full(1000, 0.7)])
+    assert 0.1 < otsu_threshold(values) < 0.7
+
+
+def test_tile_fractions_from_summed_area_table() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True
+    xs = np.array([0, 300, 500, 800])
+    fractions = tile_fractions(mask, 100.0, xs, np.zeros(4, np.int64), footprint=500)
+    assert fractions.tolist() == pytest.approx([1.0, 0.4, 0.0, 0.0])
+
+
+def test_geometry_is_physical() -> None:
+    g = tile_geometry(_info(), mpp=0.5, tile_size=256, overlap=0)
+    assert g.footprint == pytest.approx(512) and g.level == 0 and g.read_size == 512
+    assert g.cols == -(-40_000 // 512) and g.rows == -(-30_000 // 512)
+    # 1 µm/px is exactly level 1 (4x); 2 µm/px reads level 1 and halves.
+    assert tile_geometry(_info(), mpp=1.0, tile_size=256, overlap=0).level == 1
+    g2 = tile_geometry(_info(), mpp=2.0, tile_size=256, overlap=0)
+    assert (g2.level, g2.read_size) == (1, 512)
+    # Overlap shortens the stride only.
+    g3 = tile_geometry(_info(), mpp=0.5, tile_size=256, overlap=32)
+    assert g3.stride == pytest.approx(448) and g3.footprint == pytest.approx(512)
+
+
+def test_magnification_uses_slide_objective() -> None:
+    assert target_mpp(_info(), mpp=None, magnification=20) == pytest.approx(0.5)
+    assert target_mpp(_info(mpp=0.24), mpp=None, magnification=20) == pytest.approx(0.48)
+    assert target_mpp(_info(power=None), mpp=None, magnification=10) == pytest.approx(1.0)
+    with pytest.raises(InvalidArgumentError):
+        target_mpp(_info(), mpp=0.5, magnification=20)
+    with pytest.raises(InvalidArgumentError):
+        target_mpp(_info(), mpp=None, magnification=-3)
+
+
+@pytest.mark.parametrize(("tile_size", "overlap"), [(8, 0), (256, 256), (256, -1), (100_000, 0)])
+def test_bad_geometry_is_invalid_argument(tile_size: int, overlap: int) -> None:
+    with pytest.raises(InvalidArgumentError):
+        tile_geometry(_info(), mpp=0.5, tile_size=tile_size, overlap=overlap)
+
+
+def test_no_mpp_is_failed_precondition() -> None:
+    info = _info()
+    info = SlideInfo(**{**info.__dict__, "mpp_x": None, "mpp_y": None})
+    with pytest.raises(FailedPreconditionError):
+        tile_geometry(info, mpp=0.5, tile_size=256, overlap=0)
+
+
+def test_plan_keeps_tissue_tiles_and_hashes_parameters() -> None:
+    info = _info(width=4096, height=2048)
+    g = tile_geometry(info, mpp=0.5, tile_size=256, overlap=0)
+    mask = np.zeros((64, 128), bool)  # downsample 32
+    mask[:, :64] = True  # left half is tissue
+    kwargs = dict(slide_id="a", tissue_mask=mask, mask_downsample=32.0, tissue_params={})
+    plan = plan_tiles(g, min_tissue_fraction=0.5, **kwargs)
+    assert len(plan) == 4 * 4  # 8x4 grid, left 4 columns
+    assert (plan.x < 2048).all()
+    assert plan.plan_hash == plan_tiles(g, min_tissue_fraction=0.5, **kwargs).plan_hash
+    assert plan.plan_hash != plan_tiles(g, min_tissue_fraction=0.4, **kwargs).plan_hash
+    everything = plan_tiles(g, min_tissue_fraction=0.0, **kwargs)
+    assert len(everything) == g.cols * g.rows
