@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/smartpath demo
 
-## test: set up, then lint, check formatting and generated code, and run the test suite
+## test: set up, then check the import contracts, lint, check formatting and generated code, and run the test suite
 test: $(STAMP) $(HELM) lint
 	$(BIN)/pytest
 
@@ -29,6 +29,7 @@ $(HELM): tests/deploy/helm_binary.py | $(STAMP)
 	$(BIN)/python tests/deploy/helm_binary.py $(HELM)
 
 lint: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python protos/generate.py --check

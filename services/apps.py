@@ -18,18 +18,14 @@ from typing import Any
 from ray import serve
 
 from smartpath.core.config import DeploymentConfig, SmartPathConfig
-from smartpath.services.handles import DEPLOYMENTS
+from smartpath.services.contracts import SERVICE_OF_APP, SERVICES
 
 GRPC_SERVICERS = [
-    "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server",
-    "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server",
-    "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server",
-    "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server",
-    "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server",
+    *(s.servicer for s in SERVICES),
     "smartpath.services.grpc_util.add_health_servicer",
 ]
 # Deployment order: callees before callers.
-APPS = ("tiler", "encoder", "router", "decoder", "gateway")
+APPS = tuple(s.app for s in SERVICES)
 
 
 def _deployment_config(config: SmartPathConfig, app: str) -> DeploymentConfig:
@@ -40,7 +36,7 @@ def deployment_options(config: SmartPathConfig, app: str) -> dict[str, Any]:
     """Serve options of ``app``'s deployment (the ``deployments:`` entry of its config)."""
     d = _deployment_config(config, app)
     return {
-        "name": DEPLOYMENTS[app],
+        "name": SERVICE_OF_APP[app].deployment,
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
         "autoscaling_config": {

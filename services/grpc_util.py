@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from smartpath.core.errors import ResourceExhaustedError, SmartPathError
+from smartpath.services.contracts import SERVICE_OF_APP
 
 logger = logging.getLogger("smartpath.rpc")
 
@@ -31,14 +32,6 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 HEALTH_POLL_S = 2.0
-# Serve application name -> the gRPC service it provides.
-SERVICE_OF_APP = {
-    "tiler": "smartpath.v1.SlideTiler",
-    "encoder": "smartpath.v1.FeatureEncoder",
-    "router": "smartpath.v1.ExpertRouter",
-    "decoder": "smartpath.v1.Decoder",
-    "gateway": "smartpath.v1.Pathology",
-}
 
 
 class RpcCounter:
@@ -87,12 +80,17 @@ def domain_error(error: BaseException) -> BaseException:
     return error
 
 
+def status_code(error: SmartPathError) -> grpc.StatusCode:
+    """The gRPC status code a domain error names."""
+    return grpc.StatusCode[error.code]
+
+
 def _report(context: Any, error: BaseException, method: str, *, redact: bool = False) -> None:
     """Set the status for ``error`` on the context; log without the message (it may hold
     caller-supplied names) unless it is a bug."""
     error = domain_error(error)
     if isinstance(error, SmartPathError):
-        code, details = error.code, str(error)
+        code, details = status_code(error), str(error)
         logger.info("rpc %s failed: %s", method, code.name)
     else:
         ref = uuid.uuid4().hex[:12]
@@ -205,7 +203,9 @@ class ServeHealthServicer(health.aio.HealthServicer):
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         ours = {app: s for app, s in statuses.items() if app in SERVICE_OF_APP}
         for app, status in ours.items():
-            await self.set(SERVICE_OF_APP[app], serving if status == "RUNNING" else not_serving)
+            await self.set(
+                SERVICE_OF_APP[app].grpc_service, serving if status == "RUNNING" else not_serving
+            )
         healthy = bool(ours) and all(s == "RUNNING" for s in ours.values())
         await self.set("", serving if healthy else not_serving)
 

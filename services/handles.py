@@ -13,24 +13,20 @@ from ray import serve
 from smartpath.core.slides.plan import TileGeometry, TilePlan
 from smartpath.core.slides.tiler import TileRequest
 from smartpath.model.grammar import Scale, Task
-from smartpath.services.decoding.decoder import DecodeEvent, DecodeRequest
-from smartpath.services.encoding.encoder import VisualTokens
-from smartpath.services.encoding.slides import SlideEncoding, SlideProgress
-from smartpath.services.routing.router import Route
-
-# Serve application -> its one deployment.
-DEPLOYMENTS = {
-    "tiler": "SlideTiler",
-    "encoder": "FeatureEncoder",
-    "router": "ExpertRouter",
-    "decoder": "Decoder",
-    "gateway": "Pathology",
-}
+from smartpath.services.contracts import (
+    SERVICE_OF_APP,
+    DecodeEvent,
+    DecodeRequest,
+    Route,
+    SlideEncoding,
+    SlideProgress,
+    VisualTokens,
+)
 
 
 def handle(app: str) -> Any:
     """The DeploymentHandle of a SmartPath application's deployment."""
-    return serve.get_deployment_handle(DEPLOYMENTS[app], app_name=app)
+    return serve.get_deployment_handle(SERVICE_OF_APP[app].deployment, app_name=app)
 
 
 class TilerHandle:

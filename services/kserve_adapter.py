@@ -36,6 +36,7 @@ from smartpath.core.config import SmartPathConfig, load_config
 from smartpath.core.errors import InvalidArgumentError, SmartPathError
 from smartpath.model.mllm import SmartPathModel
 from smartpath.services.gateway.pipeline import Pipeline
+from smartpath.services.grpc_util import status_code
 from smartpath.services.local import LocalBackends, local_pipeline
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -206,8 +207,8 @@ class SmartPathKServeModel(kserve.Model):
         except InvalidArgumentError as e:
             raise InvalidInput(str(e)) from None
         except SmartPathError as e:
-            logger.info("request %s failed: %s", request_id, e.code.name)
-            raise StatusError(str(e), e.code) from None
+            logger.info("request %s failed: %s", request_id, e.code)
+            raise StatusError(str(e), status_code(e)) from None
         except Exception as e:
             ref = uuid.uuid4().hex[:12]
             logger.error("request %s internal error reference=%s", request_id, ref, exc_info=e)

@@ -15,13 +15,21 @@ from smartpath.core.config import SmartPathConfig
 from smartpath.core.slides.tiler import Tiler
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import SmartPathModel
-from smartpath.services.decoding.decoder import BatchDecoder, DecodeEvent, DecodeRequest
+from smartpath.services.contracts import (
+    DecodeEvent,
+    DecodeRequest,
+    Route,
+    SlideEncoding,
+    SlideProgress,
+    VisualTokens,
+)
+from smartpath.services.decoding.decoder import BatchDecoder
 from smartpath.services.encoding.cache import FeatureCache
-from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
-from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
+from smartpath.services.encoding.encoder import VisualEncoder
+from smartpath.services.encoding.slides import encode_slide
 from smartpath.services.gateway.pipeline import Pipeline
 from smartpath.services.models import load_served_model, model_info
-from smartpath.services.routing.router import ExpertGate, Route
+from smartpath.services.routing.router import ExpertGate
 from smartpath.services.tiling.source import TilerSource
 
 

@@ -3,12 +3,10 @@ about it that the gateway reports and validates requests against."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from smartpath.core.config import SmartPathConfig
-from smartpath.core.config.model import PromptStyle, SlideTiles
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
 from smartpath.model.mllm import SmartPathModel
+from smartpath.services.contracts import ModelInfo
 
 
 def load_served_model(config: SmartPathConfig) -> SmartPathModel:
@@ -22,22 +20,6 @@ def model_version(model: SmartPathModel) -> str:
     """``preset@weights-sha256-prefix``: changes whenever the weights do."""
     digest = model.manifest.weights.sha256[:12] if model.manifest is not None else "unsaved"
     return f"{model.cfg.preset}@{digest}"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the served checkpoint says about itself (``GetModelInfo``): its version and
-    experts, and the facts it was trained with (tile encoder, slide tile spec, label
-    taxonomy, prompt style)."""
-
-    version: str
-    preset: str
-    experts: list[str]
-    top_k: int
-    tile_encoder: str
-    slide_tiles: SlideTiles
-    prompt_style: PromptStyle
-    labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 def model_info(model: SmartPathModel) -> ModelInfo:

@@ -40,38 +40,7 @@ from smartpath.model.logprobs import sequence_logprobs
 from smartpath.model.mllm import MultimodalBatch, SmartPathModel
 from smartpath.model.tokenizer import IM_END
 from smartpath.model.vision import question_ids
-from smartpath.services.decoding.question import Question
-from smartpath.services.encoding.encoder import VisualTokens
-
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-
-
-@dataclass(frozen=True)
-class DecodeRequest:
-    """One question about visual tokens, with the experts the router chose."""
-
-    question: Question
-    visual: VisualTokens
-    experts: tuple[int, ...]
-    weights: tuple[float, ...]
-    temperature: float = 0.0
-    deadline: float | None = None  # time.time() after which the request is abandoned
-
-
-@dataclass
-class DecodeEvent:
-    """A streamed piece of a completion; the last one has ``done`` and the totals."""
-
-    text_delta: str = ""
-    done: bool = False
-    finish_reason: str = ""
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    label_scores: list[tuple[str, float]] = field(default_factory=list)
-    queue_s: float = 0.0
-    batch_size: int = 0
+from smartpath.services.contracts import FINISH_LENGTH, FINISH_STOP, DecodeEvent, DecodeRequest
 
 
 @dataclass(eq=False)

@@ -17,18 +17,19 @@ from ray.serve import metrics
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale
-from smartpath.services.decoding.decoder import (
+from smartpath.services.contracts import (
     FINISH_STOP,
-    BatchDecoder,
     DecodeEvent,
     DecodeRequest,
-    DecoderStats,
+    ModelInfo,
+    VisualTokens,
+    make_question,
+    parse_expert_set,
+    parse_scale,
 )
-from smartpath.services.decoding.question import make_question, parse_scale
-from smartpath.services.encoding.encoder import VisualTokens
+from smartpath.services.decoding.decoder import BatchDecoder, DecoderStats
 from smartpath.services.grpc_util import RpcCounter, server_stream
-from smartpath.services.models import ModelInfo, load_served_model, model_info
-from smartpath.services.routing.router import parse_expert_set
+from smartpath.services.models import load_served_model, model_info
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, decoding_pb2
 

@@ -7,57 +7,16 @@ which is what the router pools and the decoder places at the prompt's image/slid
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from smartpath.core.config import ModelServingConfig
-from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.slide_features import SlideFeatures
 from smartpath.model.tile_encoder import TileEncoder, make_tile_encoder
 from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi
-
-
-@dataclass(frozen=True)
-class VisualTokens:
-    """(n, hidden) float32 tokens of one image or slide; ROIs also carry their image grid."""
-
-    tokens: np.ndarray
-    image_grid_thw: tuple[int, int, int] | None = None
-
-    @property
-    def pooled(self) -> np.ndarray:
-        """(hidden,) mean token: the router's view of the image."""
-        return self.tokens.mean(axis=0)
-
-
-def decode_image(data: bytes, limits: ModelServingConfig) -> np.ndarray:
-    """PNG/JPEG bytes -> (H, W, 3) uint8, within the configured size limits."""
-    if not data:
-        raise InvalidArgumentError("image is empty; send PNG or JPEG bytes")
-    if len(data) > limits.max_image_bytes:
-        raise InvalidArgumentError(
-            f"image is {len(data)} bytes; the limit is {limits.max_image_bytes}"
-        )
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ("PNG", "JPEG"):
-            raise InvalidArgumentError(f"image format {image.format} is not PNG or JPEG")
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise InvalidArgumentError(
-                f"image is {width}x{height} px; the limit is {limits.max_image_pixels} pixels"
-            )
-        return np.asarray(image.convert("RGB"))
-    except InvalidArgumentError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidArgumentError(f"image bytes do not decode as PNG or JPEG ({e})") from None
+from smartpath.services.contracts import VisualTokens
 
 
 class VisualEncoder:

@@ -17,9 +17,10 @@ from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.core.storage import make_store
 from smartpath.model.vision import RoiInput
+from smartpath.services.contracts import SlideEncoding, SlideProgress, VisualTokens, decode_image
 from smartpath.services.encoding.cache import FeatureCache
-from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens, decode_image
-from smartpath.services.encoding.slides import SlideEncoding, SlideProgress, encode_slide
+from smartpath.services.encoding.encoder import VisualEncoder
+from smartpath.services.encoding.slides import encode_slide
 from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.handles import TilerHandle, handle
 from smartpath.services.models import load_served_model

@@ -8,57 +8,16 @@ deployment through a handle) and in-process (talking to a local Tiler); both giv
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from smartpath.core.errors import FailedPreconditionError
-from smartpath.core.slides.plan import TileGeometry, TilePlan, plan_hash
+from smartpath.core.slides.plan import TilePlan, plan_hash
 from smartpath.core.slides.tiler import TileRequest
 from smartpath.model.slide_features import SlideFeatures
+from smartpath.services.contracts import SlideEncoding, SlideProgress, SlideSource
 from smartpath.services.encoding.cache import FeatureCache
-from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
-
-
-class SlideSource(Protocol):
-    """What slide encoding needs from the tiling service."""
-
-    async def identify(self, uri: str) -> str: ...
-
-    async def tissue_params(self) -> dict[str, float]: ...
-
-    async def plan(
-        self, uri: str, request: TileRequest, mpp_override: float | None = None
-    ) -> tuple[TilePlan, object]: ...
-
-    def read_tiles(
-        self,
-        uri: str,
-        geometry: TileGeometry,
-        xs: np.ndarray,
-        ys: np.ndarray,
-        mpp_override: float | None = None,
-    ) -> AsyncIterator[tuple[int, np.ndarray]]: ...
-
-
-@dataclass(frozen=True)
-class SlideProgress:
-    """Tiles encoded so far out of the plan's total."""
-
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class SlideEncoding:
-    """A slide's tokens and where they came from."""
-
-    visual: VisualTokens
-    slide_id: str
-    plan_hash: str
-    tiles: int
-    cache_hit: bool
+from smartpath.services.encoding.encoder import VisualEncoder
 
 
 async def encode_slide(

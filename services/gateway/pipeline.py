@@ -16,13 +16,19 @@ import numpy as np
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale, Task
-from smartpath.services.decoding.decoder import DecodeEvent, DecodeRequest
-from smartpath.services.decoding.question import Question, make_question
-from smartpath.services.encoding.encoder import VisualTokens, decode_image
-from smartpath.services.encoding.slides import SlideEncoding, SlideProgress
+from smartpath.services.contracts import (
+    DecodeEvent,
+    DecodeRequest,
+    ModelInfo,
+    Question,
+    Route,
+    SlideEncoding,
+    SlideProgress,
+    VisualTokens,
+    decode_image,
+    make_question,
+)
 from smartpath.services.gateway.results import analysis_from_completion
-from smartpath.services.models import ModelInfo
-from smartpath.services.routing.router import Route
 from smartpath.v1 import common_pb2, pathology_pb2
 
 

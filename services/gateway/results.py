@@ -19,7 +19,7 @@ from smartpath.model.grammar import (
     parse_answer,
     split_completion,
 )
-from smartpath.services.decoding.question import Question
+from smartpath.services.contracts import Question
 from smartpath.v1 import common_pb2, pathology_pb2
 
 

@@ -11,11 +11,11 @@ from typing import Any
 from ray.serve import context as serve_context
 
 from smartpath.core.config import SmartPathConfig
+from smartpath.services.contracts import ModelInfo
 from smartpath.services.gateway.auth import TokenCheck
 from smartpath.services.gateway.pipeline import Pipeline
 from smartpath.services.grpc_util import RpcCounter, server_stream, unary
 from smartpath.services.handles import HandleBackends
-from smartpath.services.models import ModelInfo
 from smartpath.v1 import common_pb2, pathology_pb2
 
 

@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import SmartPathModel
-
-
-@dataclass(frozen=True)
-class Route:
-    """The top-k experts of one request, their gate weights and names."""
-
-    experts: tuple[int, ...]
-    weights: tuple[float, ...]
-    names: tuple[str, ...]
-
-    @property
-    def expert_set(self) -> str:
-        """Order-free key of the experts ("0+2"): decoder replicas are multiplexed by it."""
-        return "+".join(str(e) for e in sorted(self.experts))
-
-
-def parse_expert_set(key: str, num_experts: int) -> tuple[int, ...]:
-    """The expert indices of an ``expert_set`` key (INVALID_ARGUMENT if it is malformed)."""
-    try:
-        experts = tuple(sorted(int(p) for p in key.split("+")))
-    except ValueError:
-        raise InvalidArgumentError(f"expert set {key[:40]!r} is not like '0+2'") from None
-    if not experts or any(not 0 <= e < num_experts for e in experts):
-        raise InvalidArgumentError(
-            f"expert set {key[:40]!r} names experts outside [0, {num_experts})"
-        )
-    return experts
+from smartpath.services.contracts import Route
 
 
 class ExpertGate:

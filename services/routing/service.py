@@ -10,10 +10,10 @@ from ray.serve import metrics
 
 from smartpath.core.config import SmartPathConfig
 from smartpath.model.grammar import Scale, Task
-from smartpath.services.decoding.question import parse_scale, parse_task
+from smartpath.services.contracts import Route, parse_scale, parse_task
 from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.models import load_served_model
-from smartpath.services.routing.router import ExpertGate, Route
+from smartpath.services.routing.router import ExpertGate
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, routing_pb2
 

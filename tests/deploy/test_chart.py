@@ -314,6 +314,25 @@ def test_should_render_the_serve_config_smartpath_serve_builds(
     assert yaml.safe_load(configmap["data"]["config.yaml"]) == args[0]["config"]
 
 
+def test_should_keep_the_chart_table_of_services_equal_to_the_contracts() -> None:
+    """The chart's one copy of the service table (``smartpath.services`` in _helpers.tpl) is
+    ``smartpath.services.contracts.SERVICES``, entry for entry and in order."""
+    from smartpath.services.contracts import SERVICES
+
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = re.search(r'define "smartpath\.services" -}}(.*?){{- end }}', helpers, re.S)
+    assert block is not None, "the chart lost its smartpath.services helper"
+    entries = re.findall(
+        r'\(dict "app" "([^"]+)" "deployment" "([^"]+)" "servicer" "([^"]+)"\)', block.group(1)
+    )
+    assert entries == [(s.app, s.deployment, s.servicer) for s in SERVICES]
+    # Nothing else in the chart names the applications on its own.
+    outside = helpers.replace(block.group(0), "")
+    for s in SERVICES:
+        assert f'"{s.deployment}"' not in outside, s.deployment
+    assert 'list "tiler"' not in outside
+
+
 def _import(path: str) -> Any:
     """``pkg.module:attr`` (Serve import paths) or ``pkg.module.attr`` (servicer functions)."""
     module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")

@@ -23,9 +23,9 @@ from smartpath.model.mllm import MultimodalBatch, SmartPathModel
 from smartpath.model.prompts import PROMPT_STYLES
 from smartpath.model.tokenizer import IM_END
 from smartpath.model.vision import question_ids
-from smartpath.services.decoding.decoder import BatchDecoder, DecodeRequest
-from smartpath.services.decoding.question import Question
-from smartpath.services.encoding.encoder import VisualEncoder, VisualTokens
+from smartpath.services.contracts import DecodeRequest, Question, VisualTokens
+from smartpath.services.decoding.decoder import BatchDecoder
+from smartpath.services.encoding.encoder import VisualEncoder
 from smartpath.services.models import load_served_model
 from smartpath.training.synthetic.dataset import label_taxonomy
 from smartpath.training.synthetic.roi import render_roi

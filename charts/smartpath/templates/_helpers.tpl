@@ -251,18 +251,30 @@ smartpath.trainingConfig: the config tree of the training RayJobs: smartpath.con
 {{- end }}
 
 {{/*
-smartpath.grpcServicers: Serve's grpc_servicer_functions, the same list as
-smartpath.services.apps.GRPC_SERVICERS (tests/deploy/test_chart.py compares them).
+smartpath.services: the five services, callees before callers, as JSON: each its Serve application,
+its one deployment and its generated gRPC servicer. A copy of smartpath.services.contracts.SERVICES
+(tests/deploy/test_chart.py keeps them equal); everything below reads it.
+*/}}
+{{- define "smartpath.services" -}}
+{{- list
+  (dict "app" "tiler" "deployment" "SlideTiler" "servicer" "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server")
+  (dict "app" "encoder" "deployment" "FeatureEncoder" "servicer" "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server")
+  (dict "app" "router" "deployment" "ExpertRouter" "servicer" "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server")
+  (dict "app" "decoder" "deployment" "Decoder" "servicer" "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server")
+  (dict "app" "gateway" "deployment" "Pathology" "servicer" "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server")
+  | toJson }}
+{{- end }}
+
+{{/*
+smartpath.grpcServicers: Serve's grpc_servicer_functions (smartpath.services.apps.GRPC_SERVICERS):
+each service's servicer, then the health servicer on the proxy itself.
 */}}
 {{- define "smartpath.grpcServicers" -}}
-{{- list
-  "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server"
-  "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server"
-  "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server"
-  "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server"
-  "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server"
-  "smartpath.services.grpc_util.add_health_servicer"
-  | toJson }}
+{{- $servicers := list }}
+{{- range $s := include "smartpath.services" . | fromJsonArray }}
+{{- $servicers = append $servicers $s.servicer }}
+{{- end }}
+{{- append $servicers "smartpath.services.grpc_util.add_health_servicer" | toJson }}
 {{- end }}
 
 {{/*
@@ -274,13 +286,13 @@ options from config.serve.<app>. JSON (valid YAML), for the reason given at smar
 {{- define "smartpath.serveConfig" -}}
 {{- $cfg := include "smartpath.config" . | fromJson }}
 {{- $serve := $cfg.serve }}
-{{- $deployments := dict "tiler" "SlideTiler" "encoder" "FeatureEncoder" "router" "ExpertRouter" "decoder" "Decoder" "gateway" "Pathology" }}
 {{- $apps := list }}
-{{- range $app := list "tiler" "encoder" "router" "decoder" "gateway" }}
+{{- range $service := include "smartpath.services" . | fromJsonArray }}
+{{- $app := $service.app }}
 {{- $d := required (printf "config.serve.%s is required" $app) (get $serve $app) }}
 {{- $scale := required (printf "config.serve.%s.autoscaling is required" $app) $d.autoscaling }}
 {{- $options := dict
-  "name" (get $deployments $app)
+  "name" $service.deployment
   "max_ongoing_requests" (required (printf "config.serve.%s.max_ongoing_requests is required" $app) $d.max_ongoing_requests)
   "max_queued_requests" (required (printf "config.serve.%s.max_queued_requests is required" $app) $d.max_queued_requests)
   "autoscaling_config" (dict
@@ -505,7 +517,8 @@ smartpath.validate: combinations values.schema.json cannot express; fails the re
 */}}
 {{- define "smartpath.validate" -}}
 {{- $serve := .Values.config.serve | default dict }}
-{{- range $app := list "tiler" "encoder" "router" "decoder" "gateway" }}
+{{- range $service := include "smartpath.services" . | fromJsonArray }}
+{{- $app := $service.app }}
 {{- $d := get $serve $app | default dict }}
 {{- if and (gt (float64 ($d.num_gpus | default 0)) 0.0) (not $.Values.workers.gpu.enabled) }}
 {{- fail (printf "config.serve.%s.num_gpus is %v but workers.gpu.enabled=false: no Ray node has a GPU, so its replicas would never start. Enable the GPU worker group or set num_gpus to 0." $app $d.num_gpus) }}

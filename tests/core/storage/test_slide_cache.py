@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import openslide
 import pytest
 
@@ -301,7 +300,7 @@ def test_entry_larger_than_cache_is_resource_exhausted(tmp_path: Path, local: Lo
     cache = _cache(tmp_path, counting, max_bytes=999)
     with pytest.raises(ResourceExhaustedError) as info:
         cache.fetch(ref)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.code == "RESOURCE_EXHAUSTED"
     assert "1000 bytes" in str(info.value) and "999" in str(info.value)
     assert "slide_cache.max_bytes" in str(info.value)
     assert counting.downloads() == []
