@@ -158,6 +158,41 @@ def test_manifest_written_before_git_dirty_reads_as_unknown(manifest: Manifest) 
     assert parse_manifest(json.dumps(raw)).provenance.git_dirty is None
 
 
+def test_the_model_facts_travel_in_the_manifest(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], tok: PreTrainedTokenizerFast
+) -> None:
+    facts = {
+        "tile_encoder": "stain-stats-v1",
+        "slide_tiles": {"mpp": 1.0, "tile_size": 128, "min_tissue": 0.5},
+        "labels": {"classification/roi": ["benign", "malignant"], "detection/roi": ["mitosis"]},
+        "prompt_style": "compact",
+    }
+    written = Manifest(model=ModelConfig(preset="tiny", **facts))
+    save_checkpoint(tmp_path / "ckpt", tensors, written, tok)
+    _, got, _ = load_checkpoint(tmp_path / "ckpt")
+    for key, value in facts.items():
+        dumped = got.model.model_dump(mode="json")[key]
+        assert dumped == value, key
+
+
+def test_a_manifest_written_before_the_model_facts_loads_with_defaults(manifest: Manifest) -> None:
+    raw = json.loads(manifest.model_dump_json())
+    for key in ("tile_encoder", "slide_tiles", "labels"):
+        del raw["model"][key]
+    model = parse_manifest(json.dumps(raw)).model
+    assert model.tile_encoder == "stain-stats-v1" and model.labels == {}
+    assert (model.slide_tiles.mpp, model.slide_tiles.tile_size) == (0.5, 96)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{"classify/roi": ["a"]}, {"classification/roi": []}, {"classification/roi": ["a", "a"]}],
+)
+def test_a_bad_label_taxonomy_is_refused(labels: dict[str, list[str]]) -> None:
+    with pytest.raises(ValueError, match="labels"):
+        ModelConfig(preset="tiny", labels=labels)
+
+
 def test_s3_round_trip(
     s3_config: StorageConfig,
     bucket_name: str,
