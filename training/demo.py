@@ -240,7 +240,7 @@ def reproduce_demo(
     for stage in ("sft", "grpo"):
         tic = time.perf_counter()
         shutil.rmtree(Path(t.stage_dir(stage)), ignore_errors=True)  # a fresh run, no resume
-        result = run_stage(config, stage, _loop(stage))
+        result = run_stage(config, stage)
         if result.error is not None:
             raise RuntimeError(f"{stage} failed: {result.error}")
         timings[f"{stage}_s"] = time.perf_counter() - tic
@@ -292,11 +292,3 @@ def reproduce_demo(
         model = SmartPathModel.load(t.model_uri("grpo"), store)
         model.save(DEMO_MODEL_DIR, metrics=metrics, overwrite=True)
     return {"report": str(out), "stages": stages, "baseline": baseline, **extra}
-
-
-def _loop(stage: str):
-    if stage == "sft":
-        from smartpath.training.sft import train_loop
-    else:
-        from smartpath.training.grpo import train_loop
-    return train_loop

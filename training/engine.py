@@ -60,6 +60,7 @@ from smartpath.training.data import load_items
 __all__ = [
     "DeepSpeedRun",
     "Stage",
+    "StageSection",
     "StepMetrics",
     "get_stage",
     "read_history",

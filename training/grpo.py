@@ -132,7 +132,7 @@ class GrpoStage(Stage):
             temperature=g.temperature,
             top_p=g.top_p,
             seed=(t.seed * 7919 + self.rank) * 100_003 + step,
-            rewards=g.reward_weights(),
+            reward_weights=g.reward_weights(),
             device=run.device,
             dtype=run.dtype,
         )

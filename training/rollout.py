@@ -67,11 +67,12 @@ def _decode(model: SmartPathModel, ids: Sequence[int]) -> str:
 def score(
     texts: Sequence[str],
     samples: Sequence[RoiSample | WsiSample],
-    rewards: Mapping[str, float],
+    weights: Mapping[str, float],
 ) -> tuple[Tensor, Tensor]:
-    """(reward, task reward) of each completion in ``texts`` of the matching sample: the reward
-    is the sum of the rewards named in ``rewards`` (looked up in ``REWARDS``), each times its
-    weight; ValueError for an unknown name."""
+    """(reward, task reward) of each completion in ``texts`` against its sample: the reward is
+    the sum of the rewards ``weights`` names (looked up in ``REWARDS``), each times its weight;
+    the task reward is scored whether named or not, for the per-task logs. ValueError for an
+    unknown name."""
     columns = dict(
         tasks=[sample_task(s) for s in samples],
         targets=[s.target for s in samples],
@@ -80,9 +81,9 @@ def score(
     )
     scores = {
         name: torch.tensor(reward(texts, **columns))
-        for name, reward in get_rewards([*rewards, "task"]).items()
+        for name, reward in get_rewards([*weights, "task"]).items()
     }
-    total = sum((w * scores[name] for name, w in rewards.items()), torch.zeros(len(texts)))
+    total = sum((w * scores[name] for name, w in weights.items()), torch.zeros(len(texts)))
     return total, scores["task"]
 
 
@@ -96,14 +97,14 @@ def rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
-    rewards: Mapping[str, float] | None = None,
+    reward_weights: Mapping[str, float] | None = None,
     sequential: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Rollouts:
-    """Sample ``group_size`` completions for each prompt and :func:`score` them with the
-    ``rewards`` weights by name (None: GRPO's default), inputs moved to ``device``, pixels and
-    slide features cast to ``dtype``, the model's."""
+    """Sample ``group_size`` completions for each prompt and :func:`score` them with
+    ``reward_weights`` (reward name -> weight; None: GRPO's default), inputs moved to ``device``,
+    pixels and slide features cast to ``dtype``, the model's."""
     items = [item for item in prompts for _ in range(group_size)]
     stop = model.tokenizer.convert_tokens_to_ids(IM_END)
     kwargs = dict(
@@ -128,7 +129,7 @@ def rollout(
         completions = model.generate(batch, seed=seed, **kwargs)
     model.train(was_training)
     texts = [_decode(model, ids) for ids in completions]
-    weights = GrpoConfig().reward_weights() if rewards is None else rewards
+    weights = GrpoConfig().reward_weights() if reward_weights is None else reward_weights
     total, task = score(texts, [s for s, _ in items], weights)
     return Rollouts(
         items=items,

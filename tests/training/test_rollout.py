@@ -62,7 +62,7 @@ def test_rewards_and_group_advantages(setup) -> None:
     model, collator, prompts = setup
     rolls = rollout(
         model, collator, prompts, group_size=3, max_new_tokens=10, temperature=1.5, seed=1,
-        rewards={"task": 1.0, "format": 0.5},
+        reward_weights={"task": 1.0, "format": 0.5},
     )  # fmt: skip
     samples = [s for s, _ in rolls.items]
     assert [s.id for s in samples] == [s.id for s, _ in prompts for _ in range(3)]
