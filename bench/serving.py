@@ -21,9 +21,9 @@ measured in the same run. The model is the packaged demo model everywhere.
     chunking is the baseline (``..._same_batch`` compares with the largest). Every served
     feature vector is checked against the offline one. (ROIs via ``EncodeImage`` are one
     small vision-tower forward per AnalyzeRegion; their cost is part of (c).)
-(b) Slide latency: ``Pathology.AnalyzeSlide`` on a fresh slide (first call: identify, tissue
+(b) Slide latency: ``Pathology.AnalyzeSlide`` on a fresh slide (first call: resolve, tissue
     detection, plan, tile reading, encoding, feature cache write, aggregator, routing,
-    decoding) against a second call on the same slide (feature cache hit: identify, cache
+    decoding) against a second call on the same slide (feature cache hit: resolve, cache
     read, aggregator, routing, decoding). The feature cache lives in this run's temporary
     storage, so the first call always misses. The slide is ``--slide-px`` square
     (``write_synthetic_slide``, kept under ~/.cache/smartpath-bench by size and seed); a

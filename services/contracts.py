@@ -21,9 +21,12 @@ from smartpath.core.config import ModelServingConfig
 from smartpath.core.config.model import SlideTiles
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.core.slides.plan import TileGeometry, TilePlan
-from smartpath.core.slides.tiler import TileRequest
+from smartpath.core.slides.resolution import Resolution
+from smartpath.core.slides.slide import SlideInfo
+from smartpath.core.slides.tiler import ResolvedSlide, TileRequest, TissueMask
 from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task, task_scale_key
 from smartpath.model.prompts import PromptStyle, build_prompt
+from smartpath.v1 import common_pb2
 
 
 # -- the services ---------------------------------------------------------------------------
@@ -198,26 +201,49 @@ def decode_image(data: bytes, limits: ModelServingConfig) -> np.ndarray:
         raise InvalidArgumentError(f"image bytes do not decode as PNG or JPEG ({e})") from None
 
 
-# -- the tiler's API and slide encoding (tiler -> encoder -> gateway) -------------------
+# -- the tiler's API (-> encoder, gateway) and slide encoding (encoder -> gateway) ------
+def parse_resolution(message: common_pb2.Resolution) -> Resolution | None:
+    """The Resolution a request asks for (INVALID_ARGUMENT if bad); None when it names none,
+    which means the tiler's configured default."""
+    which = message.WhichOneof("value")
+    if which == "mpp":
+        return Resolution(mpp=message.mpp)
+    if which == "magnification":
+        return Resolution(magnification=message.magnification)
+    return None
+
+
 class SlideSource(Protocol):
-    """What slide encoding needs from the tiling service."""
+    """The tiler's Python API: :class:`~smartpath.services.tiling.source.TilerSource` in
+    process (and the SlideTiler deployment), :class:`~smartpath.services.handles.TilerHandle`
+    through Serve. A request resolves its slide once and passes the :class:`ResolvedSlide`
+    to the other methods, which then look nothing up in storage again."""
 
-    async def identify(self, uri: str) -> str: ...
+    async def resolve(self, uri: str, mpp_override: float | None = None) -> ResolvedSlide: ...
 
-    async def tissue_params(self) -> dict[str, float]: ...
+    async def describe(self, slide: ResolvedSlide) -> SlideInfo: ...
+
+    async def plan_key(self, slide: ResolvedSlide, request: TileRequest) -> str: ...
 
     async def plan(
-        self, uri: str, request: TileRequest, mpp_override: float | None = None
-    ) -> tuple[TilePlan, object]: ...
+        self, slide: ResolvedSlide, request: TileRequest
+    ) -> tuple[TilePlan, TissueMask]: ...
 
     def read_tiles(
         self,
-        uri: str,
+        slide: ResolvedSlide,
         geometry: TileGeometry,
         xs: np.ndarray,
         ys: np.ndarray,
-        mpp_override: float | None = None,
+        batch_size: int | None = None,
     ) -> AsyncIterator[tuple[int, np.ndarray]]: ...
+
+    async def read_region(
+        self,
+        slide: ResolvedSlide,
+        rect: tuple[int, int, int, int],
+        resolution: Resolution | None = None,
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ import numpy as np
 from ray import serve
 
 from smartpath.core.slides.plan import TileGeometry, TilePlan
-from smartpath.core.slides.tiler import TileRequest
+from smartpath.core.slides.resolution import Resolution
+from smartpath.core.slides.slide import SlideInfo
+from smartpath.core.slides.tiler import ResolvedSlide, TileRequest, TissueMask
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.contracts import (
     SERVICE_OF_APP,
@@ -30,37 +32,43 @@ def handle(app: str) -> Any:
 
 
 class TilerHandle:
-    """The SlideTiler deployment as a slide source for encoding and region reads."""
+    """The SlideTiler deployment's Python API (the
+    :class:`~smartpath.services.contracts.SlideSource`), with the same methods as
+    :class:`~smartpath.services.tiling.source.TilerSource`."""
 
     def __init__(self, tiler: Any) -> None:
         self.tiler = tiler
 
-    async def identify(self, uri: str) -> str:
-        return await self.tiler.identify.remote(uri)
+    async def resolve(self, uri: str, mpp_override: float | None = None) -> ResolvedSlide:
+        return await self.tiler.resolve.remote(uri, mpp_override)
 
-    async def tissue_params(self) -> dict[str, float]:
-        return await self.tiler.tissue_params.remote()
+    async def describe(self, slide: ResolvedSlide) -> SlideInfo:
+        return await self.tiler.describe.remote(slide)
 
-    async def plan(
-        self, uri: str, request: TileRequest, mpp_override: float | None = None
-    ) -> tuple[TilePlan, object]:
-        return await self.tiler.plan.remote(uri, request, mpp_override)
+    async def plan_key(self, slide: ResolvedSlide, request: TileRequest) -> str:
+        return await self.tiler.plan_key.remote(slide, request)
+
+    async def plan(self, slide: ResolvedSlide, request: TileRequest) -> tuple[TilePlan, TissueMask]:
+        return await self.tiler.plan.remote(slide, request)
 
     def read_tiles(
         self,
-        uri: str,
+        slide: ResolvedSlide,
         geometry: TileGeometry,
         xs: np.ndarray,
         ys: np.ndarray,
-        mpp_override: float | None = None,
+        batch_size: int | None = None,
     ) -> AsyncIterator[tuple[int, np.ndarray]]:
         stream = self.tiler.options(stream=True)
-        return stream.read_tiles.remote(uri, geometry, xs, ys, mpp_override)
+        return stream.read_tiles.remote(slide, geometry, xs, ys, batch_size)
 
     async def read_region(
-        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
+        self,
+        slide: ResolvedSlide,
+        rect: tuple[int, int, int, int],
+        resolution: Resolution | None = None,
     ) -> np.ndarray:
-        return await self.tiler.read_region.remote(uri, mpp_override, rect, mpp)
+        return await self.tiler.read_region.remote(slide, rect, resolution)
 
 
 class HandleBackends:
@@ -71,11 +79,6 @@ class HandleBackends:
         self.encoder = handle("encoder")
         self.router = handle("router")
         self.decoder = handle("decoder")
-
-    async def read_region(
-        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
-    ) -> np.ndarray:
-        return await self.tiler.read_region(uri, mpp_override, rect, mpp)
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens:
         return await self.encoder.encode_image.remote(image)

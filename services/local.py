@@ -39,10 +39,9 @@ class LocalBackends:
     def __init__(self, config: SmartPathConfig, model: SmartPathModel | None = None) -> None:
         self.config = config
         self.model = model if model is not None else load_served_model(config)
-        self.tiler = Tiler(config)
-        self.source = TilerSource(self.tiler)
+        self.tiler = TilerSource(Tiler(config))
         self.encoder = VisualEncoder(self.model)
-        self.cache = FeatureCache(self.tiler.store, config.model.features_bucket)
+        self.cache = FeatureCache(self.tiler.tiler.store, config.model.features_bucket)
         self.gate = ExpertGate(self.model)
         d = config.serve.decoder
         self.decoder = BatchDecoder(
@@ -51,11 +50,6 @@ class LocalBackends:
             batch_wait_s=d.batch_wait_timeout_s,
             max_pending=d.max_pending,
         )
-
-    async def read_region(
-        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
-    ) -> np.ndarray:
-        return await self.source.read_region(uri, mpp_override, rect, mpp)
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens:
         roi = self.encoder.prepare(image)
@@ -70,7 +64,7 @@ class LocalBackends:
         return encode_slide(
             uri,
             mpp_override,
-            source=self.source,
+            source=self.tiler,
             encode_tiles=encode_tiles,
             encoder=self.encoder,
             cache=self.cache,
@@ -87,7 +81,7 @@ class LocalBackends:
 
     def close(self) -> None:
         """Release the tiler's slides and threads."""
-        self.tiler.close()
+        self.tiler.tiler.close()
 
 
 def local_pipeline(

@@ -1,13 +1,14 @@
 """Tile plans: a lattice of square tiles at a physical resolution, filtered by tissue.
 
 Design decisions (after LazySlide's ``tile_tissues``):
-- Callers ask for tile size in pixels *at a target MPP*; magnification is converted to MPP.
+- Callers ask for tile size in pixels *at a target MPP*; a magnification becomes MPP by
+  :meth:`~smartpath.core.slides.resolution.Resolution.to_mpp`.
 - Geometry is stored in level-0 pixels; the footprint (level-0 px per tile edge) may be
   fractional and is rounded only where pixels are read, so physical size stays exact.
 - The read level is the coarsest one still at least as fine as the target (MPP-first:
   never upsample from a coarse level when a finer one exists).
-- A plan's hash covers the slide identity and every parameter that shapes it; it keys the
-  feature cache.
+- A plan's hash covers the slide identity and every parameter that shapes it, as requested
+  (so it is known before the slide is read); it keys the feature cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smartpath.core.errors import InvalidArgumentError
+from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.slide import SlideInfo
 from smartpath.core.slides.tissue import tile_fractions
 
@@ -63,22 +65,6 @@ class TilePlan:
         return len(self.x)
 
 
-def target_mpp(info: SlideInfo, *, mpp: float | None, magnification: float | None) -> float:
-    """Turn a requested resolution into µm/px (exactly one of mpp/magnification is given)."""
-    if (mpp is None) == (magnification is None):
-        raise InvalidArgumentError("give exactly one of resolution.mpp or resolution.magnification")
-    if mpp is not None:
-        if not (math.isfinite(mpp) and 0.01 <= mpp <= 1000):
-            raise InvalidArgumentError(f"resolution.mpp={mpp!r} must be in 0.01–1000 µm/px")
-        return mpp
-    assert magnification is not None
-    if not (math.isfinite(magnification) and 0.01 <= magnification <= 200):
-        raise InvalidArgumentError(f"resolution.magnification={magnification!r} must be 0.01–200")
-    if info.objective_power and info.mpp:
-        return info.mpp * info.objective_power / magnification
-    return 10.0 / magnification  # the usual convention: 40x ≈ 0.25 µm/px
-
-
 def tile_geometry(info: SlideInfo, *, mpp: float, tile_size: int, overlap: int) -> TileGeometry:
     """The lattice for ``tile_size``-px tiles at ``mpp`` µm/px over the whole slide."""
     if not 16 <= tile_size <= 4096:
@@ -109,38 +95,46 @@ def tile_geometry(info: SlideInfo, *, mpp: float, tile_size: int, overlap: int) 
 
 
 def plan_hash(
-    slide_id: str,
+    slide_key: str,
     *,
-    mpp: float,
+    resolution: Resolution,
     tile_size: int,
     overlap: int,
     min_tissue_fraction: float,
     tissue_params: dict[str, float],
 ) -> str:
-    """The hash of everything that shapes a plan; known before the plan is computed, so
-    caches keyed by it can be checked without reading the slide."""
-    key = {
+    """The hash of everything that shapes a plan, as requested; known before the plan is
+    computed, so caches keyed by it can be checked without reading the slide.
+
+    The resolution enters as given (µm/px, or a magnification), so no slide metadata is
+    needed. Keys of µm/px requests are those of every earlier version of this function.
+    """
+    key: dict[str, object] = {
         "v": PLAN_VERSION,
-        "slide": slide_id,
-        "mpp": round(mpp, 6),
+        "slide": slide_key,
         "tile": tile_size,
         "overlap": overlap,
         "min_tissue": round(min_tissue_fraction, 6),
         "tissue": tissue_params,
     }
+    if resolution.mpp is not None:
+        key["mpp"] = round(resolution.mpp, 6)
+    else:
+        assert resolution.magnification is not None
+        key["magnification"] = round(resolution.magnification, 6)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_tiles(
     geometry: TileGeometry,
     *,
-    slide_id: str,
+    key: str,
     tissue_mask: np.ndarray,
     mask_downsample: float,
     min_tissue_fraction: float,
-    tissue_params: dict[str, float],
 ) -> TilePlan:
-    """Keep the lattice tiles whose tissue fraction is at least ``min_tissue_fraction``."""
+    """Keep the lattice tiles whose tissue fraction is at least ``min_tissue_fraction``;
+    ``key`` (from :func:`plan_hash`) becomes the plan's hash."""
     if not 0.0 <= min_tissue_fraction <= 1.0:
         raise InvalidArgumentError(f"min_tissue_fraction={min_tissue_fraction} must be in [0, 1]")
     row, col = np.divmod(np.arange(geometry.rows * geometry.cols, dtype=np.int64), geometry.cols)
@@ -148,14 +142,6 @@ def plan_tiles(
     y = np.round(row * geometry.stride).astype(np.int64)
     fraction = tile_fractions(tissue_mask, mask_downsample, x, y, geometry.footprint)
     keep = fraction >= min_tissue_fraction if min_tissue_fraction > 0 else slice(None)
-    digest = plan_hash(
-        slide_id,
-        mpp=geometry.mpp,
-        tile_size=geometry.tile_size,
-        overlap=geometry.overlap,
-        min_tissue_fraction=min_tissue_fraction,
-        tissue_params=tissue_params,
-    )
     return TilePlan(
         geometry=geometry,
         x=x[keep],
@@ -164,5 +150,5 @@ def plan_tiles(
         row=row[keep].astype(np.int32),
         tissue_fraction=fraction[keep],
         min_tissue_fraction=min_tissue_fraction,
-        plan_hash=digest,
+        plan_hash=key,
     )

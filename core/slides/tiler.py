@@ -1,8 +1,11 @@
 """The tiling service's logic, free of Ray and gRPC: slide references in, plans and tiles out.
 
-Resolves a slide reference to a local file (object store + slide cache, or an allowed local
-path), keeps recently used slides open, detects tissue once per slide, and reads tiles on a
-shared thread pool.
+A request resolves its slide reference once (:meth:`Tiler.resolve`: one metadata lookup
+that names the content); everything after takes the :class:`ResolvedSlide`. Opening one
+makes it a local file (object store + slide cache, or an allowed local path) and keeps it
+open among recently used slides, keyed by content; tissue is detected once per slide, and
+tiles are read on a shared thread pool. The tiler owns resolution (µm/px or magnification,
+see :class:`~smartpath.core.slides.resolution.Resolution`) and plan keys.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from smartpath.core.config import SmartPathConfig, TilingConfig
-from smartpath.core.errors import InvalidArgumentError
-from smartpath.core.slides.plan import TileGeometry, TilePlan, plan_tiles, target_mpp
+from smartpath.core.errors import InvalidArgumentError, UnavailableError
+from smartpath.core.slides.plan import TileGeometry, TilePlan, plan_hash, plan_tiles
 from smartpath.core.slides.plan import tile_geometry as make_geometry
 from smartpath.core.slides.reader import TileReader
+from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.slide import Slide, SlideInfo
 from smartpath.core.slides.tissue import detect_tissue
 from smartpath.core.storage import (
@@ -37,17 +41,47 @@ from smartpath.core.storage import (
 
 OPEN_SLIDES = 16  # handles kept open; each holds OpenSlide's tile cache
 TISSUE_MASKS = 64
+S3_ID, FILE_ID = "s3:", "file:"  # slide id prefixes: object ETag, local file digest
+
+
+@dataclass(frozen=True)
+class ResolvedSlide:
+    """A slide reference resolved to the content it names (:meth:`Tiler.resolve`): what a
+    request's later calls take, so the slide is looked up in storage once. Picklable, so it
+    travels through DeploymentHandles."""
+
+    uri: str
+    slide_id: str  # content id: "s3:<ETag>" or "file:<digest of path, size, mtime, inode>"
+    mpp_override: float | None = None
+
+    @property
+    def key(self) -> str:
+        """The content id with the MPP override: plans and plan keys of the slide use it."""
+        if self.mpp_override is None:
+            return self.slide_id
+        return f"{self.slide_id}@mpp={self.mpp_override}"
 
 
 @dataclass(frozen=True)
 class TileRequest:
-    """What tiles a caller wants; None fields take the configured defaults."""
+    """What tiles a caller wants; None fields take the configured defaults.
 
-    mpp: float | None = None
-    magnification: float | None = None
+    ``mpp=`` or ``magnification=`` is shorthand for ``resolution=Resolution(...)``.
+    """
+
+    resolution: Resolution | None = None
     tile_size: int | None = None
     overlap: int = 0
     min_tissue_fraction: float | None = None
+    mpp: InitVar[float | None] = None
+    magnification: InitVar[float | None] = None
+
+    def __post_init__(self, mpp: float | None, magnification: float | None) -> None:
+        if mpp is None and magnification is None:
+            return
+        if self.resolution is not None:
+            raise InvalidArgumentError("give the resolution once: resolution, mpp or magnification")
+        object.__setattr__(self, "resolution", Resolution(mpp=mpp, magnification=magnification))
 
 
 @dataclass(frozen=True)
@@ -64,15 +98,20 @@ class TissueMask:
 
 @dataclass(frozen=True)
 class OpenedSlide:
-    """An open slide, the identity of its content, and its slide-cache lease."""
+    """An open slide, the resolved reference it was opened from, and its slide-cache lease."""
 
     slide: Slide
-    slide_id: str
+    resolved: ResolvedSlide
     lease: ExitStack = field(default_factory=ExitStack, repr=False, compare=False)
 
     @property
     def info(self) -> SlideInfo:
         return self.slide.info
+
+    @property
+    def slide_id(self) -> str:
+        """The content id of the slide."""
+        return self.resolved.slide_id
 
 
 class Tiler:
@@ -82,6 +121,8 @@ class Tiler:
         self.config: TilingConfig = config.tiling
         self.store = store if store is not None else make_store(config.storage)
         self.cache = SlideCache(config.slide_cache, self.store)
+        self.tile_resolution = Resolution(mpp=self.config.target_mpp)  # plans' default
+        self.region_resolution = Resolution(mpp=config.model.region_mpp)  # regions' default
         workers = self.config.read_workers or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tile-decode")
         self._lock = threading.Lock()
@@ -98,49 +139,63 @@ class Tiler:
         self.pool.shutdown(wait=True)
 
     # -- slides ------------------------------------------------------------------------
-    def open(self, uri: str, mpp_override: float | None = None) -> OpenedSlide:
-        """Open (or reuse) the slide named by ``uri``: ``s3://bucket/key`` or a local path.
-
-        A slide from object storage stays leased in the slide cache (safe from eviction)
-        while it is among the open slides.
-        """
+    def resolve(self, uri: str, mpp_override: float | None = None) -> ResolvedSlide:
+        """Name the content of the slide at ``uri`` (``s3://bucket/key`` or a local path)
+        from metadata only: one storage lookup, nothing downloaded."""
         ref = parse_slide_ref(uri)
+        if isinstance(ref, ObjectRef):
+            slide_id = S3_ID + self.cache.identify(ref)
+        else:
+            slide_id = self._local(ref)[1]
+        return ResolvedSlide(uri, slide_id, mpp_override)
+
+    def open(self, slide: ResolvedSlide | str) -> OpenedSlide:
+        """Open (or reuse) a resolved slide; a URI is resolved first (no MPP override).
+
+        An open slide of the same content is reused with no storage lookup. Otherwise a
+        slide from object storage is leased from the slide cache by its ETag (no second
+        metadata lookup after :meth:`resolve` in this process) and stays leased (safe from
+        eviction) while it is among the open slides. Content that changed since it was
+        resolved is UNAVAILABLE (try again).
+        """
+        if isinstance(slide, str):
+            slide = self.resolve(slide)
+        key = (slide.slide_id, slide.mpp_override)
+        with self._lock:
+            opened = self._slides.get(key)
+            if opened is not None:
+                self._slides.move_to_end(key)
+                return opened
+        ref = parse_slide_ref(slide.uri)
         with ExitStack() as lease:
             if isinstance(ref, ObjectRef):
-                entry = lease.enter_context(self.cache.lease(ref))
-                path, slide_id = entry.path, f"s3:{entry.etag}"
+                etag = slide.slide_id.removeprefix(S3_ID)
+                path = lease.enter_context(self.cache.lease(ref, etag)).path
             else:
                 path, slide_id = self._local(ref)
-            key = (slide_id, mpp_override)
-            with self._lock:
-                opened = self._slides.get(key)
-                if opened is not None:
-                    self._slides.move_to_end(key)
-                    return opened
-            opened = OpenedSlide(Slide.open(path, mpp_override), slide_id, lease.pop_all())
+                if slide_id != slide.slide_id:
+                    raise UnavailableError(
+                        "the slide file changed while this request used it; try again"
+                    )
+            opened = OpenedSlide(Slide.open(path, slide.mpp_override), slide, lease.pop_all())
         with self._lock:
-            self._slides[key] = opened
-            evicted = []
+            raced = self._slides.get(key)
+            if raced is None:
+                self._slides[key] = opened
+            evicted = [] if raced is None else [opened]
             while len(self._slides) > OPEN_SLIDES:
                 evicted.append(self._slides.popitem(last=False)[1])
         for old in evicted:
             # Readers in flight keep their own references and file descriptors; the
             # OpenSlide handle closes when the last reference goes.
             old.lease.close()
-        return opened
-
-    def identify(self, uri: str) -> str:
-        """The slide id :meth:`open` would give, from metadata only (nothing is downloaded)."""
-        ref = parse_slide_ref(uri)
-        if isinstance(ref, ObjectRef):
-            return f"s3:{self.cache.identify(ref)}"
-        return self._local(ref)[1]
+        return opened if raced is None else raced
 
     def _local(self, path: Path) -> tuple[Path, str]:
         path = resolve_local_path(path, self.config.local_slide_roots)
         st = path.stat()
         ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        return path, "file:" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+        return path, FILE_ID + hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def thumbnail(self, opened: OpenedSlide, max_px: int) -> np.ndarray:
         """RGB thumbnail with long side ``max_px`` (1–4096)."""
@@ -178,49 +233,63 @@ class Tiler:
 
     def geometry(self, opened: OpenedSlide, request: TileRequest) -> TileGeometry:
         """The tile lattice for ``request`` on this slide."""
-        mpp, mag = request.mpp, request.magnification
-        if mpp is None and mag is None:
-            mpp = self.config.target_mpp
+        resolution = request.resolution or self.tile_resolution
         return make_geometry(
             opened.info,
-            mpp=target_mpp(opened.info, mpp=mpp, magnification=mag),
+            mpp=resolution.to_mpp(opened.info),
             tile_size=request.tile_size or self.config.tile_size,
             overlap=request.overlap,
+        )
+
+    def plan_key(self, slide: ResolvedSlide, request: TileRequest) -> str:
+        """The hash :meth:`plan` gives the plan of ``request`` on ``slide`` (the feature
+        cache's key), known without opening or reading the slide."""
+        cfg = self.config
+        return plan_hash(
+            slide.key,
+            resolution=request.resolution or self.tile_resolution,
+            tile_size=request.tile_size or cfg.tile_size,
+            overlap=request.overlap,
+            min_tissue_fraction=self._min_tissue_fraction(request),
+            tissue_params={
+                "mpp": cfg.tissue_mpp,
+                "max_px": cfg.tissue_max_px,
+                "min_area": cfg.min_tissue_area_um2,
+                "max_hole": cfg.max_hole_area_um2,
+            },
         )
 
     def plan(self, opened: OpenedSlide, request: TileRequest) -> tuple[TilePlan, TissueMask]:
         """The tissue tiles of the slide for ``request``, and the mask they came from."""
         geometry = self.geometry(opened, request)
         tissue = self.tissue(opened)
-        cfg = self.config
-        min_fraction = request.min_tissue_fraction
-        if min_fraction is None:
-            min_fraction = cfg.min_tissue_fraction
         plan = plan_tiles(
             geometry,
-            slide_id=opened.slide_id,
+            key=self.plan_key(opened.resolved, request),
             tissue_mask=tissue.mask,
             mask_downsample=tissue.downsample,
-            min_tissue_fraction=min_fraction,
-            tissue_params=self.tissue_params(),
+            min_tissue_fraction=self._min_tissue_fraction(request),
         )
         return plan, tissue
 
-    def tissue_params(self) -> dict[str, float]:
-        """The tissue-detection settings that shape every plan (part of its hash)."""
-        cfg = self.config
-        return {
-            "mpp": cfg.tissue_mpp,
-            "max_px": cfg.tissue_max_px,
-            "min_area": cfg.min_tissue_area_um2,
-            "max_hole": cfg.max_hole_area_um2,
-        }
+    def _min_tissue_fraction(self, request: TileRequest) -> float:
+        if request.min_tissue_fraction is None:
+            return self.config.min_tissue_fraction
+        return request.min_tissue_fraction
 
     def read_region(
-        self, opened: OpenedSlide, x: int, y: int, width: int, height: int, mpp: float
+        self,
+        opened: OpenedSlide,
+        x: int,
+        y: int,
+        width: int,
+        height: int,
+        resolution: Resolution | None = None,
     ) -> np.ndarray:
-        """The level-0 rectangle (x, y, width, height) as RGB at ``mpp`` µm/px."""
+        """The level-0 rectangle (x, y, width, height) as RGB at ``resolution`` (default:
+        ``model.region_mpp``)."""
         info = opened.info
+        mpp = (resolution or self.region_resolution).to_mpp(info)
         if width <= 0 or height <= 0:
             raise InvalidArgumentError(f"region {width}x{height} must have a positive size")
         if x < 0 or y < 0 or x + width > info.width or y + height > info.height:

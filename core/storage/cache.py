@@ -14,6 +14,11 @@ downloads under an exclusive lock, the others wait and then find the entry in pl
 (and :meth:`SlideCache.lease` blocks) hold a shared lock, and eviction only removes entries it
 can lock exclusively without waiting (best effort: the byte bound can be overshot while every
 old entry is in use).
+
+:meth:`SlideCache.identify` looks a slide's objects up once and remembers what it saw, so a
+:meth:`~SlideCache.lease` of that content (named by the ETag ``identify`` returned) in the
+same process needs no second metadata request: a cached entry is used as it is, and a miss
+downloads and checks that the ETags still match.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +56,7 @@ from smartpath.core.storage.refs import (
 META_NAME = ".smartpath-entry.json"
 _EVICT_LOCK = "evict.lock"
 _MAX_ATTEMPTS = 3
+_KNOWN_MANIFESTS = 256  # slide contents identified recently, per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,8 @@ class SlideCache:
             folder.mkdir(parents=True, exist_ok=True)
         self._counts_lock = threading.Lock()
         self._counts = {"hits": 0, "misses": 0, "downloads": 0, "bytes": 0, "evictions": 0}
+        self._known_lock = threading.Lock()
+        self._known: OrderedDict[tuple[ObjectRef, str], _Manifest] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SlideCache({str(self.root)!r}, max_bytes={self.max_bytes})"
@@ -179,12 +188,17 @@ class SlideCache:
 
     def identify(self, ref: ObjectRef) -> str:
         """The ETag :meth:`fetch_entry` would report, from object metadata only (no download)."""
-        return self._manifest(ref).etag
+        return self._fresh(ref, None).etag
 
     @contextlib.contextmanager
-    def lease(self, ref: ObjectRef) -> Iterator[CacheEntry]:
-        """Like :meth:`fetch_entry`; the entry cannot be evicted until the block exits."""
-        fd, entry = self._acquire(ref)
+    def lease(self, ref: ObjectRef, etag: str | None = None) -> Iterator[CacheEntry]:
+        """Like :meth:`fetch_entry`; the entry cannot be evicted until the block exits.
+
+        With ``etag`` (from :meth:`identify`) the entry holds exactly that content: what
+        ``identify`` saw in this process is reused without asking the store again, and
+        content that has changed since is UNAVAILABLE (the caller resolves again).
+        """
+        fd, entry = self._acquire(ref, etag)
         try:
             yield entry
         finally:
@@ -207,6 +221,27 @@ class SlideCache:
         )
 
     # -- manifest ------------------------------------------------------------------------
+
+    def _known_or_fresh(self, ref: ObjectRef, etag: str | None) -> _Manifest:
+        """The manifest of content ``etag`` as this process last saw it, else from the store."""
+        if etag is not None:
+            with self._known_lock:
+                known = self._known.get((ref, etag))
+            if known is not None:
+                return known
+        return self._fresh(ref, etag)
+
+    def _fresh(self, ref: ObjectRef, etag: str | None) -> _Manifest:
+        """The manifest from the store, remembered; it must hold content ``etag`` if given."""
+        manifest = self._manifest(ref)
+        if etag is not None and manifest.etag != etag:
+            raise UnavailableError("the slide changed in storage while it was in use; try again")
+        with self._known_lock:
+            self._known[(ref, manifest.etag)] = manifest
+            self._known.move_to_end((ref, manifest.etag))
+            while len(self._known) > _KNOWN_MANIFESTS:
+                self._known.popitem(last=False)
+        return manifest
 
     def _manifest(self, ref: ObjectRef) -> _Manifest:
         if not isinstance(ref, ObjectRef):
@@ -272,9 +307,9 @@ class SlideCache:
 
     # -- fetch ---------------------------------------------------------------------------
 
-    def _acquire(self, ref: ObjectRef) -> tuple[int, CacheEntry]:
+    def _acquire(self, ref: ObjectRef, etag: str | None) -> tuple[int, CacheEntry]:
         """Make the entry present; return (fd holding a shared lock on it, the entry)."""
-        manifest = self._manifest(ref)
+        manifest = self._known_or_fresh(ref, etag)
         for _ in range(_MAX_ATTEMPTS):
             if manifest.size > self.max_bytes:
                 raise ResourceExhaustedError(
@@ -292,21 +327,24 @@ class SlideCache:
 
             fd = _lock(lock_path, fcntl.LOCK_EX)
             try:
-                downloaded = False
+                downloaded = moved = False
                 if not entry.is_dir():
-                    if not self._download(manifest, entry):
-                        # The object changed between listing and download: start over.
-                        self._drop_lock(fd, lock_path, entry)
-                        manifest = self._manifest(ref)
-                        continue
-                    downloaded = True
-                self._touch(entry)
-                # Converting EX to SH is not atomic for flock; an evictor may slip in between,
-                # so check again that the entry and our lock file are still the live ones.
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                    downloaded = self._download(manifest, entry)
+                    moved = not downloaded
+                if not moved:
+                    self._touch(entry)
+                    # Converting EX to SH is not atomic for flock; an evictor may slip in
+                    # between, so check again that the entry and our lock file are still
+                    # the live ones.
+                    fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
                 self._drop_lock(fd, lock_path, entry)
                 raise
+            if moved:
+                # The object changed between listing and download: start over.
+                self._drop_lock(fd, lock_path, entry)
+                manifest = self._fresh(ref, etag)
+                continue
             if entry.is_dir() and _same_file(fd, lock_path):
                 if downloaded:
                     self._count(misses=1)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 
 from smartpath.core.errors import FailedPreconditionError
-from smartpath.core.slides.plan import TilePlan, plan_hash
+from smartpath.core.slides.plan import TilePlan
 from smartpath.core.slides.tiler import TileRequest
 from smartpath.model.slide_features import SlideFeatures
 from smartpath.services.contracts import SlideEncoding, SlideProgress, SlideSource
@@ -31,29 +31,21 @@ async def encode_slide(
 ) -> AsyncIterator[SlideProgress | SlideEncoding]:
     """Yield progress while tiles are encoded, then the :class:`SlideEncoding`.
 
-    The cache key is known from the slide's content id and the model's slide tile spec
-    alone, so a hit neither downloads nor tiles the slide.
+    The slide is resolved once (one metadata lookup). The cache key is the tiler's plan key
+    for the slide's content and the model's slide tile spec, known without reading the
+    slide, so a hit neither downloads nor tiles it.
     """
     spec = encoder.model.cfg.slide_tiles
-    slide_id = await source.identify(uri)
-    key = plan_hash(
-        slide_id if mpp_override is None else f"{slide_id}@mpp={mpp_override}",
-        mpp=spec.mpp,
-        tile_size=spec.tile_size,
-        overlap=0,
-        min_tissue_fraction=spec.min_tissue,
-        tissue_params=await source.tissue_params(),
+    request = TileRequest(
+        mpp=spec.mpp, tile_size=spec.tile_size, min_tissue_fraction=spec.min_tissue
     )
-    ref = cache.ref(slide_id, encoder.tile_encoder.name, key)
+    slide = await source.resolve(uri, mpp_override)
+    key = await source.plan_key(slide, request)
+    ref = cache.ref(slide.slide_id, encoder.tile_encoder.name, key)
     features = cache.get(ref)
     hit = features is not None
     if features is None:
-        request = TileRequest(
-            mpp=spec.mpp,
-            tile_size=spec.tile_size,
-            min_tissue_fraction=spec.min_tissue,
-        )
-        plan, _ = await source.plan(uri, request, mpp_override)
+        plan, _ = await source.plan(slide, request)
         if len(plan) == 0:
             raise FailedPreconditionError(
                 "no tissue found on the slide at the configured tissue threshold"
@@ -62,7 +54,7 @@ async def encode_slide(
         yield SlideProgress(0, total)
         parts: list[np.ndarray] = []
         done = 0
-        async for _, tiles in source.read_tiles(uri, plan.geometry, plan.x, plan.y, mpp_override):
+        async for _, tiles in source.read_tiles(slide, plan.geometry, plan.x, plan.y):
             parts.append(await encode_tiles(tiles))
             done += len(tiles)
             yield SlideProgress(done, total)
@@ -76,7 +68,7 @@ async def encode_slide(
         cache.put(ref, features)
     yield SlideEncoding(
         visual=encoder.slide_tokens(features),
-        slide_id=slide_id,
+        slide_id=slide.slide_id,
         plan_hash=key,
         tiles=len(features),
         cache_hit=hit,

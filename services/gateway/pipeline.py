@@ -24,9 +24,11 @@ from smartpath.services.contracts import (
     Route,
     SlideEncoding,
     SlideProgress,
+    SlideSource,
     VisualTokens,
     decode_image,
     make_question,
+    parse_resolution,
 )
 from smartpath.services.gateway.results import analysis_from_completion
 from smartpath.v1 import common_pb2, pathology_pb2
@@ -35,9 +37,8 @@ from smartpath.v1 import common_pb2, pathology_pb2
 class Backends(Protocol):
     """The services the pipeline composes."""
 
-    async def read_region(
-        self, uri: str, mpp_override: float | None, rect: tuple[int, int, int, int], mpp: float
-    ) -> np.ndarray: ...
+    @property
+    def tiler(self) -> SlideSource: ...
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens: ...
 
@@ -64,21 +65,6 @@ class _Timer:
         finally:
             ms = (time.perf_counter() - start) * 1000
             self.timings.append(pathology_pb2.StageTiming(stage=stage, ms=ms))
-
-
-def _resolution_mpp(resolution: common_pb2.Resolution, default: float) -> float:
-    which = resolution.WhichOneof("value")
-    if which == "mpp":
-        value = resolution.mpp
-    elif which == "magnification":
-        if not resolution.magnification > 0:
-            raise InvalidArgumentError("resolution.magnification must be > 0")
-        value = 10.0 / resolution.magnification
-    else:
-        return default
-    if not value > 0:
-        raise InvalidArgumentError(f"resolution must be > 0 µm/px, got {value}")
-    return value
 
 
 class Pipeline:
@@ -131,10 +117,10 @@ class Pipeline:
                 if not r.slide.uri:
                     raise InvalidArgumentError("region.slide.uri is empty")
                 region = (r.rect.x, r.rect.y, r.rect.width, r.rect.height)
-                mpp = _resolution_mpp(r.resolution, self.limits.region_mpp)
-                image = await self.backends.read_region(
-                    r.slide.uri, r.slide.mpp_override or None, region, mpp
-                )
+                resolution = parse_resolution(r.resolution)  # None: the tiler's default
+                tiler = self.backends.tiler
+                slide = await tiler.resolve(r.slide.uri, r.slide.mpp_override or None)
+                image = await tiler.read_region(slide, region, resolution)
             else:
                 raise InvalidArgumentError("send an image or a slide region")
         with timer.stage(pathology_pb2.STAGE_ENCODING):

@@ -15,9 +15,10 @@ from ray.serve import metrics
 
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import InvalidArgumentError
-from smartpath.core.slides.plan import TilePlan
-from smartpath.core.slides.tiler import OpenedSlide, Tiler, TileRequest
+from smartpath.core.slides.plan import TileGeometry, TilePlan
+from smartpath.core.slides.tiler import OpenedSlide, ResolvedSlide, Tiler, TileRequest
 from smartpath.services.aio import iterate_in_thread
+from smartpath.services.contracts import parse_resolution
 from smartpath.services.grpc_util import RpcCounter, server_stream, unary
 from smartpath.services.tiling.source import TilerSource
 from smartpath.v1 import common_pb2, tiling_pb2
@@ -41,10 +42,8 @@ def encode_image(rgb: np.ndarray, media_type: str = "image/png") -> common_pb2.E
 
 def tile_request(spec: tiling_pb2.TileSpec) -> TileRequest:
     """The domain request for a TileSpec message."""
-    which = spec.resolution.WhichOneof("value") if spec.HasField("resolution") else None
     return TileRequest(
-        mpp=spec.resolution.mpp if which == "mpp" else None,
-        magnification=spec.resolution.magnification if which == "magnification" else None,
+        resolution=parse_resolution(spec.resolution),
         tile_size=spec.tile_size or None,
         overlap=spec.overlap,
         min_tissue_fraction=(
@@ -142,9 +141,16 @@ class SlideTilerService(TilerSource):
             "smartpath_tiler_tiles", description="Tiles decoded and returned."
         )
 
-    async def read_tiles(self, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[int, np.ndarray]]:
+    async def read_tiles(
+        self,
+        slide: ResolvedSlide,
+        geometry: TileGeometry,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        batch_size: int | None = None,
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """:meth:`TilerSource.read_tiles`, counted."""
-        async for batch in super().read_tiles(*args, **kwargs):
+        async for batch in super().read_tiles(slide, geometry, xs, ys, batch_size):
             self._tiles.inc(len(batch[1]))
             yield batch
 
@@ -210,5 +216,4 @@ class SlideTilerService(TilerSource):
     async def _open(self, slide: common_pb2.SlideRef) -> OpenedSlide:
         if not slide.uri:
             raise InvalidArgumentError("slide.uri is empty; give s3://bucket/key or a local path")
-        override = slide.mpp_override or None
-        return await asyncio.to_thread(self.tiler.open, slide.uri, override)
+        return await self._opened(await self.resolve(slide.uri, slide.mpp_override or None))

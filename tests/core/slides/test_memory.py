@@ -23,11 +23,10 @@ def test_streaming_a_plan_holds_about_two_batches(synthetic_svs) -> None:
     g = tile_geometry(slide.info, mpp=0.25, tile_size=256, overlap=0)
     plan = plan_tiles(
         g,
-        slide_id="m",
+        key="m",
         tissue_mask=np.ones((4, 4), bool),
         mask_downsample=slide.info.width / 4,
         min_tissue_fraction=0.0,
-        tissue_params={},
     )
     batch = 16
     batch_bytes = batch * 256 * 256 * 3

@@ -29,11 +29,10 @@ def _all_tiles(slide: Slide, g: TileGeometry):
     mask = np.ones((4, 4), bool)
     return plan_tiles(
         g,
-        slide_id="t",
+        key="t",
         tissue_mask=mask,
         mask_downsample=max(slide.info.width, slide.info.height) / 4,
         min_tissue_fraction=0.0,
-        tissue_params={},
     )
 
 

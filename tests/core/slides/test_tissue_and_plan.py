@@ -7,7 +7,8 @@ import pytest
 
 from smartpath.core.config import TilingConfig
 from smartpath.core.errors import FailedPreconditionError, InvalidArgumentError
-from smartpath.core.slides.plan import plan_tiles, target_mpp, tile_geometry
+from smartpath.core.slides.plan import plan_hash, plan_tiles, tile_geometry
+from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.slide import Slide, SlideInfo
 from smartpath.core.slides.tissue import detect_tissue, otsu_threshold, tile_fractions
 from smartpath.training.synthetic.slides import SyntheticTissue
@@ -89,13 +90,19 @@ def test_geometry_is_physical() -> None:
 
 
 def test_magnification_uses_slide_objective() -> None:
-    assert target_mpp(_info(), mpp=None, magnification=20) == pytest.approx(0.5)
-    assert target_mpp(_info(mpp=0.24), mpp=None, magnification=20) == pytest.approx(0.48)
-    assert target_mpp(_info(power=None), mpp=None, magnification=10) == pytest.approx(1.0)
+    assert Resolution(magnification=20).to_mpp(_info()) == pytest.approx(0.5)
+    assert Resolution(magnification=20).to_mpp(_info(mpp=0.24)) == pytest.approx(0.48)
+    assert Resolution(magnification=20).to_mpp(_info(mpp=0.2527)) == pytest.approx(0.5054)
+    assert Resolution(magnification=10).to_mpp(_info(power=None)) == pytest.approx(1.0)
+    assert Resolution(mpp=0.7).to_mpp(_info(mpp=0.2527)) == 0.7
     with pytest.raises(InvalidArgumentError):
-        target_mpp(_info(), mpp=0.5, magnification=20)
+        Resolution(mpp=0.5, magnification=20)
     with pytest.raises(InvalidArgumentError):
-        target_mpp(_info(), mpp=None, magnification=-3)
+        Resolution()
+    with pytest.raises(InvalidArgumentError):
+        Resolution(magnification=-3)
+    with pytest.raises(InvalidArgumentError):
+        Resolution(mpp=float("nan"))
 
 
 @pytest.mark.parametrize(("tile_size", "overlap"), [(8, 0), (256, 256), (256, -1), (100_000, 0)])
@@ -116,11 +123,17 @@ def test_plan_keeps_tissue_tiles_and_hashes_parameters() -> None:
     g = tile_geometry(info, mpp=0.5, tile_size=256, overlap=0)
     mask = np.zeros((64, 128), bool)  # downsample 32
     mask[:, :64] = True  # left half is tissue
-    kwargs = dict(slide_id="a", tissue_mask=mask, mask_downsample=32.0, tissue_params={})
+    kwargs = dict(key="k", tissue_mask=mask, mask_downsample=32.0)
     plan = plan_tiles(g, min_tissue_fraction=0.5, **kwargs)
     assert len(plan) == 4 * 4  # 8x4 grid, left 4 columns
     assert (plan.x < 2048).all()
-    assert plan.plan_hash == plan_tiles(g, min_tissue_fraction=0.5, **kwargs).plan_hash
-    assert plan.plan_hash != plan_tiles(g, min_tissue_fraction=0.4, **kwargs).plan_hash
+    assert plan.plan_hash == "k"
+    shape = dict(resolution=Resolution(mpp=0.5), tile_size=256, overlap=0, tissue_params={})
+    digest = plan_hash("a", min_tissue_fraction=0.5, **shape)
+    assert digest == plan_hash("a", min_tissue_fraction=0.5, **shape)
+    assert digest != plan_hash("a", min_tissue_fraction=0.4, **shape)
+    assert digest != plan_hash("b", min_tissue_fraction=0.5, **shape)
+    at_20x = {**shape, "resolution": Resolution(magnification=20)}
+    assert digest != plan_hash("a", min_tissue_fraction=0.5, **at_20x)
     everything = plan_tiles(g, min_tissue_fraction=0.0, **kwargs)
     assert len(everything) == g.cols * g.rows

@@ -42,12 +42,14 @@ BUCKET = "slides"
 
 
 class CountingStore:
-    """Delegates to ``inner``; logs every download to ``log`` and can slow it down."""
+    """Delegates to ``inner``; logs every download to ``log`` and can slow it down; counts
+    metadata requests (``stats``, this process only)."""
 
     def __init__(self, inner: ObjectStore, log: Path, delay_s: float = 0.0) -> None:
         self.inner = inner
         self.log = log
         self.delay_s = delay_s
+        self.stats = 0
 
     def downloads(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
@@ -59,6 +61,7 @@ class CountingStore:
         return self.inner.download(ref, dest)
 
     def stat(self, ref: ObjectRef) -> ObjectInfo:
+        self.stats += 1
         return self.inner.stat(ref)
 
     def get_bytes(self, ref: ObjectRef) -> bytes:
@@ -404,6 +407,42 @@ def test_changed_etag_gets_a_new_entry(tmp_path: Path, local: LocalStore) -> Non
     assert old.read_bytes() == b"version-1"  # readers of the old entry are undisturbed
     assert cache.fetch(ref) == new
     assert counting.downloads() == ["v/slide.svs", "v/slide.svs"]
+
+
+def test_lease_of_identified_content_needs_no_second_stat(tmp_path: Path, local: LocalStore):
+    ref = ObjectRef(BUCKET, "known/slide.svs")
+    local.put_bytes(ref, b"content")
+    counting = CountingStore(local, tmp_path / "log")
+    cache = _cache(tmp_path, counting)
+    etag = cache.identify(ref)
+    with cache.lease(ref, etag) as entry:  # a miss: downloads, no second stat
+        assert entry.path.read_bytes() == b"content" and entry.etag == etag
+    with cache.lease(ref, etag) as again:  # a hit
+        assert again.path == entry.path
+    assert (counting.stats, len(counting.downloads())) == (1, 1)
+    # Another process knows nothing of what this one saw: it asks the store once.
+    other = _cache(tmp_path, counting)
+    with other.lease(ref, etag) as entry_there:
+        assert entry_there.path == entry.path
+    assert (counting.stats, len(counting.downloads())) == (2, 1)
+
+
+def test_lease_of_content_changed_since_identify_is_unavailable(
+    tmp_path: Path, local: LocalStore
+) -> None:
+    ref = ObjectRef(BUCKET, "moved/slide.svs")
+    local.put_bytes(ref, b"version-1")
+    counting = CountingStore(local, tmp_path / "log")
+    cache = _cache(tmp_path, counting)
+    etag = cache.identify(ref)
+    local.put_bytes(ref, b"version-2")
+    with pytest.raises(UnavailableError), cache.lease(ref, etag):
+        pass  # downloaded version-2, whose ETag is not the one identified
+    with pytest.raises(UnavailableError), _cache(tmp_path, counting).lease(ref, etag):
+        pass  # the store says so before any download
+    assert _entries(tmp_path) == []
+    with cache.lease(ref, cache.identify(ref)) as entry:
+        assert entry.path.read_bytes() == b"version-2"
 
 
 def test_object_changing_during_download_is_refetched(tmp_path: Path, local: LocalStore) -> None:

@@ -16,6 +16,7 @@ from smartpath.core.slides.plan import tile_geometry
 from smartpath.core.slides.reader import TileReader
 from smartpath.core.slides.slide import Slide
 from smartpath.core.storage import ObjectRef, make_store
+from smartpath.training.synthetic.slides import write_synthetic_slide
 from smartpath.v1 import tiling_pb2
 
 BUCKET = "slides"
@@ -90,6 +91,18 @@ def test_plan_and_read_tiles_match_library(client, svs_uri, synthetic_svs) -> No
     with ThreadPoolExecutor(1) as pool, TileReader(slide, g, pool) as reader:
         expected = reader.read(xs, ys)
     assert np.array_equal(pixels, expected)
+
+
+def test_magnification_follows_the_slide_objective(client, store, tmp_path: Path) -> None:
+    path = write_synthetic_slide(
+        tmp_path / "mag.svs", width=2048, height=2048, mpp=0.2527, app_mag=40, seed=4
+    ).path
+    ref = ObjectRef(BUCKET, "cases/mag.svs")
+    store.upload(path, ref)
+    info = client.describe(ref.uri)
+    assert info.objective_power == 40 and info.mpp_x == pytest.approx(0.2527)
+    plan = client.plan(ref.uri, tile_spec(magnification=20, tile_size=128)).plan
+    assert plan.mpp == pytest.approx(0.2527 * 40 / 20) and plan.footprint == pytest.approx(256)
 
 
 def test_read_whole_plan_when_no_tiles_given(client, svs_uri) -> None:
@@ -253,14 +266,15 @@ def test_python_methods_through_a_deployment_handle(serve_instance, svs_uri) -> 
     from smartpath.core.slides.tiler import TileRequest
 
     handle = serve.get_deployment_handle("SlideTiler", app_name="tiler")
-    info, slide_id = handle.describe.remote(svs_uri).result(timeout_s=60)
-    assert (info.width, info.height) == (6144, 5120) and slide_id.startswith("s3:")
-    plan, tissue = handle.plan.remote(svs_uri, TileRequest(mpp=1.0, tile_size=128)).result(
-        timeout_s=60
-    )
+    slide = handle.resolve.remote(svs_uri).result(timeout_s=60)
+    info = handle.describe.remote(slide).result(timeout_s=60)
+    assert (info.width, info.height) == (6144, 5120) and slide.slide_id.startswith("s3:")
+    request = TileRequest(mpp=1.0, tile_size=128)
+    plan, tissue = handle.plan.remote(slide, request).result(timeout_s=60)
     assert len(plan) > 0 and 0 < tissue.fraction < 1
+    assert handle.plan_key.remote(slide, request).result(timeout_s=60) == plan.plan_hash
     stream = handle.options(stream=True).read_tiles.remote(
-        svs_uri, plan.geometry, plan.x[:20], plan.y[:20], batch_size=8
+        slide, plan.geometry, plan.x[:20], plan.y[:20], batch_size=8
     )
     batches = list(stream)
     assert [offset for offset, _ in batches] == [0, 8, 16]
