@@ -12,21 +12,24 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
 
-from smartpath.core.config import ModelServingConfig
-from smartpath.core.config.model import SlideTiles
 from smartpath.core.errors import InvalidArgumentError
-from smartpath.core.slides.plan import TileGeometry, TilePlan
 from smartpath.core.slides.resolution import Resolution
-from smartpath.core.slides.slide import SlideInfo
-from smartpath.core.slides.tiler import ResolvedSlide, TileRequest, TissueMask
 from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task, task_scale_key
 from smartpath.model.prompts import PromptStyle, build_prompt
-from smartpath.v1 import common_pb2
+
+if TYPE_CHECKING:  # annotations only: the gRPC proxy's health servicer reads SERVICES, and
+    # should not load OpenSlide, SciPy and the storage clients for it.
+    from smartpath.core.config import ModelServingConfig
+    from smartpath.core.config.model import SlideTiles
+    from smartpath.core.slides.plan import TileGeometry, TilePlan
+    from smartpath.core.slides.slide import SlideInfo
+    from smartpath.core.slides.tiler import ResolvedSlide, TileRequest, TissueMask
+    from smartpath.v1 import common_pb2
 
 
 # -- the services ---------------------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from smartpath.core.errors import InvalidArgumentError
-from smartpath.core.slides.slide import SlideInfo
+
+if TYPE_CHECKING:
+    from smartpath.core.slides.slide import SlideInfo
 
 MPP_RANGE = (0.01, 1000.0)  # µm/px a caller may ask for
 MAGNIFICATION_RANGE = (0.01, 200.0)
