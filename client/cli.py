@@ -2,7 +2,9 @@
 
 smartpath demo          serve locally; analyse a synthetic slide, a region and an ROI over gRPC
 smartpath serve         start Ray Serve with the five SmartPath applications and block
-smartpath analyze       ask a running server about an image, a slide region or a slide
+smartpath analyze       ask a running server (or, with --local, this process) about an image,
+                        a slide region or a slide
+smartpath model init    make a SmartPath checkpoint from an HF-format Qwen2.5-VL checkpoint
 smartpath synth-slide   write a synthetic pyramidal slide (SVS or generic TIFF)
 smartpath plan          ask a running server for a tile plan; write overlay PNG + GeoJSON
 smartpath train sft|grpo  run a training stage (Ray Train + DeepSpeed) from the config
@@ -13,6 +15,7 @@ smartpath train submit  create a RayJob for SFT or GRPO on Kubernetes (KubeRay)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -26,6 +29,7 @@ import yaml
 from PIL import Image
 
 from smartpath.core.config import SmartPathConfig, load_config
+from smartpath.core.errors import SmartPathError
 
 logger = logging.getLogger("smartpath")
 
@@ -101,13 +105,28 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+def _local_config(args: argparse.Namespace, config: SmartPathConfig) -> SmartPathConfig:
+    """The config of ``analyze --local``: the model named by --model, and the input slide's
+    folder readable by path (the user's own files, in the user's own process)."""
+    if args.address or args.token_file:
+        raise ValueError("--local runs in this process: leave out --address and --token-file")
+    model = config.model.model_copy(update={"uri": args.model or config.model.uri})
+    roots = list(config.tiling.local_slide_roots)
+    if not args.image and not args.input.startswith("s3://"):
+        roots.append(Path(args.input).expanduser().resolve().parent)
+    tiling = config.tiling.model_copy(update={"local_slide_roots": roots})
+    return config.model_copy(update={"model": model, "tiling": tiling})
+
+
 def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
     from smartpath.client.analyze import Target, analyze, slide_uri_for, summary
     from smartpath.client.rpc import PathologyClient, TilerClient, question
     from smartpath.core.storage import make_store
 
-    address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
-    token = args.token_file.read_text().strip() if args.token_file else None
+    if args.model and not args.local:
+        raise ValueError("--model picks the checkpoint of --local; a server serves its own")
+    if args.local:
+        config = _local_config(args, config)
     region = tuple(int(v) for v in _csv(args.region)) if args.region else None
     if region is not None and len(region) != 4:
         raise ValueError(f"--region takes x,y,width,height in level-0 px, got {args.region!r}")
@@ -118,11 +137,53 @@ def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
         uri = slide_uri_for(args.input, store, config.tiling.local_slide_roots)
         target = Target(slide_uri=uri, region=region)
     q = question(args.task, args.prompt or "", _csv(args.labels), _csv(args.options))
-    with PathologyClient(address, token=token) as client, TilerClient(address) as tiler:
+    with contextlib.ExitStack() as stack:
+        if args.local:
+            from smartpath.client.local import LocalSession
+
+            client = tiler = stack.enter_context(LocalSession(config))
+        else:
+            address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
+            token = args.token_file.read_text().strip() if args.token_file else None
+            client = stack.enter_context(PathologyClient(address, token=token))
+            tiler = stack.enter_context(TilerClient(address))
         analysis, paths = analyze(
             client, tiler, target, q, Path(args.out), args.stem, region_mpp=config.model.region_mpp
         )
     print(json.dumps(summary(analysis, paths), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_model_init(args: argparse.Namespace, config: SmartPathConfig) -> int:
+    from smartpath.model.initialize import init_checkpoint
+
+    fields: dict = {"seed": args.seed}
+    if args.tile_encoder:
+        fields["tile_encoder_path"] = args.tile_encoder
+    manifest = init_checkpoint(
+        args.base,
+        args.out,
+        preset=args.preset,
+        store=config.storage,
+        overwrite=args.overwrite,
+        **fields,
+    )
+    m = manifest.model
+    print(
+        json.dumps(
+            {
+                "checkpoint": args.out,
+                "base": m.base_path,
+                "preset": m.preset,
+                "text_layers": m.text.num_layers,
+                "vision_layers": m.vision.depth,
+                "tile_encoder": m.tile_encoder,
+                "experts": len(manifest.experts),
+                "tensors": len(manifest.weights.tensors) if manifest.weights else 0,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -302,9 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--region", help="x,y,width,height of a slide region (level-0 px)")
     ask.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
     ask.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    ask.add_argument(
+        "--local", action="store_true", help="run the pipeline in this process (no Ray, no server)"
+    )
+    ask.add_argument(
+        "--model", help="with --local: checkpoint folder or s3:// URI (default: model.uri or demo)"
+    )
     ask.add_argument("--out", default="out/analyze", help="output folder")
     ask.add_argument("--stem", default="analysis", help="output file name stem")
     ask.set_defaults(func=cmd_analyze)
+
+    model_p = sub.add_parser("model", help="SmartPath checkpoints")
+    model_sub = model_p.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser(
+        "init", help="make a SmartPath checkpoint from an HF-format Qwen2.5-VL checkpoint"
+    )
+    init.add_argument("--base", required=True, help="HF folder or s3://bucket/prefix/ of the base")
+    init.add_argument("--out", required=True, help="checkpoint folder or s3://bucket/prefix/")
+    init.add_argument(
+        "--preset", help="name of the base (qwen2.5-vl-3b, qwen2.5-vl-7b); default: by its widths"
+    )
+    init.add_argument(
+        "--tile-encoder", help="HF ViT/DINOv2 folder or s3:// prefix (default: stain-stats-v1)"
+    )
+    init.add_argument("--seed", type=int, default=0, help="seed of SmartPath's new parts")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    init.set_defaults(func=cmd_model_init)
 
     synth = sub.add_parser("synth-slide", help="write a synthetic pyramidal slide")
     synth.add_argument("path", type=Path)
@@ -372,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad arguments found past argparse (pydantic errors are ValueErrors)
         print(f"smartpath: error: {e}", file=sys.stderr)
         return 2
+    except (SmartPathError, OSError) as e:  # e.g. a missing checkpoint or slide, in --local
+        print(f"smartpath: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from transformers import (
     PreTrainedTokenizerBase,
     Qwen2_5_VLConfig,
@@ -42,6 +45,7 @@ from smartpath.model.checkpoint import (
     resolve_store,
     upload_folder,
 )
+from smartpath.model.devices import resolve_device, resolve_dtype
 from smartpath.model.tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -56,6 +60,15 @@ from smartpath.model.tokenizer import (
 )
 
 MODEL_TYPE = "qwen2_5_vl"
+
+BasePart = Literal["vision", "language"]
+BASE_PARTS: tuple[BasePart, ...] = ("vision", "language")
+"""The base's two halves: the vision tower (ROI images → LM-space tokens) and the language model
+(embeddings, decoder layers, LM head). A service loads only the half it runs."""
+_PART_PREFIXES: dict[str, tuple[str, ...]] = {
+    "vision": ("model.visual.",),
+    "language": ("model.language_model.", "lm_head."),
+}
 
 
 class BaseModelMismatchError(ValueError):
@@ -111,23 +124,64 @@ def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_V
 
 
 def build_base_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    parts: Sequence[BasePart] = BASE_PARTS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """A randomly initialised Qwen2.5-VL of ``cfg``'s preset, deterministic from ``cfg.seed``.
+    """A randomly initialised Qwen2.5-VL of ``cfg``'s preset (only ``parts``), deterministic
+    from ``cfg.seed`` for a given device.
 
-    Returned in eval mode and ``cfg.dtype``.
+    Returned in eval mode on ``device`` in ``dtype`` (default: ``cfg.dtype`` resolved there).
     """
     if cfg.base_path is not None:
         raise ValueError(
             f"config has base_path {cfg.base_path!r}: load it with load_base_model, or set "
             "base_path to null to build the preset randomly"
         )
+    device = resolve_device(device)
     config = hf_config(cfg, tokenizer)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+    _drop_parts(model, parts)
     _wire_generation(model, tokenizer)
-    return model.to(cfg.torch_dtype).eval()
+    _cast_parameters(model, dtype or resolve_dtype(cfg.dtype, device))
+    return model.eval()
+
+
+def _drop_parts(model: Qwen2_5_VLForConditionalGeneration, parts: Sequence[BasePart]) -> None:
+    """Remove the halves not in ``parts`` (their weights are then never allocated or read)."""
+    unknown = set(parts) - set(BASE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown base parts {sorted(unknown)}; choose from {list(BASE_PARTS)}")
+    if "vision" not in parts:
+        model.model.visual = None
+    if "language" not in parts:
+        model.model.language_model = None
+        model.lm_head = None
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to ``dtype``; the rotary tables (buffers) stay float32 as transformers keeps
+    them, so positions are as exact as in a checkpoint loaded by ``from_pretrained``."""
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _restore_rotary_tables(model: Qwen2_5_VLForConditionalGeneration) -> None:
+    """Recompute the rotary embeddings' inverse frequencies (non-persistent buffers, so never
+    in a checkpoint, and uninitialised after materialising a meta-device model) in float32."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+            module.inv_freq = torch.empty_like(module.inv_freq, dtype=torch.float32)
+            module.original_inv_freq = torch.empty_like(module.inv_freq)
+            model._init_weights(module)
 
 
 def _wire_generation(
@@ -220,7 +274,9 @@ def check_hf_config(
         same("video_token_id", config.video_token_id, ids[VIDEO_PAD])
         same("vision_start_token_id", config.vision_start_token_id, ids[VISION_START])
         same("vision_end_token_id", config.vision_end_token_id, ids[VISION_END])
-        if config.text_config.vocab_size < len(tokenizer):
+        # <|slide_pad|> may be the one token past the embedding (fit_embeddings adds its row).
+        needed = len(tokenizer) - int(tokenizer.get_vocab().get(SLIDE_PAD) == len(tokenizer) - 1)
+        if config.text_config.vocab_size < needed:
             problems.append(
                 f"the embedding has {config.text_config.vocab_size} rows but the tokenizer has "
                 f"{len(tokenizer)} tokens"
@@ -235,19 +291,86 @@ def check_hf_config(
         )
 
 
+def canonical_key(key: str) -> str:
+    """A checkpoint tensor name in transformers' current Qwen2.5-VL layout.
+
+    Published Qwen2.5-VL checkpoints use the older layout (``visual.*``, ``model.layers.*``);
+    transformers ≥ 4.52 saves ``model.visual.*`` and ``model.language_model.*``."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not re.match(r"model\.(visual|language_model)\.", key):
+        return "model.language_model." + key[len("model.") :]
+    return key
+
+
+def _checkpoint_tensors(
+    folder: Path, wanted: Sequence[str], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, tensor) of every tensor under the ``wanted`` prefixes, read lazily from
+    the folder's safetensors files (sharded or not) straight onto ``device``."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = canonical_key(key)
+                if name.startswith(tuple(wanted)):
+                    yield name, f.get_tensor(key)
+
+
+def materialize_base(
+    model: Qwen2_5_VLForConditionalGeneration,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: str,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Allocate a meta-device (part of a) base on ``device`` and fill every parameter from
+    ``tensors``; raises BaseModelMismatchError naming what the checkpoint lacks or mis-shapes."""
+    tied = bool(model.config.tie_word_embeddings) and model.lm_head is not None
+    model.to_empty(device=device)
+    _cast_parameters(model, dtype)
+    params = dict(model.named_parameters())
+    if tied:
+        params.pop("lm_head.weight", None)
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        param = params.get(name)
+        if param is None:
+            continue
+        if param.shape != tensor.shape:
+            raise BaseModelMismatchError(
+                f"{where}: tensor {name} has shape {list(tensor.shape)}, the config needs "
+                f"{list(param.shape)}"
+            )
+        param.data.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise BaseModelMismatchError(
+            f"{where} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}"
+        )
+    if tied:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    _restore_rotary_tables(model)
+    return model.eval()
+
+
 def load_base_model(
     path_or_s3: str | Path,
     cfg: ModelConfig | None = None,
     *,
     store: ObjectStore | StorageConfig | None = None,
     cache_dir: str | Path | None = None,
+    parts: Sequence[BasePart] = BASE_PARTS,
+    device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """Load an HF-format Qwen2.5-VL (safetensors) from a folder or ``s3://`` prefix, eval mode.
+    """Load ``parts`` of an HF-format Qwen2.5-VL (safetensors) from a folder or ``s3://``
+    prefix, in eval mode. Only those parts' tensors are read, straight onto the device.
 
-    The checkpoint's config is checked against ``cfg`` and ``tokenizer`` when given. ``dtype``
-    defaults to ``cfg.dtype``, else the checkpoint's own.
+    The checkpoint's config is checked against ``cfg`` and ``tokenizer`` when given. ``device``
+    and ``dtype`` default to ``cfg``'s (resolved; "auto" without a config).
     """
     folder = fetch_pretrained(path_or_s3, store, cache_dir)
     config = read_hf_config(folder)
@@ -258,16 +381,17 @@ def load_base_model(
             f"{path_or_s3} has no *.safetensors weights"
             + (f" (only pickle files {pickles}, which are never loaded)" if pickles else "")
         )
-    if dtype is None:
-        dtype = cfg.torch_dtype if cfg is not None else None
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(folder),
-        config=config,
-        local_files_only=True,
-        use_safetensors=True,
-        dtype=dtype if dtype is not None else "auto",
-    )
-    return model.eval()
+    device = resolve_device(device or (cfg.device if cfg is not None else "auto"))
+    dtype = dtype or resolve_dtype(cfg.dtype if cfg is not None else "auto", device)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    _drop_parts(model, parts)
+    wanted = [prefix for part in parts for prefix in _PART_PREFIXES[part]]
+    tensors = _checkpoint_tensors(folder, wanted, device)
+    model = materialize_base(model, tensors, device=device, dtype=dtype, where=str(path_or_s3))
+    if tokenizer is not None:
+        _wire_generation(model, tokenizer)
+    return model
 
 
 def load_base(
@@ -276,13 +400,30 @@ def load_base(
     *,
     store: ObjectStore | StorageConfig | None = None,
     cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
     """Model and its own tokenizer from an HF-format folder or ``s3://`` prefix."""
     folder = fetch_pretrained(path_or_s3, store, cache_dir)
     tokenizer = load_tokenizer(folder)
-    model = load_base_model(folder, cfg, dtype=dtype, tokenizer=tokenizer)
+    model = load_base_model(folder, cfg, device=device, dtype=dtype, tokenizer=tokenizer)
     return model, tokenizer
+
+
+def fit_embeddings(
+    model: Qwen2_5_VLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
+) -> int:
+    """Grow the embedding (and an untied LM head) when the tokenizer has ids past its rows;
+    return the number of rows added (0 for Qwen's checkpoints, which have spare rows).
+
+    New rows start at the mean of the old ones (transformers' ``mean_resizing``); a tied head
+    stays tied."""
+    rows = model.config.text_config.vocab_size
+    if len(tokenizer) <= rows:
+        return 0
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.text_config.vocab_size = len(tokenizer)
+    return len(tokenizer) - rows
 
 
 def base_from_config(
@@ -291,13 +432,23 @@ def base_from_config(
     *,
     store: ObjectStore | StorageConfig | None = None,
     cache_dir: str | Path | None = None,
+    parts: Sequence[BasePart] = BASE_PARTS,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """The base of ``cfg``: loaded from ``cfg.base_path``, else built (training the preset's
-    tokenizer on the built-in corpus unless one is given)."""
+    """The base of ``cfg`` (only ``parts``): loaded from ``cfg.base_path``, else built
+    (training the preset's tokenizer on the built-in corpus unless one is given). A given
+    tokenizer wins over the checkpoint's own."""
+    device = resolve_device(device or cfg.device)
     if cfg.base_path is not None:
-        return load_base(cfg.base_path, cfg, store=store, cache_dir=cache_dir)
+        folder = fetch_pretrained(cfg.base_path, store, cache_dir)
+        tokenizer = tokenizer or load_tokenizer(folder)
+        model = load_base_model(
+            folder, cfg, parts=parts, device=device, dtype=dtype, tokenizer=tokenizer
+        )
+        return model, tokenizer
     tokenizer = tokenizer or train_builtin_tokenizer(cfg.text.vocab_size)
-    return build_base_model(cfg, tokenizer), tokenizer
+    return build_base_model(cfg, tokenizer, parts=parts, device=device, dtype=dtype), tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -142,6 +142,7 @@ class MixtureLoRALinear(nn.Module):
         alpha: float,
         dtype: torch.dtype | None = None,
         strategy: str = "auto",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
@@ -159,7 +160,7 @@ class MixtureLoRALinear(nn.Module):
         self.bias = base.bias  # (out,) or None, frozen
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = {"device": device or base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **kw))
         self.routing: ExpertRouting | None = None
@@ -269,12 +270,14 @@ def attach_experts(
     alpha: float,
     dtype: torch.dtype | None = None,
     strategy: str = "auto",
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Replace the language model's ``nn.Linear`` layers whose names end with a target.
 
     ``module`` is the root the names are relative to (a full Qwen2.5-VL model, or its language
     model). ``strategy`` picks the batched LoRA kernel ("auto", "dense", "gather"; see the
-    module docstring). Returns the qualified names of the wrapped layers; raises if nothing
+    module docstring). The experts are made on ``device`` (default: the wrapped layer's).
+    Returns the qualified names of the wrapped layers; raises if nothing
     matched or if experts are already attached.
     """
     if isinstance(target_modules, str):
@@ -294,7 +297,11 @@ def attach_experts(
     for name, child in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, MixtureLoRALinear(child, num_experts, rank, alpha, dtype, strategy))
+        setattr(
+            parent,
+            attr,
+            MixtureLoRALinear(child, num_experts, rank, alpha, dtype, strategy, device),
+        )
     return [prefix + name for name, _ in chosen]
 
 

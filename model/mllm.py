@@ -19,9 +19,9 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +29,38 @@ from torch.nn import functional as F
 
 from smartpath.core.config.model import ModelConfig
 from smartpath.model.aggregator import SlideAggregator
+from smartpath.model.base import BasePart, fit_embeddings
 from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, save_checkpoint
+from smartpath.model.devices import resolve_device, resolve_dtype
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.image_position import ImagePositionEmbedding
 from smartpath.model.router import ExpertRouter, RouterOutput
-from smartpath.model.tokenizer import IMAGE_PAD, SLIDE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from smartpath.model.tokenizer import (
+    IMAGE_PAD,
+    SLIDE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    prepare_tokenizer,
+    token_ids,
+)
 
 IGNORE_INDEX = -100
 PLACEHOLDER_TOKENS = (IMAGE_PAD, VIDEO_PAD, SLIDE_PAD, VISION_START, VISION_END)
+
+ModelPart = Literal["vision", "language", "router"]
+MODEL_PARTS: tuple[ModelPart, ...] = ("vision", "language", "router")
+"""What a service loads: ``vision`` = the base's vision tower, image positions and the slide
+aggregator (the encoder); ``language`` = the base's language model with the LoRA experts (the
+decoder); ``router`` = the expert router alone."""
+# State-dict prefixes of each part (LoRA experts live inside the language model).
+PART_PREFIXES: dict[str, tuple[str, ...]] = {
+    "vision": ("base.model.visual.", "aggregator.", "image_position."),
+    "language": ("base.model.language_model.", "base.lm_head.", "vocab_extension."),
+    "router": ("router.",),
+}
 
 
 @dataclass
@@ -70,13 +92,34 @@ class MultimodalBatch:
     slides: Sequence[SlideInput | Tensor | None] | None = None
     image_embeds: Tensor | None = None  # (image tokens, H), instead of pixel_values
 
+    def to(self, device: torch.device) -> MultimodalBatch:
+        """The batch with every tensor on ``device`` (itself when they all are there)."""
+
+        def move(t: Any) -> Any:
+            if isinstance(t, Tensor):
+                return t.to(device, non_blocking=True)
+            if isinstance(t, SlideInput):
+                return replace(t, features=move(t.features), coords=move(t.coords))
+            return t
+
+        return MultimodalBatch(
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            task_ids=move(self.task_ids),
+            scale_ids=move(self.scale_ids),
+            pixel_values=move(self.pixel_values),
+            image_grid_thw=move(self.image_grid_thw),
+            slides=None if self.slides is None else [move(x) for x in self.slides],
+            image_embeds=move(self.image_embeds),
+        )
+
 
 @dataclass
 class SmartPathOutput:
     """Logits (B, T, V), the LM loss when labels were given, and the router's decision."""
 
     logits: Tensor
-    router: RouterOutput
+    router: RouterOutput | None  # None for a model loaded without its router part
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
 
@@ -84,45 +127,103 @@ class SmartPathOutput:
 class SmartPathModel(nn.Module):
     """The SmartPath MLLM (see module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, base: nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        base: nn.Module,
+        tokenizer: Any,
+        parts: Sequence[ModelPart] = MODEL_PARTS,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``base`` holds the base parts that ``parts`` need (see :data:`MODEL_PARTS`);
+        SmartPath's own parts are created for ``parts`` only, on ``device`` (default: the
+        base's, or ``cfg.device`` for a base without parameters, as for the router) in the
+        base's dtype (``cfg.dtype`` for a base on the meta device, whose weights are never
+        read: :func:`smartpath.model.initialize.init_checkpoint`)."""
         super().__init__()
+        unknown = set(parts) - set(MODEL_PARTS)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {MODEL_PARTS}")
         self.cfg = cfg
+        self.parts = tuple(p for p in MODEL_PARTS if p in parts)
         self.tokenizer = tokenizer
         self.manifest: Manifest | None = None  # set by load()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        hidden = base.config.text_config.hidden_size
+        prepare_tokenizer(tokenizer)
+        self.slide_token_id = token_ids(tokenizer, [SLIDE_PAD])[SLIDE_PAD]
         self.image_token_id = base.config.image_token_id
-        self.slide_token_id = tokenizer.convert_tokens_to_ids("<|slide_pad|>")
+        hidden = base.config.text_config.hidden_size
+        self.hidden_size = int(hidden)
+        self.vocab_extension = 0  # embedding rows added for tokens past the base's vocabulary
+        self.expert_layers: list[str] = []
+        self.aggregator: SlideAggregator | None = None
+        self.image_position: ImagePositionEmbedding | None = None
+        self.router: ExpertRouter | None = None
+        base_param = next(base.parameters(), None)
+        if device is not None or base_param is None:
+            self._device = resolve_device(device or cfg.device)
+        else:
+            self._device = base_param.device
+        dtype = base_param.dtype if base_param is not None and not base_param.is_meta else None
+        dtype = dtype or resolve_dtype(cfg.dtype, self._device)
         e = cfg.experts
-        self.expert_layers = attach_experts(base, e.target_modules, e.num_experts, e.rank, e.alpha)
-        a = cfg.aggregator
-        self.aggregator = SlideAggregator(
-            a.feature_dim,
-            hidden,
-            hidden_dim=hidden,
-            num_tokens=a.num_tokens,
-            num_heads=a.num_heads,
-            chunk_size=a.chunk_size,
-        )
-        self.router = ExpertRouter(
-            num_tasks=max(Task) + 1,
-            num_scales=max(Scale) + 1,
-            visual_dim=hidden,
-            num_experts=e.num_experts,
-            top_k=e.top_k,
-            hidden_dim=cfg.router.hidden_size,
-        )
-        self.image_position = ImagePositionEmbedding(hidden) if cfg.image_positions else None
+        if "language" in self.parts:
+            self.vocab_extension = fit_embeddings(base, tokenizer)
+            self.expert_layers = attach_experts(
+                base, e.target_modules, e.num_experts, e.rank, e.alpha, dtype, device=self._device
+            )
+        if "vision" in self.parts:
+            a = cfg.aggregator
+            self.aggregator = SlideAggregator(
+                a.feature_dim,
+                hidden,
+                hidden_dim=hidden,
+                num_tokens=a.num_tokens,
+                num_heads=a.num_heads,
+                chunk_size=a.chunk_size,
+            )
+            if cfg.image_positions:
+                self.image_position = ImagePositionEmbedding(hidden)
+        if "router" in self.parts:
+            self.router = ExpertRouter(
+                num_tasks=max(Task) + 1,
+                num_scales=max(Scale) + 1,
+                visual_dim=hidden,
+                num_experts=e.num_experts,
+                top_k=e.top_k,
+                hidden_dim=cfg.router.hidden_size,
+            )
+        for name, param in self.named_parameters():
+            if not name.startswith("base.") or ".lora_" in name:
+                param.data = param.data.to(self._device, dtype)
+        for module in (self.aggregator, self.image_position):
+            if module is not None:
+                module.to(self._device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live; inputs are moved here."""
+        return self._device
+
+    def _part(self, part: ModelPart) -> None:
+        if part not in self.parts:
+            raise RuntimeError(
+                f"this model holds only {list(self.parts)}; the {part!r} part was not loaded "
+                "(load it with SmartPathModel.load(..., parts=...))"
+            )
 
     @property
     def slide_tokens(self) -> int:
         """``<|slide_pad|>`` tokens a prompt must hold per slide."""
-        return self.aggregator.num_tokens
+        return self.cfg.aggregator.num_tokens
 
     def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
         """The vision tower's tokens (image tokens, H) for packed ROI images."""
+        self._part("vision")
+        pixel_values = pixel_values.to(self.device)
+        image_grid_thw = image_grid_thw.to(self.device)
         images = self.base.model.get_image_features(pixel_values, image_grid_thw)
         tokens = torch.cat(images.pooler_output)  # (image tokens, H)
         if self.image_position is not None:
@@ -132,10 +233,14 @@ class SmartPathModel(nn.Module):
 
     def slide_tokens_of(self, slide: SlideInput) -> Tensor:
         """The aggregator's slide tokens (M, H) for one slide's tile features."""
-        return self.aggregator(slide.features, slide.coords, slide.mpp)
+        self._part("vision")
+        features = slide.features.to(self.device)
+        return self.aggregator(features, slide.coords.to(self.device), slide.mpp)
 
     def embed(self, batch: MultimodalBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs_embeds (B, T, H), position_ids (3, B, T), pooled visual (B, H))."""
+        self._part("language")
+        batch = batch.to(self.device)
         ids = batch.input_ids
         embeds = self.base.get_input_embeddings()(ids)  # (B, T, H)
         b, _, h = embeds.shape
@@ -187,20 +292,26 @@ class SmartPathModel(nn.Module):
 
     def route(self, batch: MultimodalBatch, pooled: Tensor) -> RouterOutput:
         """The router's top-k decision per request."""
-        return self.router(batch.task_ids, batch.scale_ids, pooled)
+        self._part("router")
+        return self.router(batch.task_ids.to(self.device), batch.scale_ids.to(self.device), pooled)
 
     def forward(
         self,
         batch: MultimodalBatch,
         labels: Tensor | None = None,
         routing: ExpertRouting | None = None,
+        logits_to_keep: int = 0,
     ) -> SmartPathOutput:
         """Logits for the batch; with ``labels`` (B, T, IGNORE_INDEX outside answers) the loss.
 
-        ``routing`` overrides the router (e.g. to force an expert in tests or SFT).
+        ``routing`` overrides the router (e.g. to force an expert in tests or SFT; a model
+        without the router part needs it). ``logits_to_keep`` > 0 projects only the last that
+        many positions onto the vocabulary (scoring short completions without (B, T, V)).
         """
         embeds, positions, pooled = self.embed(batch)
-        decision = self.route(batch, pooled)
+        batch = batch.to(self.device)
+        needs_router = self.router is not None or routing is None
+        decision = self.route(batch, pooled) if needs_router else None
         if routing is None:
             # Gate weights stay attached so the LM loss trains the router too.
             routing = ExpertRouting(decision.indices, decision.weights)
@@ -210,15 +321,21 @@ class SmartPathModel(nn.Module):
                 attention_mask=batch.attention_mask,
                 position_ids=positions,
                 use_cache=False,
+                logits_to_keep=logits_to_keep,
             )
         result = SmartPathOutput(logits=out.logits, router=decision)
         if labels is not None:
+            if logits_to_keep:
+                raise ValueError("the loss needs every position's logits (logits_to_keep=0)")
+            labels = labels.to(self.device)
             shift_logits = out.logits[:, :-1].flatten(0, 1)  # (B·(T-1), V)
             shift_labels = labels[:, 1:].flatten()  # (B·(T-1),)
             result.loss = F.cross_entropy(
                 shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX
             )
-            result.aux_loss = self.cfg.router.load_balance_weight * self.router.aux_loss(decision)
+            if decision is not None:
+                weight = self.cfg.router.load_balance_weight
+                result.aux_loss = weight * self.router.aux_loss(decision)
         return result
 
     @torch.no_grad()
@@ -246,7 +363,8 @@ class SmartPathModel(nn.Module):
         if routing is None:
             routing = self.route(batch, pooled).routing()
         prompts = [row[m].tolist() for row, m in zip(batch.input_ids, mask, strict=True)]
-        placeholders = self.tokenizer.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))
+        vocab = self.tokenizer.get_vocab()
+        placeholders = [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
         yield from generate_stream(
             self.base,
             prompts,
@@ -274,7 +392,8 @@ class SmartPathModel(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """What a checkpoint stores: everything for a built preset; only SmartPath's own
-        parameters (experts, aggregator, router) when the base comes from ``cfg.base_path``."""
+        parameters (experts, aggregator, router, and any embedding rows it added) when the base
+        comes from ``cfg.base_path``."""
         seen: set[int] = set()
         tensors: dict[str, Tensor] = {}
         for name, tensor in self.state_dict().items():
@@ -285,7 +404,17 @@ class SmartPathModel(nn.Module):
                 continue
             seen.add(tensor.data_ptr())
             tensors[name] = tensor.detach().contiguous()
+        if self.cfg.base_path is not None and self.vocab_extension:
+            tensors.update(self._extension_rows())
         return tensors
+
+    def _extension_rows(self) -> dict[str, Tensor]:
+        """Views of the embedding (and untied LM head) rows added past the base's vocabulary."""
+        n = self.vocab_extension
+        rows = {"vocab_extension.embed_tokens": self.base.get_input_embeddings().weight[-n:]}
+        if not self.base.config.tie_word_embeddings:
+            rows["vocab_extension.lm_head"] = self.base.lm_head.weight[-n:]
+        return {k: v.detach() for k, v in rows.items()}
 
     def save(
         self,
@@ -296,6 +425,8 @@ class SmartPathModel(nn.Module):
         overwrite: bool = False,
     ) -> Manifest:
         """Write a SmartPath checkpoint (safetensors + manifest) to a folder or ``s3://``."""
+        if self.parts != MODEL_PARTS:
+            raise RuntimeError(f"a model loaded with parts {list(self.parts)} cannot be saved")
         manifest = Manifest(
             model=self.cfg,
             experts=[
@@ -308,19 +439,38 @@ class SmartPathModel(nn.Module):
         )
 
     @classmethod
-    def load(cls, src: str | Path, store: Any = None) -> SmartPathModel:
-        """Rebuild a model saved with :meth:`save` (never unpickles)."""
-        from smartpath.model.base import base_from_config, load_base
+    def load(
+        cls,
+        src: str | Path,
+        store: Any = None,
+        *,
+        parts: Sequence[ModelPart] = MODEL_PARTS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> SmartPathModel:
+        """Rebuild a model saved with :meth:`save` (never unpickles), with only ``parts``, on
+        ``device`` in ``dtype`` (default: the checkpoint config's, "auto" resolved here)."""
+        from smartpath.model.base import base_from_config
         from smartpath.model.tokenizer import load_tokenizer
 
         tensors, manifest, tokenizer_dir = load_checkpoint(src, store)
         cfg = manifest.model
+        device = resolve_device(device or cfg.device)
+        dtype = resolve_dtype(dtype or cfg.dtype, device)
         tokenizer = load_tokenizer(tokenizer_dir)
-        if cfg.base_path is not None:
-            base, _ = load_base(cfg.base_path, cfg, store=store)
-        else:
-            base, _ = base_from_config(cfg, tokenizer)
-        model = cls(cfg, base, tokenizer)
+        base_parts: list[BasePart] = [p for p in ("vision", "language") if p in parts]
+        base, _ = base_from_config(
+            cfg, tokenizer, store=store, parts=base_parts, device=device, dtype=dtype
+        )
+        model = cls(cfg, base, tokenizer, parts, device=device)
+        dropped = tuple(
+            prefix
+            for part in MODEL_PARTS
+            if part not in model.parts
+            for prefix in PART_PREFIXES[part]
+        )
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(dropped)}
+        extension = {k: tensors.pop(k) for k in list(tensors) if k.startswith("vocab_extension.")}
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         expected_missing = set(model.state_dict()) - set(model.checkpoint_tensors())
         if unexpected or set(missing) - expected_missing:
@@ -328,5 +478,14 @@ class SmartPathModel(nn.Module):
                 f"checkpoint does not fit {cfg.preset}: missing {sorted(set(missing))[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
+        rows = model._extension_rows() if model.vocab_extension and cfg.base_path else {}
+        if set(extension) != set(rows):
+            raise ValueError(
+                f"checkpoint has embedding rows {sorted(extension)} for a model that adds "
+                f"{sorted(rows)}: its tokenizer and its base do not belong together"
+            )
+        with torch.no_grad():
+            for name, view in rows.items():
+                view.copy_(extension[name])
         model.manifest = manifest
         return model.eval()

@@ -19,21 +19,50 @@ Design decisions:
 - Encoders are chosen by name through ``TILE_ENCODERS`` / :func:`make_tile_encoder`; the name
   travels with saved features so a model never mixes feature spaces. Any object with ``name``,
   ``dim`` and ``encode`` satisfies :class:`TileEncoder`.
+- Learned encoders (HF-format ViT / DINOv2 pathology foundation models, named
+  ``"<model_type>:<weights digest>"``) need weights, so they are not in the registry: they live
+  in :mod:`smartpath.model.hf_tile_encoder` (torch + transformers) and load from a path with
+  :func:`load_hf_tile_encoder`, or from a model config with :func:`tile_encoder_for`. Both are
+  re-exported here lazily, so importing this module stays numpy-only and fast.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from smartpath.model.hf_tile_encoder import (
+        HFTileEncoder,
+        load_hf_tile_encoder,
+        tile_encoder_for,
+    )
+
 __all__ = [
+    "LEARNED_MODEL_TYPES",
     "TILE_ENCODERS",
+    "HFTileEncoder",
     "StainStatsEncoder",
     "TileEncoder",
+    "load_hf_tile_encoder",
     "make_tile_encoder",
+    "tile_encoder_for",
 ]
+
+# HF ``model_type`` values of the learned encoders (smartpath.model.hf_tile_encoder); their
+# names are "<model_type>:<digest12>".
+LEARNED_MODEL_TYPES: tuple[str, ...] = ("vit", "dinov2")
+_LAZY = {"HFTileEncoder", "load_hf_tile_encoder", "tile_encoder_for"}
+
+
+def __getattr__(name: str) -> Any:
+    """The learned-encoder API of :mod:`smartpath.model.hf_tile_encoder`, imported on use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module("smartpath.model.hf_tile_encoder"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -282,10 +311,16 @@ TILE_ENCODERS: dict[str, Callable[[], TileEncoder]] = {
 
 
 def make_tile_encoder(name: str) -> TileEncoder:
-    """A new encoder registered under ``name`` in ``TILE_ENCODERS``."""
+    """A new built-in encoder registered under ``name`` in ``TILE_ENCODERS`` (no weights)."""
     try:
         factory = TILE_ENCODERS[name]
     except KeyError:
         known = ", ".join(sorted(TILE_ENCODERS))
+        if ":" in name and name.split(":", 1)[0] in LEARNED_MODEL_TYPES:
+            raise ValueError(
+                f"tile encoder {name!r} is a learned encoder and needs its weights: set the "
+                "model config's tile_encoder_path to its HF-format folder or s3:// prefix and "
+                f"build it with tile_encoder_for(cfg). Built-in encoders: {known}"
+            ) from None
         raise ValueError(f"unknown tile encoder {name!r}; known encoders: {known}") from None
     return factory()

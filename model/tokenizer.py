@@ -61,8 +61,7 @@ GRAMMAR_TOKENS: tuple[str, ...] = (THINK_START, THINK_END, ANSWER_START, ANSWER_
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Qwen2.5-VL's chat template, plus a {"type": "slide"} content part that renders as
-# <|vision_start|><|slide_pad|><|vision_end|> (expanded later to the aggregator's token budget).
+# Qwen2-VL's / Qwen2.5-VL's chat template, verbatim (render_chat turns slide parts into text).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}"
@@ -72,9 +71,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'slide' or 'slide' in content %}"
-    "<|vision_start|><|slide_pad|><|vision_end|>"
-    "{% elif content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}"
     "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
@@ -297,22 +294,21 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def ensure_smartpath_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Add any of SmartPath's control tokens a (e.g. Qwen) tokenizer lacks; return those added.
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give a checkpoint's (e.g. Qwen's) tokenizer ``<|slide_pad|>``, the one token SmartPath
+    adds (special, so it is one id and never split); return True if it was added.
 
-    If the list is non-empty, resize the model's embeddings to ``len(tokenizer)``.
+    Qwen's own vision and chat tokens are used as they are, and the grammar tags (``<think>``,
+    ``<answer>``, …) stay plain text. Then fit the model's embeddings to the tokenizer
+    (:func:`smartpath.model.base.fit_embeddings`).
     """
-    vocab = tokenizer.get_vocab()
-    special = [t for t in SPECIAL_TOKENS if t not in vocab]
-    grammar = [t for t in GRAMMAR_TOKENS if t not in vocab]
-    if special:
-        tokenizer.add_special_tokens(
-            {"extra_special_tokens": [AddedToken(t, special=True) for t in special]},
-            replace_extra_special_tokens=False,
-        )
-    if grammar:
-        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in grammar])
-    return special + grammar
+    if SLIDE_PAD in tokenizer.get_vocab():
+        return False
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": [AddedToken(SLIDE_PAD, special=True, normalized=False)]},
+        replace_extra_special_tokens=False,
+    )
+    return True
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> dict[str, int]:
@@ -322,8 +318,9 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> dict
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(
-                f"tokenizer encodes {token!r} as {len(ids)} ids, not one; add it with "
-                "ensure_smartpath_tokens(tokenizer) and resize the model's embeddings"
+                f"tokenizer encodes {token!r} as {len(ids)} ids, not one: it is not a "
+                "Qwen2.5-VL tokenizer prepared for SmartPath (smartpath model init adds "
+                f"{SLIDE_PAD})"
             )
         out[token] = ids[0]
     return out
@@ -335,15 +332,27 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
 ) -> str:
-    """Render messages (content: str or parts of type text/image/slide) with the chat template.
+    """Render messages (content: str or parts of type text/image/slide) with the tokenizer's
+    own chat template (SmartPath's Qwen2.5-VL-style one if it has none).
 
-    Images and slides render as ``<|vision_start|><|image_pad|><|vision_end|>`` (resp.
-    ``<|slide_pad|>``); expand the single pad to the real token count afterwards.
+    Images render as ``<|vision_start|><|image_pad|><|vision_end|>``. A slide part becomes the
+    text ``<|vision_start|><|slide_pad|><|vision_end|>`` before rendering, so a checkpoint's
+    template that knows nothing of slides (Qwen's) renders it too. Expand the single pad to the
+    real token count afterwards.
     """
-    template = tokenizer.chat_template or CHAT_TEMPLATE
+    slide = {"type": "text", "text": f"{VISION_START}{SLIDE_PAD}{VISION_END}"}
+    messages = [
+        {
+            **m,
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else [slide if part.get("type") == "slide" else part for part in m["content"]],
+        }
+        for m in messages
+    ]
     return tokenizer.apply_chat_template(
-        list(messages),
-        chat_template=template,
+        messages,
+        chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )

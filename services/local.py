@@ -40,16 +40,16 @@ class LocalBackends:
         self.config = config
         self.model = model if model is not None else load_served_model(config)
         self.tiler = TilerSource(Tiler(config))
-        self.encoder = VisualEncoder(self.model)
-        self.cache = FeatureCache(self.tiler.tiler.store, config.model.features_bucket)
-        self.gate = ExpertGate(self.model)
-        d = config.serve.decoder
-        self.decoder = BatchDecoder(
+        store = self.tiler.tiler.store
+        self.encoder = VisualEncoder(
             self.model,
-            max_batch_size=d.max_batch_size,
-            batch_wait_s=d.batch_wait_timeout_s,
-            max_pending=d.max_pending,
+            store=store,
+            max_image_tokens=config.model.max_image_tokens,
+            max_batch_tokens=config.serve.encoder.max_batch_tokens,
         )
+        self.cache = FeatureCache(store, config.model.features_bucket)
+        self.gate = ExpertGate(self.model)
+        self.decoder = BatchDecoder.from_config(self.model, config.serve.decoder)
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens:
         roi = self.encoder.prepare(image)

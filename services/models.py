@@ -3,17 +3,33 @@ about it that the gateway reports and validates requests against."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from smartpath.core.config import SmartPathConfig
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
-from smartpath.model.mllm import SmartPathModel
+from smartpath.model.mllm import MODEL_PARTS, ModelPart, SmartPathModel
 from smartpath.services.contracts import ModelInfo
 
+SERVICE_PARTS: dict[str, tuple[ModelPart, ...]] = {
+    "encoder": ("vision",),
+    "router": ("router",),
+    "decoder": ("language",),
+}
+"""The model parts each model-serving deployment loads (the tiler and gateway load none)."""
 
-def load_served_model(config: SmartPathConfig) -> SmartPathModel:
-    """The model named by ``config.model.uri`` (the packaged demo model when unset), in eval
-    mode; the engines run it under ``torch.no_grad()``."""
+
+def load_served_model(
+    config: SmartPathConfig, parts: Sequence[ModelPart] = MODEL_PARTS
+) -> SmartPathModel:
+    """``parts`` of the model named by ``config.model.uri`` (the packaged demo model when
+    unset) on ``config.model.device`` in ``config.model.dtype``, in eval mode; the engines run
+    it under ``torch.no_grad()``."""
     src = config.model.uri or DEMO_MODEL_DIR
-    return SmartPathModel.load(src, store=config.storage).eval()
+    m = config.model
+    model = SmartPathModel.load(
+        src, store=config.storage, parts=parts, device=m.device, dtype=m.dtype
+    )
+    return model.eval()
 
 
 def model_version(model: SmartPathModel) -> str:

@@ -127,3 +127,36 @@ def synthetic_tiff(slides_dir: Path) -> SyntheticSlide:
     return write_synthetic_slide(
         slides_dir / "synthetic.tiff", width=3000, height=2600, fmt="tiff", mpp=0.5, seed=3
     )
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2.5-VL-shaped tokenizer (tests/qwen_shaped.py), built once and saved."""
+    from tests.qwen_shaped import qwen_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen-tokenizer")
+    qwen_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen_base(
+    tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path
+) -> Iterator[object]:
+    """``qwen_base(size, **overrides)``: the folder of a Qwen2.5-VL-shaped HF checkpoint of that
+    size ("tiny", "3b", "7b"; 2 text and 2 vision layers), written once per session."""
+    from transformers import AutoTokenizer
+
+    from tests.qwen_shaped import write_qwen_base
+
+    made: dict[tuple, Path] = {}
+
+    def make(size: str, **overrides: object) -> Path:
+        key = (size, *sorted(overrides.items()))
+        if key not in made:
+            tokenizer = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+            folder = tmp_path_factory.mktemp(f"qwen-{size}")
+            made[key] = write_qwen_base(folder, size, tokenizer=tokenizer, **overrides)
+        return made[key]
+
+    yield make

@@ -140,6 +140,7 @@ def demo_config(
                 "aggregator": {"feature_dim": 32, "num_tokens": 8, "num_heads": 4},
                 "experts": {"num_experts": 4, "top_k": 2, "rank": 8},
                 "router": {"hidden_size": 64},
+                "dtype": "float32",  # a CPU model: the same numbers on any machine
             },
             "data": {
                 "manifests": list(manifests),

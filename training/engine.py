@@ -15,8 +15,17 @@ Design decisions:
   on CPU, NCCL on GPU) and DeepSpeed joins it.
 - DeepSpeed ZeRO-2 wraps the model with a plain ``torch.optim.AdamW`` over the trainable
   parameters only (no DeepSpeed-built optimizer ops, so nothing compiles for the optimizer on
-  CPU; ``DS_ACCELERATOR=cpu`` is set when ``use_gpu`` is False). Frozen base weights are
-  excluded from checkpoints.
+  CPU; ``DS_ACCELERATOR=cpu`` is set when ``use_gpu`` is False); :class:`DeepSpeedRun` checks
+  that ZeRO manages exactly those. Frozen base weights get no gradient, no optimizer state and
+  no fp32 copy, and are excluded from checkpoints.
+- Precision: the run's dtype is the model config's ``dtype`` resolved on the worker's device
+  ("auto": bfloat16 on GPU, float32 on CPU). Every parameter is cast to it (the frozen base
+  then costs 2 bytes per weight in bf16) and DeepSpeed runs its bf16 (or fp16) mixed precision:
+  the trainable parameters in that dtype in the model, an fp32 master copy and the Adam
+  moments sharded by ZeRO-2 over the ranks.
+- ``distributed.gradient_checkpointing`` turns on the base's non-reentrant activation
+  checkpointing (:func:`enable_gradient_checkpointing`), with the experts' per-request routing
+  re-applied when a block is recomputed in the backward pass.
 - Checkpoints: every ``checkpoint_every`` steps each rank writes its DeepSpeed shard (model
   states on rank 0, its optimizer partition on every rank, the step and the metric history as
   client state) into a temp folder and reports it to Ray Train, which merges the ranks' files
@@ -32,6 +41,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -40,7 +50,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -53,6 +63,8 @@ from smartpath.core.storage import make_store
 from smartpath.core.storage.base import ObjectStore
 from smartpath.core.storage.refs import ObjectRef
 from smartpath.model.checkpoint import is_s3_uri, parse_prefix
+from smartpath.model.devices import resolve_dtype
+from smartpath.model.experts import ExpertRouting, MixtureLoRALinear, expert_modules
 from smartpath.model.mllm import SmartPathModel
 from smartpath.training.collate import Collator
 from smartpath.training.data import load_items
@@ -62,9 +74,12 @@ __all__ = [
     "Stage",
     "StageSection",
     "StepMetrics",
+    "deepspeed_config",
+    "enable_gradient_checkpointing",
     "get_stage",
     "read_history",
     "register_stage",
+    "run_dtype",
     "run_stage",
     "stage_main",
     "stages",
@@ -78,6 +93,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"
 HISTORY_FILE = "history.jsonl"
+BUCKET_ELEMENTS = 50_000_000
+"""ZeRO's gradient-reduce and all-gather bucket (elements). DeepSpeed's default, 5e8, would
+allocate a 1 GB bf16 buffer per rank for a few hundred million trainable parameters at most."""
 
 
 def trainable_parameters(model: SmartPathModel, train_base: bool) -> list[torch.nn.Parameter]:
@@ -111,25 +129,86 @@ def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def deepspeed_config(dist: DistributedConfig, batch_size: int, optim: OptimConfig) -> dict:
-    """The DeepSpeed config: ZeRO stage, micro-batch per rank, clipping, bf16 on GPU."""
+def run_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The parameter dtype of a run on ``device``: the model config's ``dtype`` resolved there
+    ("auto": bfloat16 on CUDA, float32 elsewhere)."""
+    return resolve_dtype(spec, device)
+
+
+def deepspeed_config(
+    dist: DistributedConfig, batch_size: int, optim: OptimConfig, dtype: torch.dtype
+) -> dict:
+    """The DeepSpeed config: ZeRO stage, micro-batch per rank, clipping, and bf16/fp16 mixed
+    precision when the run's parameter ``dtype`` is bfloat16/float16 (fp32 master weights and
+    Adam state in the ZeRO optimizer)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": dist.zero_stage},
+        "zero_optimization": {
+            "stage": dist.zero_stage,
+            "reduce_bucket_size": BUCKET_ELEMENTS,
+            "allgather_bucket_size": BUCKET_ELEMENTS,
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if optim.max_grad_norm is not None:
         config["gradient_clipping"] = optim.max_grad_norm
-    if dist.use_gpu:
+    if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True}
+    elif dtype != torch.float32:
+        raise ValueError(f"unsupported training dtype {dtype}; use float32, bfloat16 or float16")
     return config
 
 
+@contextlib.contextmanager
+def _routed(
+    modules: Sequence[MixtureLoRALinear], routing: Sequence[ExpertRouting | None]
+) -> Iterator[None]:
+    """Within the block each expert module has its ``routing`` entry; restored after."""
+    saved = [m.routing for m in modules]
+    for module, r in zip(modules, routing, strict=True):
+        module.routing = r
+    try:
+        yield
+    finally:
+        for module, r in zip(modules, saved, strict=True):
+            module.routing = r
+
+
+def enable_gradient_checkpointing(model: SmartPathModel) -> None:
+    """Turn on the base's non-reentrant activation checkpointing (every decoder block of the LM
+    and every block of the vision tower).
+
+    Non-reentrant checkpointing gives gradients to the LoRA experts inside a frozen base (it
+    does not need inputs that require grad). The experts' routing is a module attribute set
+    only during :meth:`SmartPathModel.forward`, but blocks are recomputed later, in the
+    backward pass: a ``context_fn`` captures each block's routing at forward time and re-applies
+    it for the recomputation, so the recomputed activations (and the gradients) are the ones of
+    the forward pass.
+    """
+    modules = list(expert_modules(model.base).values())
+
+    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _routed(modules, [m.routing for m in modules])
+
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    base = model.base
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class DeepSpeedRun:
-    """A model wrapped by DeepSpeed on this worker, with checkpoint save/restore via Ray."""
+    """A model wrapped by DeepSpeed on this worker, with checkpoint save/restore via Ray.
+
+    ``device`` defaults to Ray Train's device for this worker; ``dtype`` is the run's parameter
+    dtype (:func:`run_dtype`), also the dtype float inputs are cast to.
+    """
 
     def __init__(
         self,
@@ -140,11 +219,21 @@ class DeepSpeedRun:
         *,
         batch_size: int,
         total_steps: int,
+        device: torch.device | None = None,
     ) -> None:
         import deepspeed
-        import ray.train.torch
 
-        self.device = ray.train.torch.get_device()
+        if device is None:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+        self.device = device
+        self.dtype = run_dtype(model.cfg.dtype, device)
+        if any(not p.requires_grad for p in params):
+            raise ValueError("the optimizer would get frozen parameters")
+        for param in model.parameters():  # frozen base and trainable parts alike
+            if param.is_floating_point() and param.dtype != self.dtype:
+                param.data = param.data.to(self.dtype)
         optimizer = torch.optim.AdamW(
             params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
         )
@@ -153,11 +242,19 @@ class DeepSpeedRun:
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(dist, batch_size, optim),
+            config=deepspeed_config(dist, batch_size, optim, self.dtype),
         )
         self.model: SmartPathModel = self.engine.module
         self.params = params
-        self.dtype = torch.bfloat16 if dist.use_gpu else None
+        managed = [p for group in getattr(self.optimizer, "bit16_groups", []) for p in group]
+        if managed and {id(p) for p in managed} != {id(p) for p in params}:
+            raise RuntimeError("DeepSpeed's ZeRO optimizer holds other than the trainable params")
+        trainable = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "training %d of %d parameters (%.2f%%) in %s", trainable, total,
+            100.0 * trainable / max(total, 1), self.dtype,
+        )  # fmt: skip
         self.resumes = 0  # restarts from a checkpoint so far (restored with the checkpoint)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -438,6 +535,8 @@ def train_worker(loop_config: dict) -> None:
     stage = get_stage(loop_config["stage"])(config, make_store(config.storage), rank)
     section = stage.section
     model = stage.build_model()
+    if t.distributed.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     run = DeepSpeedRun(
         model,
         trainable_parameters(model, section.train_base),

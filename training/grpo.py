@@ -3,10 +3,18 @@ runs it on Ray Train + DeepSpeed): ``python -m smartpath.training.grpo --config 
 
 Design decisions:
 
-- Start and reference: the policy starts from ``grpo.init`` (default: this run's SFT model); a
-  second, frozen copy of that model is the KL reference. Old log-probs are the policy's own,
-  computed without gradient right after the rollouts (so with one update per rollout the ratio
-  starts at 1 and the clip only matters for ``updates_per_rollout`` > 1, as in GRPO).
+- Start and reference: the policy starts from ``grpo.init`` (default: this run's SFT model),
+  and that starting model is the KL reference. Only the trainable parameters ever differ
+  between the two (experts, router, aggregator, image positions; the base stays frozen), so
+  the reference is a frozen copy of just those tensors, made on the device once DeepSpeed has
+  placed and cast the policy (:class:`ReferencePolicy`), not a second 7B model: its forward
+  is the policy module's own forward with the copies swapped in by
+  ``torch.func.functional_call`` (no gradient, eval mode; the policy's parameters are never
+  written, so DeepSpeed's ZeRO-2 buffers and hooks are untouched). The copy is made before a
+  resumed run restores its checkpoint, so it is always the starting model.
+- Old log-probs are the policy's own, computed without gradient right after the rollouts (so
+  with one update per rollout the ratio starts at 1 and the clip only matters for
+  ``updates_per_rollout`` > 1, as in GRPO).
 - Each worker rolls out ``prompts_per_step`` scale-balanced prompts × G samples in one batched
   mixed-expert generation (see :mod:`smartpath.training.rollout`), scores them with the rewards
   ``grpo.rewards`` names (looked up in :data:`smartpath.training.rewards.REWARDS`; unknown names
@@ -24,10 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.config.training import GrpoConfig
-from smartpath.model.mllm import SmartPathModel
+from smartpath.model.mllm import MultimodalBatch, SmartPathModel, SmartPathOutput
 from smartpath.training.collate import Collator
 from smartpath.training.engine import DeepSpeedRun, Stage, StepMetrics, register_stage, stage_main
 from smartpath.training.objectives import grpo_loss
@@ -41,13 +50,48 @@ from smartpath.training.rollout import (
 )
 from smartpath.training.sft import step_batch
 
-__all__ = ["GrpoStage", "grpo_update", "main"]
+__all__ = ["GrpoStage", "ReferencePolicy", "grpo_update", "main"]
+
+
+class ReferencePolicy:
+    """GRPO's frozen KL reference as a copy of only the policy's trainable tensors.
+
+    ``module`` is the policy (the bare SmartPathModel, not a DeepSpeed engine); every parameter
+    that requires grad when the reference is made is copied (detached, same device and dtype).
+    Calling the reference runs ``module``'s forward with those copies in place of the live
+    parameters (``torch.func.functional_call``), in eval mode and without gradient; the
+    policy's own parameters and mode are as before afterwards. Frozen parameters and buffers
+    are shared with the policy, so this holds ``numel`` elements, not a second model.
+    """
+
+    def __init__(self, module: SmartPathModel) -> None:
+        self.module = module
+        self.tensors: dict[str, Tensor] = {
+            name: param.detach().clone()
+            for name, param in module.named_parameters()
+            if param.requires_grad
+        }
+
+    @property
+    def numel(self) -> int:
+        """Elements held by the reference (the trainable parameters' count)."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    def __call__(self, batch: MultimodalBatch, **kwargs: Any) -> SmartPathOutput:
+        """The reference model's forward on ``batch`` (keyword arguments as the model's)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                return functional_call(self.module, self.tensors, (batch,), kwargs, strict=False)
+        finally:
+            self.module.train(was_training)
 
 
 def grpo_update(
     policy: Callable[..., Any],
     model: SmartPathModel,
-    reference: SmartPathModel,
+    reference: Callable[..., SmartPathOutput],
     collator: Collator,
     rolls: Rollouts,
     g: GrpoConfig,
@@ -60,8 +104,9 @@ def grpo_update(
     """Old and reference log-probs, then ``updates_per_rollout`` clipped-surrogate + KL updates.
 
     ``policy`` runs the forward with gradients (the DeepSpeed engine, or the model itself);
-    ``model`` is the bare policy for the no-grad old log-probs. Returns the last loss and its
-    stats (plus ``completion_tokens``, the mean generated length).
+    ``model`` is the bare policy for the no-grad old log-probs; ``reference`` the frozen
+    reference (a :class:`ReferencePolicy`, or any model called the same way). Returns the last
+    loss and its stats (plus ``completion_tokens``, the mean generated length).
     """
     batch, labels = policy_batch(collator, rolls)
     batch = to_device(batch, device, dtype)
@@ -88,7 +133,7 @@ class GrpoStage(Stage):
     against a frozen reference."""
 
     name = "grpo"
-    reference: SmartPathModel
+    reference: ReferencePolicy
 
     @classmethod
     def check(cls, config: SmartPathConfig) -> None:
@@ -103,19 +148,15 @@ class GrpoStage(Stage):
         return self.section.prompts_per_step * self.section.group_size
 
     def build_model(self) -> SmartPathModel:
-        """The policy, from ``grpo.init`` (default: this run's SFT model); a second, frozen copy
-        becomes the KL reference."""
+        """The policy, from ``grpo.init`` (default: this run's SFT model)."""
         init = self.section.init or self.config.training.model_uri("sft")
-        policy = SmartPathModel.load(init, self.store)
-        self.reference = SmartPathModel.load(init, self.store).eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
-        return policy
+        return SmartPathModel.load(init, self.store)
 
     def attach(self, run: DeepSpeedRun) -> None:
-        """Also put the reference on the run's device, in its dtype."""
+        """Also copy the starting policy's trainable parameters, as DeepSpeed placed them on the
+        device in the run's dtype, as the KL reference (before any checkpoint is restored)."""
         super().attach(run)
-        self.reference.to(run.device, dtype=run.dtype or torch.float32)
+        self.reference = ReferencePolicy(run.model)
 
     def train_step(self, step: int) -> StepMetrics:
         t, g, run = self.config.training, self.section, self.run

@@ -38,6 +38,7 @@ thin and the math is tested on its own. Design decisions:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from smartpath.model.mllm import IGNORE_INDEX
@@ -107,12 +108,18 @@ def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:
     40-token detection answer then weighs as much as a 3-token label: a token mean over the
     batch would let long answers drown the short ones (the GRPO loss normalises the same way).
     Rows without completion tokens count 0 and still count in the mean.
+
+    Only the completion positions' logits are taken to float32 and log-softmaxed (the saved
+    log-softmax is N_completion × V, not B × T × V: with image tokens in the prompt and a
+    152k vocabulary that is most of the loss's memory).
     """
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    target = labels[:, 1:].clamp_min(0)  # (B, T-1)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask  # (B, T-1)
-    return (nll.sum(1) / mask.sum(1).clamp_min(1)).mean()
+    picked = logits[:, :-1][mask].float()  # (N, V) completion positions only
+    nll = F.cross_entropy(picked, labels[:, 1:][mask], reduction="none")  # (N,)
+    rows = mask.nonzero()[:, 0]  # (N,) the sequence of each completion token
+    per_row = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device)
+    per_row = per_row.index_add(0, rows, nll)  # (B,)
+    return (per_row / mask.sum(1).clamp_min(1)).mean()
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:

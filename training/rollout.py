@@ -15,20 +15,20 @@ Design decisions:
 - :func:`policy_batch` turns rollouts back into a left-padded training batch whose labels mark
   the generated tokens only, for the log-prob passes (old, reference and policy).
 - Log-probs use logits divided by the sampling temperature, matching the distribution that
-  produced the samples.
+  produced the samples; only the completion positions are taken to float32 (a 7B model's
+  152k-vocabulary logits over a whole image prompt would cost ~1 GiB per row in float32).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from smartpath.core.config.training import GrpoConfig
-from smartpath.model.logprobs import sequence_logprobs
-from smartpath.model.mllm import IGNORE_INDEX, MultimodalBatch, SmartPathModel
+from smartpath.model.mllm import IGNORE_INDEX, MultimodalBatch, SmartPathModel, SmartPathOutput
 from smartpath.model.tokenizer import IM_END
 from smartpath.training.collate import Collator
 from smartpath.training.data import Item, item_key
@@ -152,14 +152,37 @@ def policy_batch(collator: Collator, rollouts: Rollouts) -> tuple[MultimodalBatc
 
 
 def completion_logprobs(
-    model: torch.nn.Module, batch: MultimodalBatch, labels: Tensor, temperature: float = 1.0
+    model: Callable[..., SmartPathOutput],
+    batch: MultimodalBatch,
+    labels: Tensor,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(per-token log-probs (B, T), completion mask (B, T), aux loss) of ``model`` on a
-    policy batch; ``model`` is a SmartPathModel or a DeepSpeed engine wrapping one."""
-    mask = labels != IGNORE_INDEX
-    out = model(batch, labels=labels)
-    logits = out.logits / temperature if temperature != 1.0 else out.logits
-    return sequence_logprobs(logits, batch.input_ids, mask), mask, out.aux_loss
+    """(per-token log-probs (B, T), completion mask (B, T), router aux loss) of ``model`` on a
+    policy batch; ``model`` is a SmartPathModel, a DeepSpeed engine wrapping one, or anything
+    called like one with the model as ``.module`` (the GRPO reference).
+
+    Log-probs are float32 and aligned with the tokens (``out[:, t] = log p(tokens[:, t] | < t)``,
+    0 outside the completion), as :func:`smartpath.model.logprobs.sequence_logprobs`, but only
+    the completion positions' logits are taken to float32 (N_completion × V instead of B × T × V)
+    and the model computes no LM loss over the whole sequence.
+    """
+    mask = labels != IGNORE_INDEX  # (B, T)
+    out = model(batch)
+    logits = out.logits[:, :-1]  # (B, T-1, V) position t-1 predicts token t
+    shifted = mask[:, 1:]  # (B, T-1)
+    picked = logits[shifted].float()  # (N, V)
+    if temperature != 1.0:
+        picked = picked / temperature
+    targets = batch.input_ids[:, 1:][shifted]  # (N,)
+    lp = picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    body = torch.zeros(shifted.shape, dtype=lp.dtype, device=lp.device)
+    body = body.masked_scatter(shifted, lp)  # (B, T-1)
+    logprobs = torch.cat([body.new_zeros(body.shape[0], 1), body], dim=1)  # (B, T)
+    core = getattr(model, "module", model)
+    aux = None
+    if isinstance(core, SmartPathModel) and core.router is not None:
+        aux = core.cfg.router.load_balance_weight * core.router.aux_loss(out.router)
+    return logprobs, mask, aux
 
 
 def to_device(batch: MultimodalBatch, device: torch.device | str, dtype: torch.dtype | None = None):

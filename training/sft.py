@@ -9,7 +9,9 @@ Design decisions:
   from task and scale embeddings and the pooled visual tokens (gate weights stay in the graph).
   The LM loss is averaged per sequence, then over sequences (``objectives.sft_loss``).
 - What trains: experts, aggregator and router; the base too when ``sft.train_base`` (the demo's
-  randomly initialised tiny base has nothing to keep frozen).
+  randomly initialised tiny base has nothing to keep frozen). A frozen base stays in the run's
+  dtype (bf16 on GPU) with no gradient or optimizer state; ``distributed.gradient_checkpointing``
+  trades recomputation for activation memory (see :mod:`smartpath.training.memory`).
 - The model is built from ``training.model`` (all ranks seed identically; DeepSpeed broadcasts
   rank 0's weights anyway), with the slide aggregator's pooled-statistics scaler fitted on the
   training slides, or loaded from ``training.sft_init``.

@@ -148,6 +148,21 @@ class ModelServingConfig(BaseModel):
         4096 * 4096, ge=1, description="Largest accepted ROI image (width x height)."
     )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Default and cap of tokens.")
+    max_image_tokens: int = Field(
+        1280,
+        ge=1,
+        description="Visual tokens one ROI may become; a bigger image is resized (aspect kept) "
+        "to fit, never refused. 1280 tokens = 28²·1280 ≈ 1 MP, Qwen2.5-VL's default.",
+    )
+    device: str = Field(
+        "auto",
+        description='Device the model-serving replicas run on: "auto" (CUDA when the replica '
+        'has a GPU, else CPU), "cpu", "cuda" or "cuda:N".',
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description='Parameter dtype when serving: "auto" is bfloat16 on CUDA, float32 on CPU.',
+    )
     features_bucket: str = Field(
         "smartpath", description="Bucket of the slide feature cache (features/… keys)."
     )
@@ -157,6 +172,12 @@ class BatchingDeploymentConfig(DeploymentConfig):
     """A deployment that batches concurrent requests into one forward pass."""
 
     max_batch_size: int = Field(16, ge=1, description="Requests (or tile sets) per forward.")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Token budget of one forward: visual tokens per encoder batch, prompt + new "
+        "tokens per decoder batch. A batch is cut when the next request would exceed it.",
+    )
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
@@ -173,6 +194,12 @@ class DecoderDeploymentConfig(BatchingDeploymentConfig):
     )
     max_expert_sets: int = Field(
         8, ge=1, description="Expert sets a replica keeps warm (Serve model multiplexing)."
+    )
+    label_chunk: int = Field(
+        16,
+        ge=1,
+        description="Candidate labels scored per forward (classification); bounds the memory "
+        "of scoring many labels.",
     )
 
 
@@ -200,7 +227,9 @@ class ServeConfig(BaseModel):
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64)
     )
     decoder: DecoderDeploymentConfig = Field(
-        default_factory=lambda: DecoderDeploymentConfig(max_ongoing_requests=32)
+        default_factory=lambda: DecoderDeploymentConfig(
+            max_ongoing_requests=32, max_batch_tokens=65536
+        )
     )
     gateway: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(

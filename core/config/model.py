@@ -7,8 +7,8 @@ Design decisions:
   YAML file is an error, not a silently ignored key.
 - Presets are registered by name in :data:`PRESETS`. ``tiny`` (tests, demo) and ``bench``
   (20–60M parameters, benchmarks) are the same transformers Qwen2.5-VL classes as the real
-  model, randomly initialised from ``seed``; ``qwen2.5-vl-7b`` is never built randomly and needs
-  ``base_path``. A preset's ``text``/``vision`` sizes can be overridden field by field
+  model, randomly initialised from ``seed``; ``qwen2.5-vl-3b``/``-7b`` are never built randomly
+  and need ``base_path``. A preset's ``text``/``vision`` sizes can be overridden field by field
   (``ModelConfig(preset="tiny", text={"num_layers": 3})``); the result is always complete, so
   ``model_dump()`` round-trips, and frozen so that the sizes cannot drift from the preset.
 - Combinations are checked when the config is made (head counts divide, M-RoPE sections fit
@@ -22,12 +22,9 @@ Design decisions:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-if TYPE_CHECKING:
-    import torch
 
 # Linear layers of the Qwen2.5-VL language model that LoRA experts may wrap.
 PromptStyle = Literal["full", "compact"]
@@ -215,7 +212,12 @@ class RouterConfig(_Strict):
 class AggregatorConfig(_Strict):
     """The slide aggregator: N tile features (N×D) → a fixed budget of LM tokens."""
 
-    feature_dim: int = Field(768, ge=1, description="Width D of the input tile features.")
+    feature_dim: int = Field(
+        32,
+        ge=1,
+        description="Width D of the input tile features: the tile encoder's (stain-stats-v1: 32; "
+        "ViT-B: 768; ViT-L: 1024).",
+    )
     num_tokens: int = Field(32, ge=1, description="LM tokens one slide becomes.")
     num_heads: int = Field(4, ge=1, description="Attention heads of the pooling/resampler.")
     chunk_size: int = Field(
@@ -245,6 +247,26 @@ class Preset(_Strict):
         False, description="True if the preset is only ever loaded from a checkpoint."
     )
 
+
+# The vision tower of every Qwen2.5-VL size (3B, 7B, 32B, 72B).
+_QWEN_VISION = VisionSizes(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    max_pixels=12845056,
+)
+
+_QWEN_7B_TEXT = TextSizes(
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+    max_position_embeddings=128000,
+)
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -288,25 +310,32 @@ PRESETS: dict[str, Preset] = {
             max_pixels=448 * 448,
         ),
     ),
+    "qwen2.5-vl-3b": Preset(
+        description="Qwen2.5-VL-3B-Instruct loaded from base_path (HF format, safetensors)",
+        text=TextSizes(
+            vocab_size=151936,
+            hidden_size=2048,
+            num_layers=36,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=11008,
+            max_position_embeddings=128000,
+            tie_word_embeddings=True,
+        ),
+        vision=_QWEN_VISION,
+        requires_base_path=True,
+    ),
+    "qwen2.5-vl": Preset(
+        description="any Qwen2.5-VL checkpoint loaded from base_path, sizes overridden from its "
+        "config.json (smartpath model init); defaults are the 7B's",
+        text=_QWEN_7B_TEXT,
+        vision=_QWEN_VISION,
+        requires_base_path=True,
+    ),
     "qwen2.5-vl-7b": Preset(
         description="Qwen2.5-VL-7B-Instruct loaded from base_path (HF format, safetensors)",
-        text=TextSizes(
-            vocab_size=152064,
-            hidden_size=3584,
-            num_layers=28,
-            num_heads=28,
-            num_kv_heads=4,
-            intermediate_size=18944,
-            max_position_embeddings=128000,
-        ),
-        vision=VisionSizes(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            max_pixels=12845056,
-        ),
+        text=_QWEN_7B_TEXT,
+        vision=_QWEN_VISION,
         requires_base_path=True,
     ),
 }
@@ -370,6 +399,11 @@ class ModelConfig(_Strict):
         description="Tile encoder (smartpath.model.tile_encoder) that makes the slide features "
         "the aggregator reads.",
     )
+    tile_encoder_path: str | None = Field(
+        None,
+        description="HF-format ViT/DINOv2 folder or s3://bucket/prefix/ of the tile encoder, when "
+        "`tile_encoder` names a learned one; None for the built-in, weight-free encoders.",
+    )
     slide_tiles: SlideTiles = Field(
         default_factory=SlideTiles, description="WSI tile spec of the tile encoder's input."
     )
@@ -379,8 +413,15 @@ class ModelConfig(_Strict):
         "candidate labels when a request names none. Empty: requests must give labels.",
     )
     seed: int = Field(0, ge=0, description="Seed of random initialisation (deterministic).")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Parameter dtype of the built or loaded model."
+    device: str = Field(
+        "auto",
+        description='Device the model runs on: "auto" (CUDA when a GPU is visible, else CPU), '
+        '"cpu", "cuda" or "cuda:N".',
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description='Parameter dtype of the model: "auto" is bfloat16 on CUDA and float32 on '
+        "CPU (smartpath.model.devices).",
     )
 
     @model_validator(mode="before")
@@ -428,10 +469,3 @@ class ModelConfig(_Strict):
                 "checkpoint (local folder or s3://bucket/prefix/), or use preset 'tiny'/'bench'"
             )
         return self
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """``dtype`` as a torch dtype."""
-        import torch
-
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]

@@ -10,7 +10,12 @@ Design decisions:
   Train's checkpoints per stage (``sft/``, ``grpo/``), the exported models (``sft/model``,
   ``grpo/model``, SmartPath safetensors checkpoints) and the per-step history.
 - GRPO starts from the SFT model of the same run unless ``grpo.init`` names another checkpoint;
-  that starting model is also the frozen KL reference.
+  that starting model is also the frozen KL reference (kept as a copy of its trainable
+  parameters only, see :mod:`smartpath.training.grpo`).
+- What decides whether a run fits on its GPUs sits in ``distributed``: the ZeRO stage and
+  ``gradient_checkpointing``; the parameter dtype is the model's (``model.dtype``: "auto" is
+  bfloat16 on GPU workers, float32 on CPU), and DeepSpeed runs bf16/fp16 mixed precision when
+  that dtype is bfloat16/float16.
 """
 
 from __future__ import annotations
@@ -77,7 +82,10 @@ class DistributedConfig(_Strict):
     """Ray Train workers and DeepSpeed ZeRO."""
 
     num_workers: int = Field(1, ge=1, description="Data-parallel Ray Train workers.")
-    use_gpu: bool = Field(False, description="One GPU per worker (bf16); False runs on CPU.")
+    use_gpu: bool = Field(
+        False,
+        description="One GPU per worker (bf16 when model.dtype is auto); False runs on CPU.",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     zero_stage: Literal[2] = Field(
         2,
@@ -86,6 +94,13 @@ class DistributedConfig(_Strict):
     )
     max_failures: int = Field(
         2, ge=0, description="Worker-group restarts from the last checkpoint before giving up."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder (and vision) block's activations in the backward "
+        "pass instead of keeping them (non-reentrant activation checkpointing, SFT and GRPO "
+        "updates): about a third more compute for activation memory of one block plus the "
+        "block inputs (python -m smartpath.training.memory estimates both).",
     )
 
 

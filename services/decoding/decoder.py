@@ -7,15 +7,19 @@ Design decisions:
   a full list refuses new requests with RESOURCE_EXHAUSTED instead of queueing without end.
 - A batch starts when ``max_batch_size`` requests wait or ``batch_wait_s`` after the first
   one arrived (0, the default: at once when idle; requests arriving during a batch form the
-  next one). Every request keeps its own experts and gate weights (the model's batched
+  next one). It holds at most ``max_batch_tokens`` prompt + new tokens (the KV cache it can
+  grow to); a request that alone exceeds the budget is refused with INVALID_ARGUMENT. Every
+  request keeps its own experts and gate weights (the model's batched
   mixed-LoRA generation), its own ``max_new_tokens`` and its own deadline.
 - Generation runs in a worker thread; tokens reach each caller's asyncio queue as text deltas
   (byte-level BPE can end mid-character, so a delta waits until its text is complete).
 - A request whose deadline passed, or whose caller went away, leaves the batch at the next
   step (``generate_stream(cancelled=…)``); the others continue unchanged.
-- Classification also gets per-label probabilities: one teacher-forced forward over the
+- Classification also gets per-label probabilities: teacher-forced forwards over the
   candidate completions ``<think>{think}</think><answer>{label}</answer><|im_end|>``, softmaxed
-  over their summed log-probabilities (the shared think prefix cancels out).
+  over their summed log-probabilities (the shared think prefix cancels out). Labels go
+  ``label_chunk`` rows per forward, and only the completions' positions are projected onto the
+  vocabulary, so scoring 2000 labels with a 152k vocabulary stays bounded.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from smartpath.core.config import DecoderDeploymentConfig
 from smartpath.core.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -81,22 +86,44 @@ class BatchDecoder:
         max_batch_size: int = 16,
         batch_wait_s: float = 0.0,
         max_pending: int = 64,
+        max_batch_tokens: int = 65536,
+        label_chunk: int = 16,
         stats: DecoderStats | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.default_labels = model.cfg.labels
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.label_chunk = label_chunk
         self.batch_wait_s = batch_wait_s
         self.max_pending = max_pending
         self.stats = stats or DecoderStats()
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.hidden = int(model.base.config.text_config.hidden_size)
+        self.hidden = model.hidden_size
         self.num_experts = int(model.cfg.experts.num_experts)
         self._pending: list[_Job] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        model: SmartPathModel,
+        config: DecoderDeploymentConfig,
+        stats: DecoderStats | None = None,
+    ) -> BatchDecoder:
+        """The engine with the decoder deployment's batching, queue and budget settings."""
+        return cls(
+            model,
+            max_batch_size=config.max_batch_size,
+            batch_wait_s=config.batch_wait_timeout_s,
+            max_pending=config.max_pending,
+            max_batch_tokens=config.max_batch_tokens,
+            label_chunk=config.label_chunk,
+            stats=stats,
+        )
 
     # -- requests --------------------------------------------------------------------------
     def _check(self, request: DecodeRequest) -> None:
@@ -136,6 +163,13 @@ class BatchDecoder:
         """Stream the completion of ``request``: text deltas, then a final ``done`` event."""
         self._check(request)
         ids = self._prompt(request)
+        needed = len(ids) + request.question.max_new_tokens
+        if needed > self.max_batch_tokens:
+            raise InvalidArgumentError(
+                f"the request needs {needed} tokens (prompt {len(ids)} + max_new_tokens "
+                f"{request.question.max_new_tokens}) but a decoder batch holds at most "
+                f"{self.max_batch_tokens} (serve.decoder.max_batch_tokens)"
+            )
         if len(self._pending) >= self.max_pending:
             raise ResourceExhaustedError(
                 f"decoder queue is full ({self.max_pending} requests waiting); retry later"
@@ -179,10 +213,23 @@ class BatchDecoder:
             while self._pending:
                 if len(self._pending) < self.max_batch_size and self.batch_wait_s > 0:
                     await asyncio.sleep(self.batch_wait_s)
-                batch = [j for j in self._pending[: self.max_batch_size] if not j.gone]
-                del self._pending[: self.max_batch_size]
+                batch = self._next_batch()
                 if batch:
                     await asyncio.to_thread(self._run_safely, batch)
+
+    def _next_batch(self) -> list[_Job]:
+        """Take the oldest waiting requests that fit the batch size and token budget."""
+        self._pending = [j for j in self._pending if not j.gone]
+        batch: list[_Job] = []
+        tokens = 0
+        for job in self._pending[: self.max_batch_size]:
+            cost = len(job.prompt_ids) + job.request.question.max_new_tokens
+            if batch and tokens + cost > self.max_batch_tokens:
+                break
+            batch.append(job)
+            tokens += cost
+        del self._pending[: len(batch)]
+        return batch
 
     def _run_safely(self, jobs: list[_Job]) -> None:
         try:
@@ -313,21 +360,26 @@ class BatchDecoder:
         if not labels:
             return []
         think = split_completion(self._completion(job)).think or ""
-        rows, lengths = [], []
-        for label in labels:
-            completion = self.tokenizer(
-                format_completion(think, label) + IM_END, add_special_tokens=False
-            )["input_ids"]
-            rows.append((job.prompt_ids + list(completion), job.request))
-            lengths.append(len(completion))
-        batch = self._batch(rows)
-        width = batch.input_ids.shape[1]
-        mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        for i, n in enumerate(lengths):
-            mask[i, width - n :] = True
-        routing = ExpertRouting.cat(self._routing([job.request] * len(labels)))
-        with torch.no_grad():
-            logits = self.model(batch, routing=routing).logits
-        logp = sequence_logprobs(logits, batch.input_ids, mask).sum(-1)
-        probs = torch.softmax(logp, dim=0).tolist()
+        completions = [
+            self.tokenizer(format_completion(think, label) + IM_END, add_special_tokens=False)[
+                "input_ids"
+            ]
+            for label in labels
+        ]
+        logps: list[torch.Tensor] = []
+        for start in range(0, len(labels), self.label_chunk):
+            chunk = completions[start : start + self.label_chunk]
+            batch = self._batch([(job.prompt_ids + list(c), job.request) for c in chunk])
+            keep = max(len(c) for c in chunk) + 1  # positions whose logits score completions
+            ids = batch.input_ids[:, -keep:]
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            for i, c in enumerate(chunk):
+                mask[i, keep - len(c) :] = True
+            routing = ExpertRouting.cat(self._routing([job.request] * len(chunk)))
+            with torch.no_grad():
+                logits = self.model(batch, routing=routing, logits_to_keep=keep).logits
+            logps.append(
+                sequence_logprobs(logits, ids.to(logits.device), mask.to(logits.device)).sum(-1)
+            )
+        probs = torch.softmax(torch.cat(logps).float(), dim=0).cpu().tolist()
         return list(zip(labels, probs, strict=True))

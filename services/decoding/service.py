@@ -29,7 +29,7 @@ from smartpath.services.contracts import (
 )
 from smartpath.services.decoding.decoder import BatchDecoder, DecoderStats
 from smartpath.services.grpc_util import RpcCounter, server_stream
-from smartpath.services.models import load_served_model, model_info
+from smartpath.services.models import SERVICE_PARTS, load_served_model, model_info
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, decoding_pb2
 
@@ -39,7 +39,7 @@ class DecoderService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
-        self.model = load_served_model(self.config)
+        self.model = load_served_model(self.config, SERVICE_PARTS["decoder"])
         d = self.config.serve.decoder
         self.record_rpc = RpcCounter("decoder")
         queue = metrics.Histogram(
@@ -66,12 +66,8 @@ class DecoderService:
             tokens.inc(n)
             tokens_per_s.set(n / max(seconds, 1e-9))
 
-        self.engine = BatchDecoder(
-            self.model,
-            max_batch_size=d.max_batch_size,
-            batch_wait_s=d.batch_wait_timeout_s,
-            max_pending=d.max_pending,
-            stats=DecoderStats(on_batch=on_batch, on_tokens=on_tokens),
+        self.engine = BatchDecoder.from_config(
+            self.model, d, DecoderStats(on_batch=on_batch, on_tokens=on_tokens)
         )
         num_experts = int(self.model.cfg.experts.num_experts)
 

@@ -3,18 +3,25 @@ through the tile encoder, tile features through the slide aggregator.
 
 Everything returns visual tokens in the language model's embedding space (``VisualTokens``),
 which is what the router pools and the decoder places at the prompt's image/slide pads.
+Inputs go to the model's device; outputs come back to CPU as float32 numpy.
+
+Budgets: an ROI is resized (aspect ratio kept) to at most ``max_image_tokens`` visual tokens,
+and one vision-tower forward packs ROIs up to ``max_batch_tokens`` tokens; a larger batch from
+the deployment's batcher runs as several forwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from smartpath.core.config import StorageConfig
+from smartpath.core.storage import ObjectStore
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.slide_features import SlideFeatures
-from smartpath.model.tile_encoder import TileEncoder, make_tile_encoder
+from smartpath.model.tile_encoder import TileEncoder, tile_encoder_for
 from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi
 from smartpath.services.contracts import VisualTokens
 
@@ -22,28 +29,58 @@ from smartpath.services.contracts import VisualTokens
 class VisualEncoder:
     """The served model's visual side (see module docstring)."""
 
-    def __init__(self, model: SmartPathModel, tile_encoder: TileEncoder | None = None) -> None:
-        """``tile_encoder`` defaults to the one the model's checkpoint names."""
+    def __init__(
+        self,
+        model: SmartPathModel,
+        tile_encoder: TileEncoder | None = None,
+        *,
+        store: ObjectStore | StorageConfig | None = None,
+        max_image_tokens: int = 1280,
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        """``tile_encoder`` defaults to the one the model's checkpoint names (loaded from
+        ``store`` when it is a learned one), on the model's device."""
         self.model = model
-        self.tile_encoder = tile_encoder or make_tile_encoder(model.cfg.tile_encoder)
-        self.processor = make_image_processor(model.cfg.vision)
+        dtype = next(model.aggregator.parameters()).dtype
+        self.tile_encoder = tile_encoder or tile_encoder_for(
+            model.cfg, store=store, device=model.device, dtype=dtype
+        )
+        vision = model.cfg.vision
+        self.max_pixels = min(vision.max_pixels, max_image_tokens * vision.factor**2)
+        self.processor = make_image_processor(
+            vision, min_pixels=min(vision.min_pixels, self.max_pixels), max_pixels=self.max_pixels
+        )
+        self.max_batch_tokens = max_batch_tokens
 
     def prepare(self, image: np.ndarray) -> RoiInput:
         """Resize and patchify one ROI (cheap; done per request before batching)."""
         return prepare_roi(image, self.processor)
 
+    def _token_batches(self, rois: Sequence[RoiInput]) -> Iterator[Sequence[RoiInput]]:
+        start, tokens = 0, 0
+        for i, roi in enumerate(rois):
+            if i > start and tokens + roi.num_image_tokens > self.max_batch_tokens:
+                yield rois[start:i]
+                start, tokens = i, 0
+            tokens += roi.num_image_tokens
+        if start < len(rois):
+            yield rois[start:]
+
     def encode_rois(self, rois: Sequence[RoiInput]) -> list[VisualTokens]:
-        """One vision-tower forward over the packed ROIs; tokens split back per ROI."""
-        pixels = torch.cat([r.pixel_values for r in rois])
-        grid = torch.cat([r.image_grid_thw for r in rois])
-        with torch.no_grad():
-            tokens = self.model.encode_images(pixels, grid).float().numpy()
-        out, start = [], 0
-        for roi in rois:
-            n = roi.num_image_tokens
-            t, h, w = (int(v) for v in roi.image_grid_thw[0])
-            out.append(VisualTokens(tokens[start : start + n].copy(), (t, h, w)))
-            start += n
+        """Vision-tower forwards over the packed ROIs (at most ``max_batch_tokens`` tokens
+        each); tokens split back per ROI."""
+        out = []
+        for batch in self._token_batches(rois):
+            pixels = torch.cat([r.pixel_values for r in batch])
+            grid = torch.cat([r.image_grid_thw for r in batch])
+            with torch.no_grad():
+                tokens = self.model.encode_images(pixels, grid).float().cpu().numpy()
+            start = 0
+            for roi in batch:
+                n = roi.num_image_tokens
+                t, h, w = (int(v) for v in roi.image_grid_thw[0])
+                out.append(VisualTokens(tokens[start : start + n].copy(), (t, h, w)))
+                start += n
         return out
 
     def encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
@@ -54,4 +91,4 @@ class VisualEncoder:
         """The aggregator's slide tokens for one slide's tile features."""
         with torch.no_grad():
             tokens = self.model.slide_tokens_of(features.to_slide_input())
-        return VisualTokens(tokens.float().numpy())
+        return VisualTokens(tokens.float().cpu().numpy())

@@ -23,7 +23,7 @@ from smartpath.services.encoding.encoder import VisualEncoder
 from smartpath.services.encoding.slides import encode_slide
 from smartpath.services.grpc_util import RpcCounter, unary
 from smartpath.services.handles import TilerHandle, handle
-from smartpath.services.models import load_served_model
+from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.tensors import to_tensor
 from smartpath.v1 import encoding_pb2
 
@@ -33,12 +33,17 @@ class FeatureEncoderService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
-        model = load_served_model(self.config)
-        self.encoder = VisualEncoder(model)
+        model = load_served_model(self.config, SERVICE_PARTS["encoder"])
         store = make_store(self.config.storage)
+        e = self.config.serve.encoder
+        self.encoder = VisualEncoder(
+            model,
+            store=store,
+            max_image_tokens=self.config.model.max_image_tokens,
+            max_batch_tokens=e.max_batch_tokens,
+        )
         self.cache = FeatureCache(store, self.config.model.features_bucket)
         self.tiler = TilerHandle(handle("tiler"))
-        e = self.config.serve.encoder
         for batched in (self._encode_rois, self._encode_tile_sets):
             batched.set_max_batch_size(e.max_batch_size)
             batched.set_batch_wait_timeout_s(e.batch_wait_timeout_s)

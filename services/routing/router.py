@@ -17,6 +17,8 @@ class ExpertGate:
     def __init__(self, model: SmartPathModel) -> None:
         self.router = model.router
         self.hidden = int(model.router.visual_dim)
+        self.device = model.device
+        self.dtype = next(model.router.parameters()).dtype
         manifest = model.manifest
         n = int(model.cfg.experts.num_experts)
         names = {e.index: e.name for e in manifest.experts} if manifest is not None else {}
@@ -29,15 +31,16 @@ class ExpertGate:
             raise InvalidArgumentError(
                 f"pooled visual features must be {self.hidden} finite floats, got {pooled.shape}"
             )
+        device = self.device
         with torch.no_grad():
             out = self.router(
-                torch.tensor([int(task)]),
-                torch.tensor([int(scale)]),
-                torch.from_numpy(pooled)[None],
+                torch.tensor([int(task)], device=device),
+                torch.tensor([int(scale)], device=device),
+                torch.from_numpy(pooled)[None].to(device, self.dtype),
             )
-        experts = tuple(int(i) for i in out.indices[0])
+        experts = tuple(int(i) for i in out.indices[0].cpu())
         return Route(
             experts=experts,
-            weights=tuple(float(w) for w in out.weights[0]),
+            weights=tuple(float(w) for w in out.weights[0].float().cpu()),
             names=tuple(self.names[e] for e in experts),
         )

@@ -12,7 +12,7 @@ from smartpath.core.config import SmartPathConfig
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.contracts import Route, parse_scale, parse_task
 from smartpath.services.grpc_util import RpcCounter, unary
-from smartpath.services.models import load_served_model
+from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.routing.router import ExpertGate
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, routing_pb2
@@ -23,7 +23,7 @@ class ExpertRouterService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
-        self.gate = ExpertGate(load_served_model(self.config))
+        self.gate = ExpertGate(load_served_model(self.config, SERVICE_PARTS["router"]))
         self.record_rpc = RpcCounter("router")
         self._routes = metrics.Counter(
             "smartpath_router_expert_sets",

@@ -70,6 +70,15 @@ SECRET_VALUES = {
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([kKMGTPE]i?)?$")
+_QUANTITY_UNITS = {"": 1, "k": 10**3, "K": 10**3} | {
+    unit: base**power
+    for power, letter in enumerate("MGTPE", start=2)
+    for unit, base in ((letter, 10**3), (f"{letter}i", 2**10))
+}
+_QUANTITY_UNITS["Ki"] = 2**10
+# The image's HOME (docker/Dockerfile); ~ in the services' default paths.
+IMAGE_HOME = "/home/smartpath"
 
 
 # ---- helm ---------------------------------------------------------------------------------------
@@ -170,6 +179,35 @@ def containers(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[
 def serve_config_of(objs: list[dict[str, Any]]) -> dict[str, Any]:
     (rayservice,) = of_kind(objs, "RayService")
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def ray_pods(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The RayService's pod specs by group: "head", then each worker group's name."""
+    (rayservice,) = of_kind(objs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    for group in cluster.get("workerGroupSpecs", []):
+        pods[group["groupName"]] = group["template"]["spec"]
+    return pods
+
+
+def quantity_bytes(quantity: str) -> float:
+    """A Kubernetes storage quantity ("20Gi", "512Mi", "1.5G") in bytes."""
+    match = _QUANTITY.match(str(quantity))
+    assert match, f"not a storage quantity: {quantity!r}"
+    return float(match[1]) * _QUANTITY_UNITS[match[2] or ""]
+
+
+def disk_emptydir_bytes(pod: dict[str, Any]) -> float:
+    """Sum of the sizeLimits of a pod's disk-backed emptyDirs (memory-backed ones excluded)."""
+    total = 0.0
+    for volume in pod.get("volumes", []):
+        empty_dir = volume.get("emptyDir")
+        if empty_dir is None or empty_dir.get("medium") == "Memory":
+            continue
+        assert "sizeLimit" in empty_dir, f"emptyDir {volume['name']} has no sizeLimit"
+        total += quantity_bytes(empty_dir["sizeLimit"])
+    return total
 
 
 # ---- lint and schemas ---------------------------------------------------------------------------
@@ -442,6 +480,14 @@ def test_should_keep_the_values_schema_in_step_with_the_config_tree() -> None:
         ("workers.gpu.gpus=0", "minimum"),
         ("config.serve.log_encoding=XML", "value must be one of 'TEXT', 'JSON'"),
         ("config.serve.decoder.num_gpus=1", "workers.gpu.enabled=false"),
+        ("config.model.dtype=float64", "/config/model/dtype"),
+        ("modelCache.sizelimit=1Gi", "additional properties 'sizelimit'"),
+        ("head.ephemeralStorage=40Gi", "head.ephemeralStorage=40Gi is less than the 42.00Gi"),
+        ("workers.cpu.ephemeralStorage=50Gi", "+ modelCache.sizeLimit"),
+        (
+            "volumes.home.sizeLimit=30Gi,head.ephemeralStorage=60Gi",
+            "workers.cpu.ephemeralStorage=64Gi is less than the 72.00Gi",
+        ),
     ],
 )
 def test_should_refuse_bad_values(helm: Path, setting: str, error: str) -> None:
@@ -525,6 +571,8 @@ def test_should_mount_writable_paths_for_the_read_only_image(
         for where, ctr, pod in containers(obj):
             if "autoscaler" in where or "submitter" in where:
                 continue
+            if ctr in pod.get("initContainers", []):  # they mount only what they write
+                continue
             mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
             assert needed <= set(mounts), f"{where}: {needed - set(mounts)}"
             volumes = {v["name"]: v for v in pod["volumes"]}
@@ -577,8 +625,8 @@ def test_should_expose_grpc_on_the_serve_proxy_port(helm: Path) -> None:
     }
     assert service["spec"]["selector"]["ray.io/serve"] == "true"
     (rayservice,) = of_kind(objs, "RayService")
-    for where, ctr, _ in containers(rayservice):
-        if "autoscaler" in where:
+    for where, ctr, pod in containers(rayservice):
+        if "autoscaler" in where or ctr in pod.get("initContainers", []):
             continue
         ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
         assert ports["grpc"] == grpc_port, where
@@ -607,27 +655,176 @@ def test_should_expose_grpc_on_the_serve_proxy_port(helm: Path) -> None:
 
 
 def test_should_put_gpu_deployments_on_a_gpu_worker_group(helm: Path) -> None:
+    from ray._private.accelerators import RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR
+
     objs = render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"))
-    (rayservice,) = of_kind(objs, "RayService")
-    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    gpu = groups["gpu"]["template"]["spec"]
-    limits = gpu["containers"][0]["resources"]["limits"]
-    assert limits["nvidia.com/gpu"] == "1"
+    pods = ray_pods(objs)
+    gpu = pods["gpu"]
+    resources = gpu["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu[
         "tolerations"
     ]
-    assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert "nvidia.com/gpu" not in str(groups["cpu"])
+    # No node selector by default: a label only running GPU nodes carry (GPU feature discovery's
+    # nvidia.com/gpu.present) would keep the cluster autoscaler from scaling up from zero.
+    assert "nodeSelector" not in gpu
+    assert "nvidia.com/gpu" not in str(pods["cpu"]) and "nvidia.com/gpu" not in str(pods["head"])
     deployments = {
         app["name"]: app["deployments"][0]["ray_actor_options"]
         for app in serve_config_of(objs)["applications"]
     }
     assert deployments["decoder"]["num_gpus"] == deployments["encoder"]["num_gpus"] == 1
-    assert deployments["tiler"]["num_gpus"] == 0
+    assert deployments["router"]["num_gpus"] == 0
+    assert deployments["tiler"]["num_gpus"] == deployments["gateway"]["num_gpus"] == 0
+    assert deployments["router"]["num_cpus"] <= 1
+    # The model goes where the replica's resources are: CUDA/bfloat16 with a GPU, else CPU.
+    model = serve_config_of(objs)["applications"][0]["args"]["config"]["model"]
+    assert (model["device"], model["dtype"]) == ("auto", "auto")
+    # Ray hides a GPU worker's GPUs from replicas that asked for none (the router, the tiler),
+    # so "auto" keeps them on CPU instead of a GPU the encoder or decoder holds.
+    for group, pod in pods.items():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env[RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR] == "1", group
+    # The chart's own default, too, selects no node.
+    enabled = ray_pods(render(helm, "--set", "workers.gpu.enabled=true"))["gpu"]
+    assert "nodeSelector" not in enabled and enabled["tolerations"] == gpu["tolerations"]
     default = of_kind(render(helm), "RayService")[0]
     assert [g["groupName"] for g in default["spec"]["rayClusterConfig"]["workerGroupSpecs"]] == [
         "cpu"
     ]
+
+
+def test_should_request_local_disk_for_every_ray_pod(objects: list[dict[str, Any]]) -> None:
+    """Each Ray pod requests (and is limited to) at least the disk its emptyDirs may fill, so
+    the scheduler places it on a node with that much room and the kubelet evicts it only for
+    going past its own volumes' limits."""
+    for group, pod in ray_pods(objects).items():
+        resources = pod["containers"][0]["resources"]
+        request = resources["requests"].get("ephemeral-storage")
+        assert request is not None, f"{group}: no ephemeral-storage request"
+        assert resources["limits"].get("ephemeral-storage") == request, group
+        needed = disk_emptydir_bytes(pod)
+        assert quantity_bytes(request) >= needed, (
+            f"{group}: ephemeral-storage {request} < {needed / 2**30:.1f}Gi of emptyDirs"
+        )
+
+
+def test_should_size_local_disk_from_the_values(helm: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    pods = ray_pods(render(helm, "--set", "workers.gpu.enabled=true"))
+    expected = {
+        "head": values["head"]["ephemeralStorage"],
+        "cpu": values["workers"]["cpu"]["ephemeralStorage"],
+        "gpu": values["workers"]["gpu"]["ephemeralStorage"],
+    }
+    for group, pod in pods.items():
+        assert (
+            pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == (expected[group])
+        ), group
+    pods = ray_pods(
+        render(
+            helm,
+            "--set",
+            "workers.gpu.enabled=true,modelCache.sizeLimit=50Gi",
+            "--set",
+            "workers.cpu.ephemeralStorage=95Gi,workers.gpu.ephemeralStorage=100Gi",
+        )
+    )
+    assert pods["cpu"]["containers"][0]["resources"]["limits"]["ephemeral-storage"] == "95Gi"
+    assert pods["gpu"]["containers"][0]["resources"]["limits"]["ephemeral-storage"] == "100Gi"
+
+
+def _model_cache(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(volume, mount) of the model cache in a pod's Ray container, or None."""
+    mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model-cache"]
+    if not mounts:
+        return None
+    (mount,) = mounts
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+    return volume, mount
+
+
+def test_should_cache_models_where_the_services_download_them(helm: Path) -> None:
+    from smartpath.model.checkpoint import DEFAULT_CACHE_DIR
+
+    cache_dir = str(DEFAULT_CACHE_DIR).replace("~", IMAGE_HOME, 1)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["modelCache"]["existingClaim"] == ""
+    for args, size in [
+        (("-f", str(CHART / "ci" / "gpu-values.yaml")), "20Gi"),
+        (("--set", "workers.gpu.enabled=true"), values["modelCache"]["sizeLimit"]),
+        (
+            (
+                "--set",
+                "workers.gpu.enabled=true,modelCache.sizeLimit=30Gi",
+                "--set",
+                "workers.cpu.ephemeralStorage=80Gi,workers.gpu.ephemeralStorage=80Gi",
+            ),
+            "30Gi",
+        ),
+    ]:
+        pods = ray_pods(render(helm, *args))
+        # The head runs no replica (num-cpus 0), so it loads no model.
+        assert _model_cache(pods["head"]) is None
+        for group in ("cpu", "gpu"):
+            pod = pods[group]
+            found = _model_cache(pod)
+            assert found is not None, f"{group}: no model cache ({args})"
+            volume, mount = found
+            assert mount["mountPath"] == cache_dir
+            assert volume["emptyDir"] == {"sizeLimit": size}, (group, args)
+            # Nested in the ~/.smartpath emptyDir: an init container makes the mount point as
+            # the image's user, or ~/.smartpath/cache (the slide cache's parent too) is root's.
+            home = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            parent = home[f"{IMAGE_HOME}/.smartpath"]
+            assert cache_dir.startswith(f"{IMAGE_HOME}/.smartpath/")
+            (init,) = [c for c in pod.get("initContainers", []) if c["name"] == "smartpath-dirs"]
+            assert init["command"] == ["mkdir", "-p", cache_dir]
+            assert init["volumeMounts"] == [
+                {"name": parent, "mountPath": f"{IMAGE_HOME}/.smartpath"}
+            ]
+            assert init["securityContext"]["runAsNonRoot"] is True
+
+    # A head that runs replicas loads models too.
+    pods = ray_pods(
+        render(
+            helm,
+            "--set",
+            "head.rayStartParams.num-cpus=2,head.ephemeralStorage=64Gi",
+        )
+    )
+    assert _model_cache(pods["head"]) is not None
+    assert "head.ephemeralStorage=44Gi" in render_fails(
+        helm, "--set", "head.rayStartParams.num-cpus=2"
+    )
+
+
+def test_should_cache_models_on_an_existing_claim(helm: Path) -> None:
+    # Not an emptyDir: it leaves the pods' ephemeral storage, so less of it is enough.
+    objs = render(
+        helm,
+        "-f",
+        str(CHART / "ci" / "gpu-values.yaml"),
+        "--set",
+        "modelCache.existingClaim=smartpath-models",
+        "--set",
+        "workers.cpu.ephemeralStorage=44Gi,workers.gpu.ephemeralStorage=44Gi",
+    )
+    for group in ("cpu", "gpu"):
+        found = _model_cache(ray_pods(objs)[group])
+        assert found is not None, group
+        volume, _ = found
+        assert volume == {
+            "name": "model-cache",
+            "persistentVolumeClaim": {"claimName": "smartpath-models"},
+        }
+    assert "workers.cpu.ephemeralStorage=44Gi" in render_fails(
+        helm,
+        "-f",
+        str(CHART / "ci" / "gpu-values.yaml"),
+        "--set",
+        "workers.cpu.ephemeralStorage=44Gi,workers.gpu.ephemeralStorage=44Gi",
+    )
 
 
 def test_should_use_external_storage_when_minio_is_disabled(helm: Path) -> None:

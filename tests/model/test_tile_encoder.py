@@ -85,6 +85,12 @@ def test_unknown_encoder_name_lists_known_ones() -> None:
     assert set(TILE_ENCODERS) == {"stain-stats-v1"}
 
 
+@pytest.mark.parametrize("name", ["vit:0123456789ab", "dinov2:0123456789ab"])
+def test_learned_encoder_names_need_a_path(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"{name}' is a learned encoder.*tile_encoder_path"):
+        make_tile_encoder(name)
+
+
 def test_fat_vacuoles_are_not_glass() -> None:
     """Bright pixels ringed by tissue count as fat; glass beside a straight edge does not."""
     enc = StainStatsEncoder()

@@ -20,8 +20,8 @@ from smartpath.model.tokenizer import (
     THINK_END,
     THINK_START,
     builtin_corpus,
-    ensure_smartpath_tokens,
     load_tokenizer,
+    prepare_tokenizer,
     render_chat,
     token_ids,
     train_builtin_tokenizer,
@@ -150,19 +150,21 @@ def test_load_tokenizer_needs_tokenizer_files(tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
 
 
-def test_ensure_smartpath_tokens_adds_missing_ones_once() -> None:
+def test_prepare_tokenizer_adds_only_the_slide_pad_once() -> None:
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     raw.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
     foreign = PreTrainedTokenizerFast(tokenizer_object=raw)
-    with pytest.raises(ValueError, match="ensure_smartpath_tokens"):
+    with pytest.raises(ValueError, match=r"not a Qwen2\.5-VL tokenizer prepared for SmartPath"):
         token_ids(foreign, [SLIDE_PAD])
     before = len(foreign)
-    added = ensure_smartpath_tokens(foreign)
-    assert sorted(added) == sorted(ALL_CONTROL)
-    assert len(foreign) == before + len(ALL_CONTROL)
-    assert len(token_ids(foreign, ALL_CONTROL)) == len(ALL_CONTROL)
-    assert ensure_smartpath_tokens(foreign) == []
+    assert prepare_tokenizer(foreign) is True
+    assert len(foreign) == before + 1
+    assert token_ids(foreign, [SLIDE_PAD])[SLIDE_PAD] == before
+    assert prepare_tokenizer(foreign) is False and len(foreign) == before + 1
     assert SLIDE_PAD in foreign.all_special_tokens
-    assert THINK_START not in foreign.all_special_tokens
+    # The grammar tags stay plain text: several ids, kept by decode(skip_special_tokens=True).
+    ids = foreign.encode(f"{THINK_START}x{ANSWER_END}", add_special_tokens=False)
+    assert len(ids) > 2
+    assert foreign.decode(ids, skip_special_tokens=True) == f"{THINK_START}x{ANSWER_END}"

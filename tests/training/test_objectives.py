@@ -250,3 +250,21 @@ def test_sft_loss_weighs_every_sequence_equally() -> None:
     assert not torch.allclose(sft_loss(logits, labels), token_mean)
     labels[0] = IGNORE_INDEX  # a row without completion counts 0 but stays in the mean
     assert torch.allclose(sft_loss(logits, labels), nll[1, 1:].mean() / 2)
+
+
+def test_sft_loss_gradient_equals_the_full_vocabulary_formulation() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 10, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 10))
+    labels[0, :6] = IGNORE_INDEX
+    labels[1, :] = IGNORE_INDEX  # no completion at all
+    labels[2, :3] = IGNORE_INDEX
+    sft_loss(logits, labels).backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    mask = labels[:, 1:] != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, labels[:, 1:].clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    (nll.sum(1) / mask.sum(1).clamp_min(1)).mean().backward()
+    assert torch.allclose(grad, logits.grad, atol=1e-7)
+    assert bool((grad[1] == 0).all()) and bool((grad[:, -1] == 0).all())

@@ -3,6 +3,7 @@ advantages, and the policy batch's log-probs against the generation."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,13 @@ from smartpath.core.config.model import ModelConfig
 from smartpath.core.config.training import GrpoConfig
 from smartpath.model.base import base_from_config
 from smartpath.model.grammar import Task, format_completion
+from smartpath.model.logprobs import sequence_logprobs
 from smartpath.model.mllm import IGNORE_INDEX, SmartPathModel
 from smartpath.model.vision import make_image_processor
 from smartpath.training.collate import Collator
 from smartpath.training.data import load_items
+from smartpath.training.engine import trainable_parameters
+from smartpath.training.grpo import ReferencePolicy, grpo_update
 from smartpath.training.manifest import sample_task
 from smartpath.training.objectives import group_advantages
 from smartpath.training.rewards import format_reward, task_reward
@@ -144,3 +148,43 @@ def test_rewards_by_name(setup) -> None:
     assert format_only.tolist() == format_reward(texts) and torch.equal(still_task, task)
     with pytest.raises(ValueError, match=r"unknown reward\(s\) 'exact'; known rewards: "):
         score(texts, samples, {"task": 1.0, "exact": 1.0})
+
+
+def test_completion_logprobs_equal_the_full_sequence_ones(setup) -> None:
+    model, collator, prompts = setup
+    rolls = rollout(model, collator, prompts, group_size=2, max_new_tokens=6, temperature=1.0,
+                    seed=3)  # fmt: skip
+    batch, labels = policy_batch(collator, rolls)
+    with torch.no_grad():
+        full = model(batch, labels=labels)
+        for temperature in (1.0, 0.7):
+            logprobs, mask, aux = completion_logprobs(model, batch, labels, temperature)
+            expected = sequence_logprobs(full.logits / temperature, batch.input_ids, mask)
+            assert torch.allclose(logprobs, expected, atol=1e-5)
+            assert torch.equal(aux, full.aux_loss)
+
+
+def test_grpo_update_against_the_trainable_parameter_reference(setup) -> None:
+    model, collator, prompts = setup
+    policy = copy.deepcopy(model)
+    params = trainable_parameters(policy, train_base=False)
+    reference = ReferencePolicy(policy)
+    assert reference.numel == sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=5e-2)
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    g = GrpoConfig(group_size=3, max_new_tokens=8, kl_beta=0.1)
+    kls = []
+    for i in range(3):
+        rolls = rollout(policy, collator, prompts, group_size=3, max_new_tokens=8,
+                        temperature=1.5, seed=10 + i)  # fmt: skip
+        _, stats = grpo_update(
+            policy, policy, reference, collator, rolls, g, backward=lambda x: x.backward(),
+            step=step,
+        )  # fmt: skip
+        kls.append(float(stats["kl"]))
+    # The policy starts as its reference (KL exactly 0), then moves away from it.
+    assert kls[0] == 0.0 and kls[-1] > 0.0

@@ -333,6 +333,11 @@ RayService or a ConfigMap. HOME and the cache folders are the image's (docker/Do
 {{- define "smartpath.env" -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+# Ray no longer sets CUDA_VISIBLE_DEVICES for workers given no GPU (ray-project/ray#54868), so a
+# replica with num_gpus 0 on a GPU worker would see the pod's GPUs and config.model.device "auto"
+# would load it onto a GPU another replica holds. "1" makes Ray hide them (CUDA_VISIBLE_DEVICES="").
+- name: RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO
+  value: "1"
 - name: SMARTPATH_STORAGE__ENDPOINT
   value: {{ include "smartpath.storage.endpoint" . | quote }}
 - name: SMARTPATH_STORAGE__SECURE
@@ -357,8 +362,9 @@ RayService or a ConfigMap. HOME and the cache folders are the image's (docker/Do
 {{- end }}
 
 {{/*
-smartpath.volumes: volumes of a SmartPath pod (dict "root" $ "configMap" NAME "auth" BOOL): the
-config file, the tokens file (auth), and an emptyDir at each writable path of the read-only image.
+smartpath.volumes: volumes of a SmartPath pod (dict "root" $ "configMap" NAME "auth" BOOL
+"modelCache" BOOL): the config file, the tokens file (auth), an emptyDir at each writable path of
+the read-only image, and the model cache (modelCache: an emptyDir, or modelCache.existingClaim).
 "ray-logs" is KubeRay's own name for /tmp/ray: the autoscaler sidecar KubeRay adds to the head
 then mounts this same volume (it shares Ray's logs) instead of a second one.
 */}}
@@ -391,6 +397,18 @@ then mounts this same volume (it shares Ray's logs) instead of a second one.
 - name: cache
   emptyDir:
     sizeLimit: {{ $v.cache.sizeLimit }}
+{{- if .modelCache }}
+{{- with .root.Values.modelCache }}
+- name: model-cache
+  {{- if .existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .existingClaim }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .sizeLimit }}
+  {{- end }}
+{{- end }}
+{{- end }}
 # Ray's object store and NCCL use /dev/shm; a container's default is 64 MiB.
 - name: dshm
   emptyDir:
@@ -401,7 +419,8 @@ then mounts this same volume (it shares Ray's logs) instead of a second one.
 {{- end }}
 
 {{/*
-smartpath.volumeMounts: mounts matching smartpath.volumes (dict "root" $ "auth" BOOL).
+smartpath.volumeMounts: mounts matching smartpath.volumes (dict "root" $ "auth" BOOL "modelCache"
+BOOL). The model cache is mounted inside ~/.smartpath (see smartpath.modelCache.initContainer).
 */}}
 {{- define "smartpath.volumeMounts" -}}
 - name: config
@@ -420,22 +439,107 @@ smartpath.volumeMounts: mounts matching smartpath.volumes (dict "root" $ "auth" 
   mountPath: /home/smartpath/.smartpath
 - name: cache
   mountPath: /home/smartpath/.cache
+{{- if .modelCache }}
+- name: model-cache
+  mountPath: {{ include "smartpath.modelCache.path" .root }}
+{{- end }}
 - name: dshm
   mountPath: /dev/shm
 {{- end }}
 
 {{/*
-smartpath.resources: container resources with `gpus` NVIDIA GPUs added to requests and limits
-(dict "resources" MAP "gpus" N).
+smartpath.resources: container resources with `gpus` NVIDIA GPUs and, when set, `ephemeralStorage`
+of local disk added to requests and limits (dict "resources" MAP "gpus" N "ephemeralStorage" QTY).
 */}}
 {{- define "smartpath.resources" -}}
 {{- $res := deepCopy (.resources | default dict) }}
+{{- $add := dict }}
 {{- if gt (int .gpus) 0 }}
-{{- $gpu := dict "nvidia.com/gpu" (toString (int .gpus)) }}
-{{- $_ := set $res "requests" (merge (deepCopy $gpu) ($res.requests | default dict)) }}
-{{- $_ := set $res "limits" (merge (deepCopy $gpu) ($res.limits | default dict)) }}
+{{- $_ := set $add "nvidia.com/gpu" (toString (int .gpus)) }}
+{{- end }}
+{{- with .ephemeralStorage }}
+{{- $_ := set $add "ephemeral-storage" (toString .) }}
+{{- end }}
+{{- if $add }}
+{{- $_ := set $res "requests" (merge (deepCopy $add) ($res.requests | default dict)) }}
+{{- $_ := set $res "limits" (merge (deepCopy $add) ($res.limits | default dict)) }}
 {{- end }}
 {{- toYaml $res }}
+{{- end }}
+
+{{/* ============================== model cache and local disk ============================== */}}
+
+{{/*
+smartpath.modelCache.path: where checkpoints downloaded from object storage are cached
+(smartpath.model.checkpoint.DEFAULT_CACHE_DIR under the image's HOME).
+*/}}
+{{- define "smartpath.modelCache.path" -}}
+/home/smartpath/.smartpath/cache/models
+{{- end }}
+
+{{/*
+smartpath.modelCache.initContainer: creates the model cache's mount point in the ~/.smartpath
+emptyDir as the image's user. Left to the container runtime, the folders of a nested mount point
+are made by root, and ~/.smartpath/cache (where the slide cache lives too) would not be writable.
+*/}}
+{{- define "smartpath.modelCache.initContainer" -}}
+- name: smartpath-dirs
+  image: {{ include "smartpath.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["mkdir", "-p", {{ include "smartpath.modelCache.path" . | quote }}]
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      cpu: 100m
+      memory: 64Mi
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: smartpath-home
+      mountPath: /home/smartpath/.smartpath
+{{- end }}
+
+{{/*
+smartpath.headRunsReplicas: "true" when Serve replicas can run on the head, i.e. unless
+head.rayStartParams sets num-cpus to 0 (without it KubeRay gives the head its CPU limit).
+*/}}
+{{- define "smartpath.headRunsReplicas" -}}
+{{- $cpus := toString (get (.Values.head.rayStartParams | default dict) "num-cpus") }}
+{{- if or (eq $cpus "") (ne (float64 $cpus) 0.0) }}true{{ end }}
+{{- end }}
+
+{{/*
+smartpath.quantityBytes: a storage quantity ("20Gi", "512Mi", "1.5G") in bytes (a float).
+*/}}
+{{- define "smartpath.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+([.][0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 }}
+{{- if or (not $num) (not (hasKey $units $unit)) }}
+{{- fail (printf "%q is not a storage quantity such as 20Gi" $q) }}
+{{- end }}
+{{- mulf (float64 $num) (get $units $unit) }}
+{{- end }}
+
+{{/*
+smartpath.podDiskBytes: bytes of the disk-backed emptyDirs of a SmartPath pod (dict "root" $
+"modelCache" BOOL): volumes.tmp, rayTmp, home and cache, plus modelCache.sizeLimit when the model
+cache is mounted as an emptyDir. /dev/shm is memory-backed and counts against memory instead.
+*/}}
+{{- define "smartpath.podDiskBytes" -}}
+{{- $v := .root.Values.volumes }}
+{{- $sizes := list $v.tmp.sizeLimit $v.rayTmp.sizeLimit $v.home.sizeLimit $v.cache.sizeLimit }}
+{{- if and .modelCache (not .root.Values.modelCache.existingClaim) }}
+{{- $sizes = append $sizes .root.Values.modelCache.sizeLimit }}
+{{- end }}
+{{- $sum := 0.0 }}
+{{- range $sizes }}
+{{- $sum = addf $sum (include "smartpath.quantityBytes" . | float64) }}
+{{- end }}
+{{- $sum }}
 {{- end }}
 
 {{/*
@@ -452,9 +556,10 @@ smartpath.rayStartParams: a rayStartParams map with every value quoted (the CRD 
 {{/*
 smartpath.rayPodTemplate: the pod template of a Ray head or worker (dict "root" $ "component" C
 "container" NAME "head" BOOL "resources" MAP "gpus" N "ports" LIST "group" MAP-with-scheduling
-"configMap" NAME "auth" BOOL). Container 0 is the Ray container (KubeRay adds `ray start` as its
-command). The head mounts the ServiceAccount token when the autoscaler sidecar runs (it patches
-the RayCluster); other pods do not need the Kubernetes API.
+"configMap" NAME "auth" BOOL, and optionally "ephemeralStorage" QTY "modelCache" BOOL). Container
+0 is the Ray container (KubeRay adds `ray start` as its command). The head mounts the
+ServiceAccount token when the autoscaler sidecar runs (it patches the RayCluster); other pods do
+not need the Kubernetes API.
 */}}
 {{- define "smartpath.rayPodTemplate" -}}
 {{- $root := .root -}}
@@ -490,6 +595,10 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- if .modelCache }}
+  initContainers:
+    {{- include "smartpath.modelCache.initContainer" $root | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ .container }}
       image: {{ include "smartpath.image" $root }}
@@ -501,13 +610,13 @@ spec:
       env:
         {{- include "smartpath.env" $root | nindent 8 }}
       resources:
-        {{- include "smartpath.resources" (dict "resources" .resources "gpus" .gpus) | nindent 8 }}
+        {{- include "smartpath.resources" (dict "resources" .resources "gpus" .gpus "ephemeralStorage" .ephemeralStorage) | nindent 8 }}
       securityContext:
         {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
       volumeMounts:
-        {{- include "smartpath.volumeMounts" (dict "root" $root "auth" .auth) | nindent 8 }}
+        {{- include "smartpath.volumeMounts" (dict "root" $root "auth" .auth "modelCache" .modelCache) | nindent 8 }}
   volumes:
-    {{- include "smartpath.volumes" (dict "root" $root "configMap" .configMap "auth" .auth) | nindent 4 }}
+    {{- include "smartpath.volumes" (dict "root" $root "configMap" .configMap "auth" .auth "modelCache" .modelCache) | nindent 4 }}
 {{- end }}
 
 {{/* ============================== checks ============================== */}}
@@ -522,6 +631,21 @@ smartpath.validate: combinations values.schema.json cannot express; fails the re
 {{- $d := get $serve $app | default dict }}
 {{- if and (gt (float64 ($d.num_gpus | default 0)) 0.0) (not $.Values.workers.gpu.enabled) }}
 {{- fail (printf "config.serve.%s.num_gpus is %v but workers.gpu.enabled=false: no Ray node has a GPU, so its replicas would never start. Enable the GPU worker group or set num_gpus to 0." $app $d.num_gpus) }}
+{{- end }}
+{{- end }}
+{{- /* Each Ray pod's ephemeral-storage covers the emptyDirs it mounts (else the kubelet may evict
+  it before any one volume reaches its sizeLimit, and the scheduler would under-count its disk). */}}
+{{- $pods := list (dict "key" "head.ephemeralStorage" "size" .Values.head.ephemeralStorage "modelCache" (eq (include "smartpath.headRunsReplicas" .) "true")) }}
+{{- range $kind := list "cpu" "gpu" }}
+{{- $group := get $.Values.workers $kind }}
+{{- if $group.enabled }}
+{{- $pods = append $pods (dict "key" (printf "workers.%s.ephemeralStorage" $kind) "size" $group.ephemeralStorage "modelCache" true) }}
+{{- end }}
+{{- end }}
+{{- range $pod := $pods }}
+{{- $need := include "smartpath.podDiskBytes" (dict "root" $ "modelCache" $pod.modelCache) | float64 }}
+{{- if lt (include "smartpath.quantityBytes" $pod.size | float64) $need }}
+{{- fail (printf "%s=%v is less than the %.2fGi of emptyDirs its pod mounts (volumes.tmp/rayTmp/home/cache.sizeLimit%s): raise it or lower those sizes" $pod.key $pod.size (divf $need 1073741824) (ternary " + modelCache.sizeLimit" "" (and $pod.modelCache (not $.Values.modelCache.existingClaim)))) }}
 {{- end }}
 {{- end }}
 {{- if not (or .Values.workers.cpu.enabled .Values.workers.gpu.enabled) }}
