@@ -43,6 +43,7 @@ from smartpath.training.engine import enable_gradient_checkpointing
 from smartpath.training.objectives import sft_loss
 
 QWEN_ROWS = 152064  # Qwen2.5-VL-7B's embedding rows
+SFT_TOKENS = 1800  # tokens per SFT row: a 1 MP ROI (1296 tokens), instructions and an answer
 
 
 def model_config(shapes: str) -> ModelConfig:
@@ -149,7 +150,7 @@ def decode_throughput(model: SmartPathModel, device: torch.device, repeats: int)
     experts = model.cfg.experts
     for b in (1, 8, 32):
         rng = np.random.default_rng(b)
-        rows = [rng.integers(300, 1000, 64).tolist() for _ in range(b)]
+        rows = [rng.integers(300, len(tok) - 30, 64).tolist() for _ in range(b)]
         ids, mask = left_padded(rows, tok.pad_token_id)
         batch = MultimodalBatch(
             input_ids=ids,
@@ -218,8 +219,9 @@ def sft_peak_memory(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) 
         prompt = question_ids(
             model.tokenizer, text, slide=False, visual_tokens=roi.num_image_tokens
         )
-        answer = model.tokenizer("<answer>" + "tumour cells " * 200 + "</answer>")["input_ids"]
-        row = prompt + answer  # ~1.8k tokens
+        unit = model.tokenizer("tumour cells ")["input_ids"]
+        answer = unit * max(1, (SFT_TOKENS - len(prompt)) // len(unit))
+        row = prompt + answer  # ~SFT_TOKENS tokens
         for b in (1, 2, 4):
             ids = torch.tensor([row] * b)
             labels = ids.clone()
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
     }
     model = build(cfg, device, dtype)
-    result["parameters_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+    result["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     with torch.no_grad():
         result.update(check_generation(model, device))
         result["decode"] = decode_throughput(model, device, args.repeats)

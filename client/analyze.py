@@ -151,6 +151,7 @@ def summary(analysis: pathology_pb2.Analysis, paths: dict[str, Path]) -> dict:
     }
     if analysis.label:
         out["label"] = analysis.label
+    if analysis.label_scores:  # also when the answer did not parse: P(label) by scoring
         out["label_scores"] = {s.label: round(s.score, 3) for s in analysis.label_scores}
     if analysis.detections:
         out["detections"] = len(analysis.detections)

@@ -271,3 +271,16 @@ def test_generation_matches_transformers_at_full_width(
     got = model.generate(batch, max_new_tokens=max_new, eos_token_id=IM_END)
     assert got == want
     assert all(len(g) >= 1 for g in got)
+
+
+def test_service_sizes_are_what_each_part_loads(tiny_ckpt: Path) -> None:
+    from smartpath.model.sizes import parameter_counts, service_parameters, serving_table
+
+    cfg = load_checkpoint(tiny_ckpt)[1].model
+    counted = service_parameters(parameter_counts(cfg))
+    for service, parts in {"encoder": ("vision",), "router": ("router",),
+                           "decoder": ("language",)}.items():  # fmt: skip
+        model = SmartPathModel.load(tiny_ckpt, parts=parts)
+        assert counted[service] == sum(p.numel() for p in model.parameters()), service
+    table = serving_table(cfg, "bfloat16")
+    assert f"| decoder | {counted['decoder'] / 1e6:,.2f} M |" in table
