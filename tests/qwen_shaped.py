@@ -212,7 +212,18 @@ def write_qwen_base(
     config = qwen_config(size, text_layers, vision_layers, **text_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        if text_layers > 4:  # full depth: initialise in bfloat16 (a float32 3B is 15 GB)
+            with torch.device("meta"):
+                model = Qwen2_5_VLForConditionalGeneration(config)
+            model.to_empty(device="cpu")
+            for name, param in model.named_parameters():
+                param.data = param.data.to(torch.bfloat16)
+                if "norm" in name:
+                    param.data.fill_(1.0)
+                else:
+                    param.data.normal_(0.0, 0.02)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration(config)
     model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
     del model
     if legacy_keys:

@@ -57,7 +57,8 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    finished: bool = False
+    finished: bool = False  # no more tokens for it (stopped, at its limit, gone or expired)
+    answered: bool = False  # its final event or error was sent
     gone: bool = False  # the caller stopped listening
 
     def expired(self) -> bool:
@@ -236,8 +237,8 @@ class BatchDecoder:
             self._run(jobs)
         except BaseException as e:  # a bug must fail these requests, never the replica
             for job in jobs:
-                if not job.finished:
-                    job.finished = True
+                if not job.answered:  # also one that finished generating but awaits its scores
+                    job.finished = job.answered = True
                     job.send(e)
 
     # -- one batch (worker thread) -----------------------------------------------------------
@@ -340,6 +341,7 @@ class BatchDecoder:
         text = self._completion(job)
         tail = text[len(job.text) :]
         stopped = bool(job.ids) and job.ids[-1] == self.eos_id
+        job.answered = True
         job.send(
             DecodeEvent(
                 text_delta=tail,

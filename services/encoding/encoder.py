@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from smartpath.core.config import StorageConfig
 from smartpath.core.storage import ObjectStore
@@ -50,11 +51,24 @@ class VisualEncoder:
         self.processor = make_image_processor(
             vision, min_pixels=min(vision.min_pixels, self.max_pixels), max_pixels=self.max_pixels
         )
+        self.max_image_tokens = max_image_tokens
         self.max_batch_tokens = max_batch_tokens
 
     def prepare(self, image: np.ndarray) -> RoiInput:
-        """Resize and patchify one ROI (cheap; done per request before batching)."""
-        return prepare_roi(image, self.processor)
+        """Resize and patchify one ROI (cheap; done per request before batching).
+
+        Qwen's resize keeps the short side at least one token (28 px) high, so an ROI longer
+        and thinner than the token budget is squeezed along its long side to fit."""
+        roi = prepare_roi(image, self.processor)
+        if roi.num_image_tokens <= self.max_image_tokens:
+            return roi
+        side = self.model.cfg.vision.factor
+        h, w = np.asarray(image).shape[:2]
+        size = (
+            (side * self.max_image_tokens, side) if w >= h else (side, side * self.max_image_tokens)
+        )
+        squeezed = np.asarray(Image.fromarray(np.asarray(image)).resize(size, Image.BICUBIC))
+        return prepare_roi(squeezed, self.processor)
 
     def _token_batches(self, rois: Sequence[RoiInput]) -> Iterator[Sequence[RoiInput]]:
         start, tokens = 0, 0

@@ -4,6 +4,7 @@ checked token for token against transformers' own ``generate`` at the 3B and 7B 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,36 @@ def test_service_sizes_are_what_each_part_loads(tiny_ckpt: Path) -> None:
         assert counted[service] == sum(p.numel() for p in model.parameters()), service
     table = serving_table(cfg, "bfloat16")
     assert f"| decoder | {counted['decoder'] / 1e6:,.2f} M |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SMARTPATH_SLOW"), reason="set SMARTPATH_SLOW=1")
+def test_full_depth_3b_in_bfloat16_on_cpu(qwen_base, tmp_path: Path) -> None:
+    """The whole Qwen2.5-VL-3B (36 text, 32 vision layers; ~7.5 GB in bfloat16) loads and
+    decodes on CPU, as transformers does."""
+    base = qwen_base("3b", text_layers=36, vision_layers=32)
+    init_checkpoint(base, tmp_path / "ckpt", preset="qwen2.5-vl-3b")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt" / "tokenizer"))
+    prompt = tok("<|im_start|>user\nIs this tumour?<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([prompt["input_ids"]])
+    model = SmartPathModel.load(tmp_path / "ckpt", dtype="bfloat16")
+    assert model.cfg.text.num_layers == 36 and model.cfg.vision.depth == 32
+    batch = MultimodalBatch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        task_ids=torch.tensor([int(Task.VQA)]),
+        scale_ids=torch.tensor([int(Scale.ROI)]),
+    )
+    with torch.no_grad():
+        ours = model(batch).logits[0, -1].float()
+    got = model.generate(batch, max_new_tokens=4, eos_token_id=IM_END)[0]
+    del model
+    gc.collect()
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(base), dtype=torch.bfloat16, local_files_only=True, use_safetensors=True
+    ).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+    theirs = theirs.float()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert len(got) == 4 and got[0] == int(theirs.argmax())
