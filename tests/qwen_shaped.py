@@ -222,6 +222,8 @@ def write_qwen_base(
                     param.data.fill_(1.0)
                 else:
                     param.data.normal_(0.0, 0.02)
+            if config.tie_word_embeddings:  # to_empty gave the head its own storage
+                model.lm_head.weight = model.model.language_model.embed_tokens.weight
         else:
             model = Qwen2_5_VLForConditionalGeneration(config)
     model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)

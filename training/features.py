@@ -202,7 +202,7 @@ def _usable(path: Path) -> bool:
 def featurize_manifest(
     manifest: str | Path,
     *,
-    encoder_name: str = "stain-stats-v1",
+    encoder: TileEncoder | str = "stain-stats-v1",
     mpp: float = DEFAULT_MPP,
     tile_size: int = DEFAULT_TILE_SIZE,
     min_tissue: float = DEFAULT_MIN_TISSUE,
@@ -214,13 +214,15 @@ def featurize_manifest(
     Feature files go to ``out_dir`` (default ``<manifest folder>/features``) and are reused
     when their cache key (slide name, size, mtime; encoder, mpp, tile size, min tissue) matches.
     The new manifest's WSI samples reference them by path relative to the manifest.
+    ``encoder`` is a built-in encoder's name or a loaded one (e.g. a learned encoder from
+    :func:`smartpath.model.tile_encoder.tile_encoder_for` on the model's config).
     """
     if isinstance(manifest, str) and manifest.startswith("s3://"):
         raise ValueError("featurize_manifest reads local manifests only, got an s3:// URI")
     manifest_path = Path(manifest).expanduser().absolute()
     base = manifest_path.parent
     out = Path(out_dir).expanduser().absolute() if out_dir is not None else base / "features"
-    encoder = make_tile_encoder(encoder_name)
+    encoder = make_tile_encoder(encoder) if isinstance(encoder, str) else encoder
     samples = read_manifest(manifest_path)
 
     slides: dict[Path, Path] = {}  # resolved slide path -> feature file

@@ -170,3 +170,50 @@ def test_the_same_checkpoint_serves_with_the_same_answers(
         assert a == b
         assert scores_a.keys() == scores_b.keys()
         assert all(scores_a[k] == pytest.approx(scores_b[k], abs=2e-3) for k in scores_a)
+
+
+def test_a_learned_tile_encoder_travels_with_the_checkpoint(
+    qwen_base, inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from smartpath.model.checkpoint import load_checkpoint
+    from smartpath.model.tile_encoder import tile_encoder_for
+    from smartpath.training.features import featurize_manifest
+    from smartpath.training.manifest import WsiSample, read_manifest, write_manifest
+
+    vit_dir = tmp_path / "vit"
+    vit = ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, image_size=32, patch_size=8)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ViTModel(vit).save_pretrained(str(vit_dir), safe_serialization=True)
+    base = qwen_base("tiny")
+    capsys.readouterr()
+    config = _config(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    assert main(["--config", str(config), "model", "init", "--base", str(base), "--out",
+                 str(ckpt), "--tile-encoder", str(vit_dir)]) == 0  # fmt: skip
+    made = json.loads(capsys.readouterr().out)
+    assert made["tile_encoder"].startswith("vit:")
+    cfg = load_checkpoint(ckpt)[1].model
+    assert cfg.aggregator.feature_dim == 48 and cfg.tile_encoder_path == str(vit_dir)
+
+    # Training features are made with the same encoder, named in the feature files.
+    _, slide = inputs
+    manifest = tmp_path / "wsi.jsonl"
+    write_manifest([WsiSample(id="s", slide=str(slide), task="classification",
+                              labels=["a", "b"], target="a")], manifest)  # fmt: skip
+    encoder = tile_encoder_for(cfg)
+    rows = read_manifest(featurize_manifest(manifest, encoder=encoder, progress=False))
+    from smartpath.model.slide_features import load_features
+
+    feats = load_features(manifest.parent / rows[0].features)
+    assert feats.encoder == made["tile_encoder"] and feats.features.shape[1] == 48
+
+    # Serving encodes the slide's tiles with it.
+    cli = ["--config", str(config), "--local", "--model", str(ckpt)]
+    assert main([*cli[:2], "analyze", str(slide), "--task", "vqa", "--prompt", "?", *cli[2:],
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["tiles"] > 0

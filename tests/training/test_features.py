@@ -235,7 +235,7 @@ def test_featurize_manifest_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         featurize_manifest(manifest, progress=False)
     with pytest.raises(ValueError, match="unknown tile encoder"):
-        featurize_manifest(manifest, encoder_name="nope", progress=False)
+        featurize_manifest(manifest, encoder="nope", progress=False)
 
 
 def test_featurize_manifest_out_dir_and_broken_slide(slide: Path, tmp_path: Path) -> None:
