@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from smartpath.client.rpc import slide_event, slide_request
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.services.gateway.service import model_info_response
 from smartpath.services.local import local_pipeline
 from smartpath.services.tiling.service import describe_response, plan_message, tile_request
-from smartpath.v1 import common_pb2, pathology_pb2, tiling_pb2
+from smartpath.v1 import pathology_pb2, tiling_pb2
 
 
 class LocalSession:
@@ -66,16 +67,12 @@ class LocalSession:
         on_progress: Callable[[pathology_pb2.Progress], None] | None = None,
     ) -> pathology_pb2.Analysis:
         """AnalyzeSlide; progress events go to ``on_progress``, the analysis is returned."""
-        request = pathology_pb2.AnalyzeSlideRequest(
-            slide=common_pb2.SlideRef(uri=uri, mpp_override=mpp_override), question=q
-        )
+        request = slide_request(uri, q, mpp_override)
 
         async def run() -> pathology_pb2.Analysis:
             async for event in self.pipeline.analyze_slide(request, request_id=_request_id()):
-                if event.HasField("analysis"):
-                    return event.analysis
-                if on_progress is not None:
-                    on_progress(event.progress)
+                if (analysis := slide_event(event, on_progress)) is not None:
+                    return analysis
             raise RuntimeError("AnalyzeSlide ended without an analysis")
 
         return self._runner.run(run())

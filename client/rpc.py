@@ -104,16 +104,32 @@ class PathologyClient:
         on_progress: Callable[[pathology_pb2.Progress], None] | None = None,
     ) -> pathology_pb2.Analysis:
         """AnalyzeSlide; progress events go to ``on_progress``, the analysis is returned."""
-        request = pathology_pb2.AnalyzeSlideRequest(
-            slide=common_pb2.SlideRef(uri=uri, mpp_override=mpp_override), question=q
-        )
+        request = slide_request(uri, q, mpp_override)
         stream = self.stub.AnalyzeSlide(request, metadata=self.metadata, timeout=self.timeout_s)
         for event in stream:
-            if event.HasField("analysis"):
-                return event.analysis
-            if on_progress is not None:
-                on_progress(event.progress)
+            if (analysis := slide_event(event, on_progress)) is not None:
+                return analysis
         raise RuntimeError("AnalyzeSlide ended without an analysis")
+
+
+def slide_request(
+    uri: str, q: pathology_pb2.Question, mpp_override: float = 0.0
+) -> pathology_pb2.AnalyzeSlideRequest:
+    """An AnalyzeSlideRequest message."""
+    slide = common_pb2.SlideRef(uri=uri, mpp_override=mpp_override)
+    return pathology_pb2.AnalyzeSlideRequest(slide=slide, question=q)
+
+
+def slide_event(
+    event: pathology_pb2.AnalyzeSlideResponse,
+    on_progress: Callable[[pathology_pb2.Progress], None] | None,
+) -> pathology_pb2.Analysis | None:
+    """The analysis an AnalyzeSlide event carries, else None after passing on its progress."""
+    if event.HasField("analysis"):
+        return event.analysis
+    if on_progress is not None:
+        on_progress(event.progress)
+    return None
 
 
 class TilerClient:

@@ -71,8 +71,85 @@ _PART_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 
 
+# What a checkpoint's weights must agree on with the config (the rest only shapes behaviour).
+_CHECKED_TEXT = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+_CHECKED_VISION = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "spatial_merge_size",
+    "temporal_patch_size",
+)
+
+
 class BaseModelMismatchError(ValueError):
     """A base checkpoint whose config disagrees with the ModelConfig or the tokenizer."""
+
+
+# (SmartPath size field, transformers config field): the two spellings of the base's sizes.
+TEXT_FIELDS = (
+    ("vocab_size", "vocab_size"),
+    ("hidden_size", "hidden_size"),
+    ("num_layers", "num_hidden_layers"),
+    ("num_heads", "num_attention_heads"),
+    ("num_kv_heads", "num_key_value_heads"),
+    ("intermediate_size", "intermediate_size"),
+    ("max_position_embeddings", "max_position_embeddings"),
+    ("rms_norm_eps", "rms_norm_eps"),
+)
+VISION_FIELDS = (
+    ("depth", "depth"),
+    ("hidden_size", "hidden_size"),
+    ("intermediate_size", "intermediate_size"),
+    ("num_heads", "num_heads"),
+    ("patch_size", "patch_size"),
+    ("spatial_merge_size", "spatial_merge_size"),
+    ("temporal_patch_size", "temporal_patch_size"),
+    ("window_size", "window_size"),
+    ("fullatt_block_indexes", "fullatt_block_indexes"),
+)
+
+
+def qwen_config(
+    cfg: ModelConfig, vocab_size: int, ids: dict[str, int] | None = None
+) -> Qwen2_5_VLConfig:
+    """The transformers config of ``cfg``'s sizes with ``vocab_size`` embedding rows, wired to
+    the control-token ``ids`` when given (sizes alone suffice to count parameters)."""
+    t, v = cfg.text, cfg.vision
+    ids = ids or {}
+    return Qwen2_5_VLConfig(
+        text_config={
+            **{hf: getattr(t, ours) for ours, hf in TEXT_FIELDS},
+            "vocab_size": vocab_size,
+            "max_window_layers": t.num_layers,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": t.rope_theta,
+                "mrope_section": t.mrope_section,
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids.get(IM_END),
+            "pad_token_id": ids.get(ENDOFTEXT),
+        },
+        vision_config={
+            **{hf: getattr(v, ours) for ours, hf in VISION_FIELDS},
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "out_hidden_size": t.hidden_size,
+        },
+        tie_word_embeddings=t.tie_word_embeddings,
+        **{
+            field: ids[token]
+            for field, token in [
+                ("image_token_id", IMAGE_PAD),
+                ("video_token_id", VIDEO_PAD),
+                ("vision_start_token_id", VISION_START),
+                ("vision_end_token_id", VISION_END),
+                ("slide_token_id", SLIDE_PAD),
+            ]
+            if token in ids
+        },
+    )
 
 
 def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
@@ -81,46 +158,21 @@ def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_V
         tokenizer,
         [ENDOFTEXT, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, SLIDE_PAD],
     )
-    t, v = cfg.text, cfg.vision
-    return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "max_window_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": t.rope_theta,
-                "mrope_section": t.mrope_section,
-            },
-            "bos_token_id": None,
-            "eos_token_id": ids[IM_END],
-            "pad_token_id": ids[ENDOFTEXT],
+    return qwen_config(cfg, len(tokenizer), ids)
+
+
+def sizes_of(config: Qwen2_5_VLConfig) -> dict[str, dict[str, Any]]:
+    """``text``/``vision`` sizes of a ModelConfig, read from a checkpoint's config."""
+    t, v = config.text_config, config.vision_config
+    rope = t.rope_parameters or {}
+    return {
+        "text": {
+            **{ours: getattr(t, hf) for ours, hf in TEXT_FIELDS},
+            "rope_theta": float(rope.get("rope_theta", 1_000_000.0)),
+            "tie_word_embeddings": bool(config.tie_word_embeddings),
         },
-        vision_config={
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
-            "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            "out_hidden_size": t.hidden_size,
-        },
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        slide_token_id=ids[SLIDE_PAD],
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
+        "vision": {ours: getattr(v, hf) for ours, hf in VISION_FIELDS},
+    }
 
 
 def build_base_model(
@@ -252,22 +304,12 @@ def check_hf_config(
             problems.append(f"{what} is {got!r} in the checkpoint but {want!r} in the config")
 
     if cfg is not None:
-        text, vision = config.text_config, config.vision_config
-        same("text.hidden_size", text.hidden_size, cfg.text.hidden_size)
-        same("text.num_layers", text.num_hidden_layers, cfg.text.num_layers)
-        same("text.num_heads", text.num_attention_heads, cfg.text.num_heads)
-        same("text.num_kv_heads", text.num_key_value_heads, cfg.text.num_kv_heads)
-        same("text.intermediate_size", text.intermediate_size, cfg.text.intermediate_size)
-        same("vision.depth", vision.depth, cfg.vision.depth)
-        same("vision.hidden_size", vision.hidden_size, cfg.vision.hidden_size)
-        same("vision.num_heads", vision.num_heads, cfg.vision.num_heads)
-        same("vision.patch_size", vision.patch_size, cfg.vision.patch_size)
-        same("vision.spatial_merge_size", vision.spatial_merge_size, cfg.vision.spatial_merge_size)
-        same(
-            "vision.temporal_patch_size",
-            vision.temporal_patch_size,
-            cfg.vision.temporal_patch_size,
-        )
+        checked = {"text": _CHECKED_TEXT, "vision": _CHECKED_VISION}
+        sizes = sizes_of(config)
+        for part, fields in checked.items():
+            want = getattr(cfg, part)
+            for field in fields:
+                same(f"{part}.{field}", sizes[part][field], getattr(want, field))
     if tokenizer is not None:
         ids = token_ids(tokenizer, [IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END])
         same("image_token_id", config.image_token_id, ids[IMAGE_PAD])

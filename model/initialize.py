@@ -33,6 +33,7 @@ from smartpath.model.base import (
     is_s3_uri,
     load_base_model,
     read_hf_config,
+    sizes_of,
 )
 from smartpath.model.checkpoint import Manifest
 from smartpath.model.mllm import SmartPathModel
@@ -40,37 +41,6 @@ from smartpath.model.tile_encoder import load_hf_tile_encoder, make_tile_encoder
 from smartpath.model.tokenizer import load_tokenizer, prepare_tokenizer
 
 GENERIC_PRESET = "qwen2.5-vl"
-
-
-def sizes_of(config: Qwen2_5_VLConfig) -> dict[str, dict[str, Any]]:
-    """``text``/``vision`` sizes of a ModelConfig, read from a checkpoint's config."""
-    t, v = config.text_config, config.vision_config
-    rope = t.rope_parameters or {}
-    return {
-        "text": {
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "num_layers": t.num_hidden_layers,
-            "num_heads": t.num_attention_heads,
-            "num_kv_heads": t.num_key_value_heads,
-            "intermediate_size": t.intermediate_size,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rope_theta": float(rope.get("rope_theta", 1_000_000.0)),
-            "rms_norm_eps": t.rms_norm_eps,
-            "tie_word_embeddings": bool(config.tie_word_embeddings),
-        },
-        "vision": {
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
-            "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes),
-        },
-    }
 
 
 _WIDTHS = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")

@@ -63,6 +63,31 @@ PART_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 
 
+def make_aggregator(cfg: ModelConfig) -> SlideAggregator:
+    """The slide aggregator of ``cfg``: tile features → LM-width slide tokens."""
+    a, hidden = cfg.aggregator, cfg.text.hidden_size
+    return SlideAggregator(
+        a.feature_dim,
+        hidden,
+        hidden_dim=hidden,
+        num_tokens=a.num_tokens,
+        num_heads=a.num_heads,
+        chunk_size=a.chunk_size,
+    )
+
+
+def make_router(cfg: ModelConfig) -> ExpertRouter:
+    """The expert router of ``cfg``: task + scale + pooled visual tokens → top-k experts."""
+    return ExpertRouter(
+        num_tasks=max(Task) + 1,
+        num_scales=max(Scale) + 1,
+        visual_dim=cfg.text.hidden_size,
+        num_experts=cfg.experts.num_experts,
+        top_k=cfg.experts.top_k,
+        hidden_dim=cfg.router.hidden_size,
+    )
+
+
 @dataclass
 class SlideInput:
     """One slide's tile features (N, D), level-0 tile coordinates (N, 2) and µm/px."""
@@ -175,26 +200,11 @@ class SmartPathModel(nn.Module):
                 base, e.target_modules, e.num_experts, e.rank, e.alpha, dtype, device=self._device
             )
         if "vision" in self.parts:
-            a = cfg.aggregator
-            self.aggregator = SlideAggregator(
-                a.feature_dim,
-                hidden,
-                hidden_dim=hidden,
-                num_tokens=a.num_tokens,
-                num_heads=a.num_heads,
-                chunk_size=a.chunk_size,
-            )
+            self.aggregator = make_aggregator(cfg)
             if cfg.image_positions:
                 self.image_position = ImagePositionEmbedding(hidden)
         if "router" in self.parts:
-            self.router = ExpertRouter(
-                num_tasks=max(Task) + 1,
-                num_scales=max(Scale) + 1,
-                visual_dim=hidden,
-                num_experts=e.num_experts,
-                top_k=e.top_k,
-                hidden_dim=cfg.router.hidden_size,
-            )
+            self.router = make_router(cfg)
         for name, param in self.named_parameters():
             if not name.startswith("base.") or ".lora_" in name:
                 param.data = param.data.to(self._device, dtype)

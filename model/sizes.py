@@ -2,8 +2,8 @@
 
 Parameter counts come from the real classes, never from a table: the transformers Qwen2.5-VL
 is built on the ``meta`` device (no memory, no weights) from the config's sizes, and
-SmartPath's slide aggregator, router and image positions are built on ``meta`` the way
-:class:`~smartpath.model.mllm.SmartPathModel` builds them. LoRA experts are counted as
+SmartPath's slide aggregator, router and image positions on ``meta`` by the builders
+:class:`~smartpath.model.mllm.SmartPathModel` uses. LoRA experts are counted as
 ``num_experts × rank × (in + out)`` per targeted linear layer of the LM (what
 :func:`~smartpath.model.experts.attach_experts` allocates).
 
@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from smartpath.core.config.model import PRESETS, ModelConfig
-from smartpath.model.aggregator import SlideAggregator
+from smartpath.model.base import qwen_config
 from smartpath.model.devices import DTYPES
-from smartpath.model.grammar import Scale, Task
 from smartpath.model.image_position import ImagePositionEmbedding
-from smartpath.model.router import ExpertRouter
+from smartpath.model.mllm import make_aggregator, make_router
 
 GIB = 2**30
 
@@ -60,73 +59,18 @@ def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def _base_config(cfg: ModelConfig, vocab_size: int) -> Qwen2_5_VLConfig:
-    """The transformers Qwen2.5-VL config of ``cfg``'s sizes (token ids irrelevant for sizes)."""
-    t, v = cfg.text, cfg.vision
-    return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "max_window_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": t.rope_theta,
-                "mrope_section": t.mrope_section,
-            },
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-        },
-        vision_config={
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
-            "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            "out_hidden_size": t.hidden_size,
-        },
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
-
-
 def parameter_counts(cfg: ModelConfig, vocab_size: int | None = None) -> ParameterCounts:
     """Parameters of ``cfg``'s model, counted on a ``meta``-device build (no memory used).
 
     ``vocab_size`` is the embedding's rows (default ``cfg.text.vocab_size``, the real
     checkpoint's; a built preset sizes it to its tokenizer instead).
     """
-    hidden = cfg.text.hidden_size
-    e, a = cfg.experts, cfg.aggregator
+    e, hidden = cfg.experts, cfg.text.hidden_size
     with torch.device("meta"):
         base = Qwen2_5_VLForConditionalGeneration(
-            _base_config(cfg, vocab_size or cfg.text.vocab_size)
+            qwen_config(cfg, vocab_size or cfg.text.vocab_size)
         )
-        aggregator = SlideAggregator(
-            a.feature_dim,
-            hidden,
-            hidden_dim=hidden,
-            num_tokens=a.num_tokens,
-            num_heads=a.num_heads,
-            chunk_size=a.chunk_size,
-        )
-        router = ExpertRouter(
-            num_tasks=max(Task) + 1,
-            num_scales=max(Scale) + 1,
-            visual_dim=hidden,
-            num_experts=e.num_experts,
-            top_k=e.top_k,
-            hidden_dim=cfg.router.hidden_size,
-        )
+        aggregator, router = make_aggregator(cfg), make_router(cfg)
         position = ImagePositionEmbedding(hidden) if cfg.image_positions else None
     vision = _numel(base.model.visual)
     experts = sum(

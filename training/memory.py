@@ -5,13 +5,8 @@ table for SFT and GRPO at a few micro-batches, with and without gradient checkpo
 
 Design decisions:
 
-- Parameter counts come from the real classes, never from a parameter-count table: the
-  transformers Qwen2.5-VL is built on the ``meta`` device (no memory, no weights) from the
-  config's sizes, and SmartPath's slide aggregator, router and image positions are built on
-  ``meta`` the way :class:`~smartpath.model.mllm.SmartPathModel` builds them. LoRA experts are
-  counted as ``num_experts × rank × (in + out)`` per targeted linear layer of the LM (what
-  :func:`~smartpath.model.experts.attach_experts` allocates). The test checks the counts
-  against a real tiny build.
+- Parameter counts are :func:`smartpath.model.sizes.parameter_counts` (the real classes built
+  on the ``meta`` device); the test checks them against a real tiny build.
 - Per GPU, in GiB (2**30 bytes), with ``b`` the bytes of the run dtype, ``N`` the world size,
   ``P_f``/``P_t`` the frozen/trainable parameters, ``t = micro_batch × seq_len`` tokens:
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from smartpath.core.config.model import DTypeSpec
 from smartpath.core.config.training import TrainingConfig
 
 GiB = 1024**3
@@ -159,7 +160,7 @@ class ModelServingConfig(BaseModel):
         description='Device the model-serving replicas run on: "auto" (CUDA when the replica '
         'has a GPU, else CPU), "cpu", "cuda" or "cuda:N".',
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DTypeSpec = Field(
         "auto",
         description='Parameter dtype when serving: "auto" is bfloat16 on CUDA, float32 on CPU.',
     )

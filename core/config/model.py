@@ -27,6 +27,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Linear layers of the Qwen2.5-VL language model that LoRA experts may wrap.
+DTypeSpec = Literal["auto", "float32", "bfloat16", "float16"]
+"""A parameter dtype, or "auto" (bfloat16 on CUDA, float32 on CPU; smartpath.model.devices)."""
 PromptStyle = Literal["full", "compact"]
 """Instruction prompts a model is trained and served with (see smartpath.model.prompts)."""
 
@@ -418,7 +420,7 @@ class ModelConfig(_Strict):
         description='Device the model runs on: "auto" (CUDA when a GPU is visible, else CPU), '
         '"cpu", "cuda" or "cuda:N".',
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DTypeSpec = Field(
         "auto",
         description='Parameter dtype of the model: "auto" is bfloat16 on CUDA and float32 on '
         "CPU (smartpath.model.devices).",
