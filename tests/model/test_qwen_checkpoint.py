@@ -318,3 +318,24 @@ def test_full_depth_3b_in_bfloat16_on_cpu(qwen_base, tmp_path: Path) -> None:
     theirs = theirs.float()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert len(got) == 4 and got[0] == int(theirs.argmax())
+
+
+def test_model_init_from_and_to_object_storage(
+    qwen_base, s3_config, bucket_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smartpath.core.storage import make_store
+    from smartpath.model.checkpoint import upload_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the download cache lives under ~/.smartpath
+    store = make_store(s3_config)
+    base_uri = f"s3://{bucket_name}/bases/qwen-tiny/"
+    upload_folder(qwen_base("tiny"), base_uri, store)
+    out = f"s3://{bucket_name}/models/smartpath-tiny/"
+    manifest = init_checkpoint(base_uri, out, store=s3_config)
+    assert manifest.model.base_path == base_uri
+    decoder = SmartPathModel.load(out, store=s3_config, parts=("language",))
+    assert decoder.cfg.base_path == base_uri
+    reference = load_base_model(qwen_base("tiny"), device="cpu").state_dict()
+    loaded = {k.removeprefix("base."): v for k, v in decoder.state_dict().items()}
+    same = [k for k in reference if k.startswith("model.language_model.") and k in loaded]
+    assert same and all(torch.equal(reference[k], loaded[k]) for k in same)

@@ -5,6 +5,7 @@ served by ``smartpath serve`` giving the same answers over gRPC."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -138,12 +139,17 @@ def _serving(config: Path, port: int) -> Iterator[subprocess.Popen]:
             proc.wait()
 
 
+@pytest.mark.parametrize("size", ["3b", "7b"])
 def test_the_same_checkpoint_serves_with_the_same_answers(
-    qwen_base, inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    qwen_base,
+    inputs: tuple[Path, Path],
+    tmp_path: Path,
+    size: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     roi, slide = inputs
     ckpt = tmp_path / "ckpt"
-    base = qwen_base("tiny")
+    base = qwen_base(size)
     assert main(["model", "init", "--base", str(base), "--out", str(ckpt)]) == 0
     capsys.readouterr()
     port = free_port()
@@ -160,6 +166,7 @@ def test_the_same_checkpoint_serves_with_the_same_answers(
         },
     )
     local = _analyses(["--config", str(config), "--local"], roi, slide, tmp_path / "l", capsys)
+    gc.collect()  # the in-process model, before the replicas load theirs
     with _serving(config, port):
         served = _analyses(["--config", str(config)], roi, slide, tmp_path / "s", capsys)
     for key in ("roi", "wsi"):
