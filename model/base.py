@@ -369,8 +369,8 @@ def materialize_base(
     """Allocate a meta-device (part of a) base on ``device`` and fill every parameter from
     ``tensors``; raises BaseModelMismatchError naming what the checkpoint lacks or mis-shapes."""
     tied = bool(model.config.tie_word_embeddings) and model.lm_head is not None
+    _cast_parameters(model, dtype)  # on meta: the parameters are allocated in dtype, once
     model.to_empty(device=device)
-    _cast_parameters(model, dtype)
     params = dict(model.named_parameters())
     if tied:
         params.pop("lm_head.weight", None)
