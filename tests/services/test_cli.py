@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,13 @@ def test_analyze_an_image_a_slide_and_a_region(
     for feature in geojson["features"]:
         for x, y in feature["geometry"]["coordinates"][0]:
             assert 512 <= x <= 960 and 512 <= y <= 960  # slide level-0 pixels
+
+
+def test_local_ray_hides_gpus_from_replicas_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private.accelerators import RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR as name
+
+    from smartpath.client.cli import _setup_environment
+
+    monkeypatch.delenv(name, raising=False)
+    _setup_environment()
+    assert os.environ[name] == "1"
