@@ -41,12 +41,7 @@ class LocalBackends:
         self.model = model if model is not None else load_served_model(config)
         self.tiler = TilerSource(Tiler(config))
         store = self.tiler.tiler.store
-        self.encoder = VisualEncoder(
-            self.model,
-            store=store,
-            max_image_tokens=config.model.max_image_tokens,
-            max_batch_tokens=config.serve.encoder.max_batch_tokens,
-        )
+        self.encoder = VisualEncoder.from_config(self.model, config, store)
         self.cache = FeatureCache(store, config.model.features_bucket)
         self.gate = ExpertGate(self.model)
         self.decoder = BatchDecoder.from_config(self.model, config.serve.decoder)

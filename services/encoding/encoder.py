@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smartpath.core.config import StorageConfig
+from smartpath.core.config import SmartPathConfig, StorageConfig
 from smartpath.core.storage import ObjectStore
 from smartpath.model.mllm import SmartPathModel
 from smartpath.model.slide_features import SlideFeatures
@@ -53,6 +53,18 @@ class VisualEncoder:
         )
         self.max_image_tokens = max_image_tokens
         self.max_batch_tokens = max_batch_tokens
+
+    @classmethod
+    def from_config(
+        cls, model: SmartPathModel, config: SmartPathConfig, store: ObjectStore
+    ) -> VisualEncoder:
+        """The encoder with the served model's ROI budget and the encoder deployment's."""
+        return cls(
+            model,
+            store=store,
+            max_image_tokens=config.model.max_image_tokens,
+            max_batch_tokens=config.serve.encoder.max_batch_tokens,
+        )
 
     def prepare(self, image: np.ndarray) -> RoiInput:
         """Resize and patchify one ROI (cheap; done per request before batching).

@@ -35,15 +35,10 @@ class FeatureEncoderService:
         self.config = SmartPathConfig(**config)
         model = load_served_model(self.config, SERVICE_PARTS["encoder"])
         store = make_store(self.config.storage)
-        e = self.config.serve.encoder
-        self.encoder = VisualEncoder(
-            model,
-            store=store,
-            max_image_tokens=self.config.model.max_image_tokens,
-            max_batch_tokens=e.max_batch_tokens,
-        )
+        self.encoder = VisualEncoder.from_config(model, self.config, store)
         self.cache = FeatureCache(store, self.config.model.features_bucket)
         self.tiler = TilerHandle(handle("tiler"))
+        e = self.config.serve.encoder
         for batched in (self._encode_rois, self._encode_tile_sets):
             batched.set_max_batch_size(e.max_batch_size)
             batched.set_batch_wait_timeout_s(e.batch_wait_timeout_s)
