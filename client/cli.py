@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -30,6 +31,9 @@ from PIL import Image
 
 from smartpath.core.config import SmartPathConfig, load_config
 from smartpath.core.errors import SmartPathError
+
+if TYPE_CHECKING:
+    from smartpath.client.rpc import Tls
 
 logger = logging.getLogger("smartpath")
 
@@ -107,11 +111,24 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """The channel's TLS: --tls, or implied by --ca-file or --server-name; None: plaintext."""
+    from smartpath.client.rpc import Tls
+
+    if not (args.tls or args.ca_file or args.server_name):
+        return None
+    return Tls(ca_file=args.ca_file, server_name=args.server_name)
+
+
 def _local_config(args: argparse.Namespace, config: SmartPathConfig) -> SmartPathConfig:
     """The config of ``analyze --local``: the model named by --model, and the input slide's
     folder readable by path (the user's own files, in the user's own process)."""
-    if args.address or args.token_file:
-        raise ValueError("--local runs in this process: leave out --address and --token-file")
+    remote = ("address", "token_file", "tls", "ca_file", "server_name")
+    if any(getattr(args, name) for name in remote):
+        raise ValueError(
+            "--local runs in this process: leave out --address, --token-file, --tls, --ca-file"
+            " and --server-name"
+        )
     model = config.model.model_copy(update={"uri": args.model or config.model.uri})
     roots = list(config.tiling.local_slide_roots)
     if not args.image and not args.input.startswith("s3://"):
@@ -122,7 +139,7 @@ def _local_config(args: argparse.Namespace, config: SmartPathConfig) -> SmartPat
 
 def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
     from smartpath.client.analyze import Target, analyze, slide_uri_for, summary
-    from smartpath.client.rpc import PathologyClient, TilerClient, question
+    from smartpath.client.rpc import PathologyClient, TilerClient, is_loopback, question
     from smartpath.core.storage import make_store
 
     if args.model and not args.local:
@@ -149,8 +166,15 @@ def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
         else:
             address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
             token = args.token_file.read_text().strip() if args.token_file else None
-            client = stack.enter_context(PathologyClient(address, token=token))
-            tiler = stack.enter_context(TilerClient(address))
+            tls = _tls(args)
+            if token and tls is None and not is_loopback(address):
+                print(
+                    f"smartpath: warning: sending the bearer token to {address} in clear text;"
+                    " add --tls",
+                    file=sys.stderr,
+                )
+            client = stack.enter_context(PathologyClient(address, token=token, tls=tls))
+            tiler = stack.enter_context(TilerClient(address, token=token, tls=tls))
         analysis, paths = analyze(
             client, tiler, target, q, Path(args.out), args.stem, region_mpp=config.model.region_mpp
         )
@@ -195,7 +219,8 @@ def cmd_plan(args: argparse.Namespace, config: SmartPathConfig) -> int:
     from smartpath.client.rpc import TilerClient, tile_spec
 
     address = args.address or f"127.0.0.1:{config.serve.grpc_port}"
-    with TilerClient(address) as client:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    with TilerClient(address, token=token, tls=_tls(args)) as client:
         info = client.describe(args.uri, mpp_override=args.mpp_override, thumbnail_max_px=1024)
         spec = tile_spec(mpp=args.mpp, tile_size=args.tile_size)
         plan = client.plan(args.uri, spec, mpp_override=args.mpp_override, include_tissue_mask=True)
@@ -336,6 +361,23 @@ def cmd_train_submit(args: argparse.Namespace, config: SmartPathConfig) -> int:
     return 0
 
 
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls", action="store_true", help="dial with TLS (e.g. an ingress at host:443)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PATH",
+        help="PEM file of trusted CAs (implies --tls; default: system roots)",
+    )
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name the server's certificate must carry, if not the dialled host (implies --tls)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartpath", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML config file (env SMARTPATH_* overrides)")
@@ -370,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
     ask.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    _add_tls_arguments(ask)
     ask.add_argument(
         "--local", action="store_true", help="run the pipeline in this process (no Ray, no server)"
     )
@@ -409,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="tile plan from a running server, as PNG + GeoJSON")
     plan.add_argument("uri", help="s3://bucket/key or a local path the server may read")
     plan.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
+    plan.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    _add_tls_arguments(plan)
     plan.add_argument("--mpp", type=float, default=0.5)
     plan.add_argument("--tile-size", type=int, default=256)
     plan.add_argument("--mpp-override", type=float, default=0.0)
@@ -458,8 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(f"bad config: {e}")
     logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
+    import grpc
+
     try:
         return args.func(args, config)
+    except grpc.RpcError as e:  # the server's answer, or no connection (e.g. a TLS mismatch)
+        code = e.code() if isinstance(e, grpc.Call) else None
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        name = code.name if code is not None else "RPC failed"
+        print(f"smartpath: error: {name}: {' '.join(str(details).split())}", file=sys.stderr)
+        return 1
     except ValueError as e:  # bad arguments found past argparse (pydantic errors are ValueErrors)
         print(f"smartpath: error: {e}", file=sys.stderr)
         return 2

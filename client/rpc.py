@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,14 +33,59 @@ def tile_spec(
     return spec
 
 
-def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+@dataclass(frozen=True)
+class Tls:
+    """TLS of a channel: ``ca_file`` is a PEM bundle of trusted roots (None: the system roots
+    grpc uses); ``server_name`` overrides the name the server's certificate must carry (for a
+    certificate whose name differs from the dialled host, e.g. when dialling an IP)."""
+
+    ca_file: Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials; a ValueError names a CA file that cannot be read or is not PEM."""
+        roots = None
+        if self.ca_file is not None:
+            try:
+                roots = Path(self.ca_file).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read CA file {self.ca_file}: {e.strerror or e}") from None
+            if b"-----BEGIN CERTIFICATE-----" not in roots:
+                raise ValueError(f"CA file {self.ca_file} holds no PEM certificate")
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC target (``host:port``, ``[v6]:port``, ``dns:///host:port``, ``unix:``)
+    is this host."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = address.split("///", 1)[-1] if "://" in address else address
+    target = target.removeprefix("ipv4:").removeprefix("ipv6:")
+    if target.startswith("["):
+        host = target[1 : target.find("]")]
+    elif target.count(":") == 1:
+        host = target.rsplit(":", 1)[0]
+    else:
+        host = target
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _channel(address: str, tls: Tls | None = None) -> grpc.Channel:
+    options: list[tuple[str, str | int]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
 def question(
@@ -60,10 +108,18 @@ def question(
 
 
 class PathologyClient:
-    """Calls ``smartpath.v1.Pathology`` on a Serve gRPC proxy (the gateway application)."""
+    """Calls ``smartpath.v1.Pathology`` on a Serve gRPC proxy (the gateway application);
+    ``tls`` dials with TLS (e.g. an ingress at ``host:443``), else the channel is plaintext."""
 
-    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 300) -> None:
-        self.channel = _channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 300,
+        tls: Tls | None = None,
+    ) -> None:
+        self.channel = _channel(address, tls)
         self.stub = pathology_pb2_grpc.PathologyStub(self.channel)
         metadata = [("application", "gateway")]
         if token:
@@ -133,12 +189,24 @@ def slide_event(
 
 
 class TilerClient:
-    """Calls ``smartpath.v1.SlideTiler`` on a Serve gRPC proxy."""
+    """Calls ``smartpath.v1.SlideTiler`` on a Serve gRPC proxy; ``token`` and ``tls`` as in
+    PathologyClient (every service checks the same tokens)."""
 
-    def __init__(self, address: str, application: str | None = "tiler", timeout_s: float = 120):
-        self.channel = _channel(address)
+    def __init__(
+        self,
+        address: str,
+        application: str | None = "tiler",
+        timeout_s: float = 120,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+    ) -> None:
+        self.channel = _channel(address, tls)
         self.stub = tiling_pb2_grpc.SlideTilerStub(self.channel)
-        self.metadata = (("application", application),) if application else ()
+        metadata = [("application", application)] if application else []
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self.metadata = tuple(metadata)
         self.timeout_s = timeout_s
 
     def close(self) -> None:

@@ -4,6 +4,9 @@
   status code with a plain message, and anything else becomes INTERNAL with only a reference
   id (the stack trace goes to the server log, never to the client). Each outcome is passed
   to the servicer's ``record_rpc(method, code)`` when it has one (Prometheus counters).
+- Every wrapped method first authenticates its caller through the servicer's ``guard``
+  (:class:`RpcGuard`: the token file of :mod:`smartpath.services.auth`) and ends with one
+  audit record, refused calls included.
 - ``add_health_servicer`` puts a standard ``grpc.health.v1.Health`` on the proxy itself as a
   passthrough service: generic clients and Kubernetes probes send no ``application``
   metadata, which the proxy would need to route to a replica.
@@ -18,12 +21,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import ResourceExhaustedError, SmartPathError
+from smartpath.services.auth import ANONYMOUS, AuditLog, TokenCheck
 from smartpath.services.contracts import SERVICE_OF_APP
 
 logger = logging.getLogger("smartpath.rpc")
@@ -32,6 +38,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 HEALTH_POLL_S = 2.0
+UNAUTHENTICATED = "unauthenticated"  # the audit log's caller of a refused call
 
 
 class RpcCounter:
@@ -49,6 +56,67 @@ class RpcCounter:
 
     def __call__(self, method: str, code: grpc.StatusCode) -> None:
         self._counter.inc(tags={"method": method, "code": code.name})
+
+
+class RpcGuard:
+    """Authentication and audit of one deployment's gRPC methods (a servicer's ``guard``)."""
+
+    def __init__(self, service: str, tokens: Path | None, audit_key: bytes | None) -> None:
+        self.auth = TokenCheck(tokens) if tokens is not None else None
+        self.audit = AuditLog(service, audit_key)
+
+    @classmethod
+    def from_config(cls, config: SmartPathConfig, service: str) -> RpcGuard:
+        """The guard of ``service`` from ``serve.auth_token_file`` and ``serve.audit_key``."""
+        key = config.serve.audit_key
+        return cls(service, config.serve.auth_token_file, key and key.get_secret_value().encode())
+
+    def caller(self, context: Any) -> str:
+        """The authenticated caller's name (UNAUTHENTICATED otherwise)."""
+        if self.auth is None:
+            return ANONYMOUS
+        return self.auth.check(context.invocation_metadata() if context is not None else ())
+
+    def record(self, rpc: str, request: Any, caller: str, code: grpc.StatusCode) -> None:
+        """The audit record of one call."""
+        self.audit.record(
+            rpc=rpc, caller=caller, slide=_slide_uri(request), code=code.name, request_id=_rid()
+        )
+
+
+def _slide_uri(request: Any) -> str | None:
+    """The slide a request names (``slide.uri`` or ``region.slide.uri``), if any."""
+    for path in (("slide",), ("region", "slide")):
+        message = request
+        for field in path:
+            fields = getattr(message, "DESCRIPTOR", None)
+            if fields is None or field not in fields.fields_by_name:
+                break
+            message = getattr(message, field)
+        else:
+            return getattr(message, "uri", None) or None
+    return None
+
+
+def _rid() -> str:
+    from ray.serve import context as serve_context
+
+    try:
+        return serve_context._get_serve_request_context().request_id or ""
+    except Exception:  # outside a replica
+        return ""
+
+
+def _caller(self: Any, grpc_context: Any) -> str:
+    """Authenticate a call before anything else runs; the caller's name."""
+    guard = getattr(self, "guard", None)
+    return guard.caller(grpc_context) if guard is not None else ANONYMOUS
+
+
+def _audit(self: Any, name: str, request: Any, caller: str, code: grpc.StatusCode) -> None:
+    guard = getattr(self, "guard", None)
+    if guard is not None:
+        guard.record(name, request, caller, code)
 
 
 class RpcFailed(Exception):
@@ -111,7 +179,9 @@ def unary(
         wants_context = _wants_context(fn)
 
         async def method(self: Any, request: Req, grpc_context: Any = None) -> Resp:
+            caller = UNAUTHENTICATED
             try:
+                caller = _caller(self, grpc_context)
                 args = (grpc_context,) if wants_context else ()
                 response = await fn(self, request, *args)
             except Exception as e:
@@ -119,8 +189,10 @@ def unary(
                 # trace for every bad request; the proxy sends the code and details.
                 _report(grpc_context, e, fn.__name__)
                 _record(self, fn.__name__, grpc_context.code())
+                _audit(self, fn.__name__, request, caller, grpc_context.code())
                 return response_type()
             _record(self, fn.__name__, grpc.StatusCode.OK)
+            _audit(self, fn.__name__, request, caller, grpc.StatusCode.OK)
             return response
 
         return _named(method, fn)
@@ -134,17 +206,21 @@ def server_stream(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., Async
     wants_context = _wants_context(fn)
 
     async def method(self: Any, request: Req, grpc_context: Any = None) -> AsyncIterator[Resp]:
+        caller = UNAUTHENTICATED
         try:
+            caller = _caller(self, grpc_context)
             args = (grpc_context,) if wants_context else ()
             async for response in fn(self, request, *args):
                 yield response
         except Exception as e:
             _report(grpc_context, e, fn.__name__, redact=True)
             _record(self, fn.__name__, grpc_context.code())
+            _audit(self, fn.__name__, request, caller, grpc_context.code())
             # A stream that ends without yielding never carries the context back to the
             # proxy, so raise; the proxy prefers the details set on the context.
             raise RpcFailed(grpc_context.code().name) from None
         _record(self, fn.__name__, grpc.StatusCode.OK)
+        _audit(self, fn.__name__, request, caller, grpc.StatusCode.OK)
 
     return _named(method, fn)
 

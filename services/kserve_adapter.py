@@ -11,6 +11,10 @@ local path under ``tiling.local_slide_roots``); ``task`` [1], one of :data:`TASK
 ``prompt`` [1], ``labels`` [n], ``options`` [n]. Outputs (all BYTES [1]): ``analysis``, the
 ``smartpath.v1.Analysis`` as proto3 JSON; ``label`` and ``answer``, copied from it.
 
+Callers authenticate as on every SmartPath service (``authorization: Bearer <token>`` header
+or metadata, the tokens of ``serve.auth_token_file``; UNAUTHENTICATED / HTTP 401 otherwise),
+and every prediction leaves an audit record; health and metadata endpoints stay open.
+
 Bad input raises kserve's ``InvalidInput`` (gRPC INVALID_ARGUMENT, HTTP 400). Other
 :class:`~smartpath.core.errors.SmartPathError` subclasses keep their gRPC status (as a
 ``grpc_interceptor`` ``GrpcException``, which KServe's gRPC interceptor passes through;
@@ -36,7 +40,7 @@ from smartpath.core.config import SmartPathConfig, load_config
 from smartpath.core.errors import InvalidArgumentError, SmartPathError
 from smartpath.model.mllm import SmartPathModel
 from smartpath.services.gateway.pipeline import Pipeline
-from smartpath.services.grpc_util import status_code
+from smartpath.services.grpc_util import UNAUTHENTICATED, RpcGuard, status_code
 from smartpath.services.local import LocalBackends, local_pipeline
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -66,6 +70,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION: HTTPStatus.BAD_REQUEST,
     grpc.StatusCode.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
     grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
     grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
@@ -127,6 +132,7 @@ class SmartPathKServeModel(kserve.Model):
     ) -> None:
         super().__init__(name)
         self.config = config
+        self.guard = RpcGuard.from_config(config, "kserve")
         self._model = model
         self.pipeline: Pipeline | None = None
         self.backends: LocalBackends | None = None
@@ -148,11 +154,28 @@ class SmartPathKServeModel(kserve.Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse:
-        if not isinstance(payload, InferRequest):
-            raise InvalidInput("send an Open Inference Protocol v2 request (/v2/models/…/infer)")
-        if self.pipeline is None:
-            raise StatusError("the model is not loaded", grpc.StatusCode.UNAVAILABLE)
-        analysis = await self._analyze(payload, headers or {})
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
+        caller, slide = UNAUTHENTICATED, common_pb2.SlideRef()
+        try:
+            try:  # first of all: who is asking
+                caller = self.guard.caller(_Metadata(headers))
+            except SmartPathError as e:
+                raise StatusError(str(e), status_code(e)) from None
+            if not isinstance(payload, InferRequest):
+                raise InvalidInput(
+                    "send an Open Inference Protocol v2 request (/v2/models/…/infer)"
+                )
+            slide.uri = _text(payload, "slide_uri")
+            if self.pipeline is None:
+                raise StatusError("the model is not loaded", grpc.StatusCode.UNAVAILABLE)
+            analysis = await self._analyze(payload, headers)
+        except Exception as e:
+            code = (
+                e.status_code if isinstance(e, GrpcException) else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            self.guard.record("predict", _audited(slide), caller, code)
+            raise
+        self.guard.record("predict", _audited(slide), caller, grpc.StatusCode.OK)
         outputs = [
             _bytes_output("analysis", MessageToJson(analysis, indent=None)),
             _bytes_output("label", analysis.label),
@@ -215,6 +238,21 @@ class SmartPathKServeModel(kserve.Model):
             raise StatusError(
                 f"internal error (reference {ref})", grpc.StatusCode.INTERNAL
             ) from None
+
+
+def _audited(slide: common_pb2.SlideRef) -> pathology_pb2.AnalyzeSlideRequest:
+    """A request naming the predicted slide (if any), as the audit log reads requests."""
+    return pathology_pb2.AnalyzeSlideRequest(slide=slide)
+
+
+class _Metadata:
+    """Request headers where the guard expects a gRPC context's metadata."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self.headers.items())
 
 
 def _install_rest_handler() -> None:

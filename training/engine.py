@@ -32,6 +32,14 @@ Design decisions:
   into one checkpoint under ``{run}/{stage}/`` in the run's storage (local folder or S3).
   A worker failure makes Ray Train restart the whole group (``FailureConfig``) and each rank
   reloads the latest checkpoint: steps before it are not redone, steps after it are.
+- Trust (:mod:`smartpath.training.checkpoint_trust`): DeepSpeed's checkpoint files are pickles.
+  Each checkpoint carries ``smartpath-checkpoint-sums.json`` (sha256 and size of every file,
+  written last); resume verifies it before anything is unpickled and fails the run on a
+  missing manifest or a missing, changed or unlisted file (``CheckpointIntegrityError``).
+  DeepSpeed then loads with ``torch.load(weights_only=True)`` (its own engine passes
+  ``weights_only=False``), allowing only its plain-data classes. The runs bucket is trusted:
+  it must be writable only by the training job (the sums are not a signature). The exported
+  model is safetensors only.
 - Per-step sampling is a pure function of (seed, rank, step), so a resumed run draws exactly the
   batches the uninterrupted run would have drawn.
 - At the end rank 0 exports the model as a SmartPath checkpoint (safetensors + manifest, the
@@ -66,6 +74,13 @@ from smartpath.model.checkpoint import is_s3_uri, parse_prefix
 from smartpath.model.devices import resolve_dtype
 from smartpath.model.experts import ExpertRouting, MixtureLoRALinear, expert_modules
 from smartpath.model.mllm import SmartPathModel
+from smartpath.training.checkpoint_trust import (
+    file_sums,
+    merge_sums,
+    use_weights_only_loading,
+    verify_checkpoint,
+    write_manifest,
+)
 from smartpath.training.collate import Collator
 from smartpath.training.data import load_items
 
@@ -244,6 +259,7 @@ class DeepSpeedRun:
             lr_scheduler=scheduler,
             config=deepspeed_config(dist, batch_size, optim, self.dtype),
         )
+        use_weights_only_loading(self.engine)
         self.model: SmartPathModel = self.engine.module
         self.params = params
         managed = [p for group in getattr(self.optimizer, "bit16_groups", []) for p in group]
@@ -279,13 +295,39 @@ class DeepSpeedRun:
         if checkpoint is None:
             return 0, []
         with checkpoint.as_directory() as folder:
-            _, client = self.engine.load_checkpoint(
-                folder, tag=CHECKPOINT_TAG, load_module_strict=False
-            )
+            return self.load(folder)
+
+    def load(self, folder: str | Path) -> tuple[int, list[dict[str, float]]]:
+        """Verify the checkpoint in ``folder`` against its sha256 manifest (CheckpointIntegrityError
+        before anything is unpickled), then load it: (first step to run, history so far)."""
+        verify_checkpoint(folder)
+        _, client = self.engine.load_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, load_module_strict=False
+        )
         step = int(client["step"])
         self.resumes = int(client.get("resumes", 0)) + 1
         logger.info("resumed from the checkpoint at step %d", step)
         return step, list(client["history"])
+
+    def save(self, folder: str | Path, *, step: int, history: list) -> None:
+        """Write this rank's DeepSpeed shard of the checkpoint into ``folder`` (a collective:
+        every rank calls it); rank 0 then writes the sha256 manifest of every rank's files."""
+        import torch.distributed as dist
+
+        self.engine.save_checkpoint(
+            str(folder),
+            tag=CHECKPOINT_TAG,
+            client_state={"step": step, "history": history, "resumes": self.resumes},
+            exclude_frozen_parameters=True,
+        )
+        sums = file_sums(folder)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            write_manifest(folder, sums)
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sums)
+        if dist.get_rank() == 0:
+            write_manifest(folder, merge_sums(parts))
 
     def report(
         self, metrics: Mapping[str, float], *, step: int, history: list, checkpoint: bool
@@ -297,12 +339,7 @@ class DeepSpeedRun:
             ray.train.report(dict(metrics))
             return
         with tempfile.TemporaryDirectory(prefix="smartpath-ckpt-") as folder:
-            self.engine.save_checkpoint(
-                folder,
-                tag=CHECKPOINT_TAG,
-                client_state={"step": step, "history": history, "resumes": self.resumes},
-                exclude_frozen_parameters=True,
-            )
+            self.save(folder, step=step, history=history)
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def record(

@@ -244,8 +244,14 @@ class ServeConfig(BaseModel):
     )
     auth_token_file: Path | None = Field(
         None,
-        description="File of accepted bearer tokens, one per line (a mounted Secret). None "
-        "leaves Pathology open; set it whenever the port is reachable from outside.",
+        description="File of accepted bearer tokens, one per line as name:token or token (a "
+        "mounted Secret), checked by every service's gRPC methods. None leaves them open; set "
+        "it whenever the port is reachable from outside.",
+    )
+    audit_key: SecretStr | None = Field(
+        None,
+        description="Key of the slide-reference hashes in the audit log (same key on every "
+        "replica, so a slide's calls link up). None: a random key per process.",
     )
 
 

@@ -19,6 +19,7 @@ Design decisions:
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,8 @@ ASSEMBLE_TASK = 16  # output tiles
 
 T = TypeVar("T")
 SourceKey = tuple[int, int, int]  # (tile column, tile row, DCT scale)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,13 @@ class TileReader:
         self._geometry = geometry
         self._pool = pool
         self._jpeg = JpegLevel.find(slide, geometry.level)
-        self._fd = os.open(slide.path, os.O_RDONLY) if self._jpeg is not None else None
+        try:
+            self._fd = os.open(slide.path, os.O_RDONLY) if self._jpeg is not None else None
+        except OSError as e:
+            logger.warning("cannot open slide %s for reading: %s", slide.path, e)
+            raise InvalidArgumentError(
+                "slide file cannot be read on the server (was it removed?); try again"
+            ) from None
 
     @property
     def fast_path(self) -> bool:
@@ -232,7 +241,8 @@ class TileReader:
                 image.tile = [image.tile[0]._replace(args=("RGB", "RGB"))]
                 tile = np.asarray(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise InvalidArgumentError(f"slide data is corrupt ({type(e).__name__})") from e
+            logger.warning("decoding tile %s of slide %s failed: %s", key, self._slide.path, e)
+            raise InvalidArgumentError(f"slide data is corrupt ({type(e).__name__})") from None
         if tile.shape[:2] != (height, width):
             raise InvalidArgumentError("slide tile has a different size than its TIFF says")
         return tile

@@ -4,7 +4,10 @@ Design decisions:
 - OpenSlide reads every whole-slide format (SVS, NDPI, MRXS, SCN, generic tiled TIFF, DICOM…);
   plain PNG/JPEG ROIs go through Pillow, and nothing else is accepted (no BMP/GIF surprises).
 - Every failure to open or read becomes ``InvalidArgumentError``; messages never carry the
-  file's path (slide names can be patient data).
+  file's path (slide names can be patient data) nor OpenSlide's own words (they hold server
+  paths): those go to the server log.
+- A slide is resolved (symlinks followed) and its companion files are confined to its own
+  folder (:mod:`~smartpath.core.slides.companions`) before OpenSlide opens it.
 - Geometry is in level-0 pixels; ``read_region`` returns RGB composited on white.
 - An MPP outside [0.01, 50] µm/px is treated as unknown: generic TIFFs often carry a default
   72-dpi resolution (≈ 353 µm/px) that is not a scan resolution.
@@ -12,6 +15,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +27,9 @@ from openslide import lowlevel
 from PIL import Image, UnidentifiedImageError
 
 from smartpath.core.errors import FailedPreconditionError, InvalidArgumentError
+from smartpath.core.slides.companions import check_companions
+
+logger = logging.getLogger(__name__)
 
 PLAUSIBLE_MPP = (0.01, 50.0)
 ROI_FORMATS = {"PNG", "JPEG"}
@@ -105,7 +112,7 @@ class Slide:
                 f"mpp_override={mpp_override!r} is outside {PLAUSIBLE_MPP[0]}–"
                 f"{PLAUSIBLE_MPP[1]} µm/px"
             )
-        handle = _open_handle(path)
+        path, handle = _open_handle(path)
         try:
             info = _describe(handle, mpp_override)
         except Exception:
@@ -127,7 +134,11 @@ class Slide:
                 with self._lock:
                     rgba = self._handle.read_region((x, y), level, (width, height))
         except (openslide.OpenSlideError, OSError, ValueError) as e:
-            raise InvalidArgumentError(f"slide data is unreadable ({type(e).__name__})") from e
+            logger.warning("reading slide %s failed: %s", self.path, e)
+            raise InvalidArgumentError(
+                f"slide data is unreadable ({type(e).__name__}); the slide file may be corrupt "
+                "or truncated"
+            ) from None
         return rgba_on_white(np.asarray(rgba))
 
     def thumbnail(self, max_px: int) -> np.ndarray:
@@ -174,20 +185,39 @@ def resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((width, height), method))
 
 
-def _open_handle(path: Path) -> openslide.AbstractSlide:
-    if not path.exists():
-        raise InvalidArgumentError("slide file does not exist")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InvalidArgumentError("slide file is empty (0 bytes)")
+def _open_handle(path: Path) -> tuple[Path, openslide.AbstractSlide]:
+    """The resolved path and its open handle, its companion files checked first."""
     try:
-        return openslide.OpenSlide(path)
+        if not path.exists():
+            raise InvalidArgumentError("slide file does not exist")
+        path = path.resolve(strict=True)
+        if path.is_file() and path.stat().st_size == 0:
+            raise InvalidArgumentError("slide file is empty (0 bytes)")
+        check_companions(path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        logger.warning("cannot read slide %s: %s", path, e)
+        raise InvalidArgumentError("slide file cannot be read on the server") from None
+    try:
+        return path, openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
         pass
     except (openslide.OpenSlideError, OSError) as e:
-        raise InvalidArgumentError(f"slide file is corrupt or truncated ({e})") from e
+        logger.warning("OpenSlide cannot open slide %s: %s", path, e)
+        raise InvalidArgumentError(_open_failure(e)) from None
     if path.is_dir():
         raise InvalidArgumentError("folder is not a slide OpenSlide can read")
-    return _open_roi_image(path)
+    return path, _open_roi_image(path)
+
+
+def _open_failure(error: Exception) -> str:
+    """What to tell the caller about an OpenSlide open failure, without its words (paths)."""
+    if isinstance(error, FileNotFoundError) or "No such file" in str(error):
+        return (
+            "a file the slide names is missing; re-upload the slide with its companion files "
+            "in the same folder (an MRXS needs its sibling folder, a VMS its image and map "
+            "files)"
+        )
+    return "slide file is corrupt or truncated (OpenSlide cannot open it); re-upload the slide"
 
 
 def _open_roi_image(path: Path) -> openslide.ImageSlide:

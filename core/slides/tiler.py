@@ -11,6 +11,7 @@ see :class:`~smartpath.core.slides.resolution.Resolution`) and plan keys.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -42,6 +43,8 @@ from smartpath.core.storage import (
 OPEN_SLIDES = 16  # handles kept open; each holds OpenSlide's tile cache
 TISSUE_MASKS = 64
 S3_ID, FILE_ID = "s3:", "file:"  # slide id prefixes: object ETag, local file digest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,11 @@ class Tiler:
 
     def _local(self, path: Path) -> tuple[Path, str]:
         path = resolve_local_path(path, self.config.local_slide_roots)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as e:
+            logger.warning("cannot stat local slide %s: %s", path, e)
+            raise InvalidArgumentError("local slide file cannot be read on the server") from None
         ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
         return path, FILE_ID + hashlib.sha256(ident.encode()).hexdigest()[:32]
 

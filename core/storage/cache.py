@@ -129,7 +129,7 @@ def _lock(path: Path, op: int) -> int:
     """Like :func:`_try_lock`, waiting as long as it takes."""
     fd = _try_lock(path, op & ~fcntl.LOCK_NB)
     if fd is None:  # cannot happen without LOCK_NB
-        raise RuntimeError(f"flock on {path} failed")
+        raise RuntimeError("a blocking flock returned without the lock")
     return fd
 
 

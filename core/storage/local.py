@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -31,6 +32,8 @@ from smartpath.core.storage.refs import (
 
 TMP_PREFIX = ".smartpath-tmp-"
 _CHUNK = 1024 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 def _etag(st: os.stat_result) -> str:
@@ -97,13 +100,14 @@ class LocalStore:
                 "cannot be both an object and a prefix of other keys here)"
             ) from exc
         except PermissionError as exc:
+            logger.warning("local storage at %s refused access to %s: %s", self.root, what, exc)
             raise PermissionDeniedError(
-                f"local storage at {str(self.root)!r} refused access to {what}: {exc.strerror}"
-            ) from exc
+                f"local storage refused access to {what} (the server's file permissions)"
+            ) from None
         except OSError as exc:
-            raise UnavailableError(
-                f"local storage at {str(self.root)!r} failed on {what}: {exc.strerror or exc}"
-            ) from exc
+            logger.warning("local storage at %s failed on %s: %s", self.root, what, exc)
+            reason = f": {exc.strerror}" if exc.strerror else ""
+            raise UnavailableError(f"local storage failed on {what}{reason}") from None
 
     def _write_atomic(self, path: Path, fill: Callable[[BinaryIO], None]) -> os.stat_result:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,8 @@ class LocalStore:
         """Copy the local file ``src`` into the object atomically."""
         src = Path(src)
         if not src.is_file():
-            raise NotFoundError(f"upload source {show(str(src))} is not a file")
+            logger.warning("upload source %s is not a file", src)
+            raise NotFoundError(f"upload source for {ref} is not a file")
         with self._os_errors(ref):
             path = self._object_path(ref)
             with open(src, "rb") as fsrc:

@@ -193,7 +193,13 @@ def resolve_local_path(path: str | Path, allowed_roots: Sequence[Path]) -> Path:
     candidate = Path(path)
     if not candidate.is_absolute():
         raise InvalidArgumentError(f"local slide path {show(str(path))} must be absolute")
-    resolved = candidate.resolve(strict=False)
+    try:
+        resolved = candidate.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise InvalidArgumentError(
+            f"local slide path {show(str(path))} cannot be resolved ({type(exc).__name__}; "
+            "a symlink loop?)"
+        ) from None
     for root in allowed_roots:
         root_resolved = Path(root).expanduser().resolve(strict=False)
         if resolved == root_resolved or resolved.is_relative_to(root_resolved):
@@ -203,6 +209,13 @@ def resolve_local_path(path: str | Path, allowed_roots: Sequence[Path]) -> Path:
             f"local slide path {show(str(path))} is outside the folders this server may read "
             "(tiling.local_slide_roots)"
         )
-    if not resolved.exists():
+    try:
+        exists = resolved.exists()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"local slide path {show(str(path))} cannot be read on the server "
+            f"({type(exc).__name__})"
+        ) from None
+    if not exists:
         raise NotFoundError(f"local slide path {show(str(path))} does not exist")
     return resolved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import logging
 import os
 import random
 import tempfile
@@ -28,12 +29,14 @@ from smartpath.core.errors import (
     UnavailableError,
 )
 from smartpath.core.storage.base import DEFAULT_CONTENT_TYPE, ObjectInfo
-from smartpath.core.storage.refs import ObjectRef, show, validate_bucket, validate_key
+from smartpath.core.storage.refs import ObjectRef, validate_bucket, validate_key
 
 T = TypeVar("T")
 
 _CHUNK = 1024 * 1024
 _TMP_PREFIX = ".smartpath-tmp-"
+
+logger = logging.getLogger(__name__)
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
 AUTH_CODES = frozenset(
@@ -155,9 +158,10 @@ class S3Store:
                 http_client=http,
             )
         except ValueError as exc:
+            logger.warning("storage.endpoint %r is not a valid host:port: %s", cfg.endpoint, exc)
             raise InvalidArgumentError(
-                f"storage.endpoint {show(cfg.endpoint)} is not a valid host:port ({exc})"
-            ) from exc
+                "storage.endpoint is not a valid host:port (see the server log)"
+            ) from None
 
     def __repr__(self) -> str:
         return f"S3Store({self.endpoint!r})"
@@ -165,13 +169,24 @@ class S3Store:
     # -- retry + error mapping -----------------------------------------------------------
 
     def _map(self, exc: Exception, what: str) -> SmartPathError | _Transient:
-        """Turn a client exception into a domain error (wrapped in _Transient if retryable)."""
-        where = f"object storage at {self.endpoint}"
+        """Turn a client exception into a domain error (wrapped in _Transient if retryable).
+
+        Messages name the storage but never its endpoint, nor repeat the server's or the
+        client's own words (they can hold hosts and paths); those go to the log.
+        """
+        mapped = self._map_error(exc, what)
+        final = mapped.final if isinstance(mapped, _Transient) else mapped
+        log = logger.debug if isinstance(final, NotFoundError) else logger.warning
+        log("object storage at %s: %s failed: %r", self.endpoint, what, exc)
+        return mapped
+
+    def _map_error(self, exc: Exception, what: str) -> SmartPathError | _Transient:
+        where = "object storage"
         if isinstance(exc, S3Error):
             code = exc.code or ""
             status = _status(exc)
             if code == "NoSuchBucket" and exc.bucket_name:
-                return NotFoundError(f"no such bucket {exc.bucket_name!r} at {self.endpoint}")
+                return NotFoundError(f"no such bucket {exc.bucket_name!r} in object storage")
             if code in NOT_FOUND_CODES or status == 404:
                 return NotFoundError(f"{where}: {what} failed: {code or 'not found'}")
             if code in AUTH_CODES or status == 403:
@@ -184,8 +199,8 @@ class S3Store:
                     UnavailableError(f"{where} is overloaded or failing ({code}) on {what}")
                 )
             if code in BAD_INPUT_CODES:
-                return InvalidArgumentError(f"{where} rejected {what}: {code}: {exc.message}")
-            return UnavailableError(f"{where} answered {code or status} to {what}: {exc.message}")
+                return InvalidArgumentError(f"{where} rejected {what} ({code})")
+            return UnavailableError(f"{where} answered {code or status} to {what}")
         if isinstance(exc, ServerError | InvalidResponseError):
             status = _status(exc)
             if status == 404:
@@ -214,7 +229,9 @@ class S3Store:
         if isinstance(exc, MinioException):
             return UnavailableError(f"{where} failed on {what}: {type(exc).__name__}")
         if isinstance(exc, ValueError | TypeError):
-            return InvalidArgumentError(f"{what} was refused by the S3 client: {exc}")
+            return InvalidArgumentError(
+                f"{what} was refused by the S3 client ({type(exc).__name__})"
+            )
         raise exc  # local file errors (OSError) and bugs pass through unchanged
 
     def _sleep(self, attempt: int) -> None:
@@ -253,8 +270,8 @@ class S3Store:
         except SmartPathError:
             bucket_ok = True
         if not bucket_ok:
-            return NotFoundError(f"no such bucket {ref.bucket!r} at {self.endpoint}")
-        return NotFoundError(f"no such object {ref} at {self.endpoint}")
+            return NotFoundError(f"no such bucket {ref.bucket!r} in object storage")
+        return NotFoundError(f"no such object {ref} in object storage")
 
     def _checked(self, ref: ObjectRef) -> ObjectRef:
         validate_bucket(ref.bucket)
@@ -358,7 +375,8 @@ class S3Store:
         self._checked(ref)
         src = Path(src)
         if not src.is_file():
-            raise NotFoundError(f"upload source {show(str(src))} is not a file")
+            logger.warning("upload source %s is not a file", src)
+            raise NotFoundError(f"upload source for {ref} is not a file")
         size = src.stat().st_size
         result = self._call(
             f"upload to {ref}", lambda: self._client.fput_object(ref.bucket, ref.key, str(src))
@@ -393,7 +411,7 @@ class S3Store:
             except Exception as exc:
                 mapped = self._map(exc, what)
                 if isinstance(mapped, NotFoundError):
-                    raise NotFoundError(f"no such bucket {bucket!r} at {self.endpoint}") from exc
+                    raise NotFoundError(f"no such bucket {bucket!r} in object storage") from exc
                 if not isinstance(mapped, _Transient):
                     raise mapped from exc
                 if attempt >= self.retries:

@@ -28,7 +28,7 @@ from smartpath.services.contracts import (
     parse_scale,
 )
 from smartpath.services.decoding.decoder import BatchDecoder, DecoderStats
-from smartpath.services.grpc_util import RpcCounter, server_stream
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, server_stream
 from smartpath.services.models import SERVICE_PARTS, load_served_model, model_info
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, decoding_pb2
@@ -42,6 +42,7 @@ class DecoderService:
         self.model = load_served_model(self.config, SERVICE_PARTS["decoder"])
         d = self.config.serve.decoder
         self.record_rpc = RpcCounter("decoder")
+        self.guard = RpcGuard.from_config(self.config, "decoder")
         queue = metrics.Histogram(
             "smartpath_decoder_queue_seconds",
             description="Time a request waited for its decoding batch.",

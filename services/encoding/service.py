@@ -21,7 +21,7 @@ from smartpath.services.contracts import SlideEncoding, SlideProgress, VisualTok
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder
 from smartpath.services.encoding.slides import encode_slide
-from smartpath.services.grpc_util import RpcCounter, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, unary
 from smartpath.services.handles import TilerHandle, handle
 from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.tensors import to_tensor
@@ -43,6 +43,7 @@ class FeatureEncoderService:
             batched.set_max_batch_size(e.max_batch_size)
             batched.set_batch_wait_timeout_s(e.batch_wait_timeout_s)
         self.record_rpc = RpcCounter("encoder")
+        self.guard = RpcGuard.from_config(self.config, "encoder")
         self._batch_size = metrics.Histogram(
             "smartpath_encoder_batch_size",
             description="Images or tile sets per encoder forward.",

@@ -12,9 +12,8 @@ from ray.serve import context as serve_context
 
 from smartpath.core.config import SmartPathConfig
 from smartpath.services.contracts import ModelInfo
-from smartpath.services.gateway.auth import TokenCheck
 from smartpath.services.gateway.pipeline import Pipeline
-from smartpath.services.grpc_util import RpcCounter, server_stream, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, server_stream, unary
 from smartpath.services.handles import HandleBackends
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -32,20 +31,17 @@ class PathologyService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         self.backends = HandleBackends()
-        tokens = self.config.serve.auth_token_file
-        self.auth = TokenCheck(tokens) if tokens is not None else None
         self._pipeline: Pipeline | None = None
         self._info: ModelInfo | None = None
         self.record_rpc = RpcCounter("gateway")
+        self.guard = RpcGuard.from_config(self.config, "gateway")
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
             self._info = await self.backends.decoder.info.remote()
         return self._info
 
-    async def _ready(self, context: Any) -> Pipeline:
-        if self.auth is not None:
-            self.auth.check(context.invocation_metadata() if context is not None else ())
+    async def _ready(self) -> Pipeline:
         if self._pipeline is None:
             info = await self._model_info()
             self._pipeline = Pipeline(self.backends, self.config, info)
@@ -53,25 +49,25 @@ class PathologyService:
 
     @unary(pathology_pb2.AnalyzeRegionResponse)
     async def AnalyzeRegion(
-        self, request: pathology_pb2.AnalyzeRegionRequest, context: Any = None
+        self, request: pathology_pb2.AnalyzeRegionRequest
     ) -> pathology_pb2.AnalyzeRegionResponse:
-        pipeline = await self._ready(context)
+        pipeline = await self._ready()
         analysis = await pipeline.analyze_region(request, request_id=request_id())
         return pathology_pb2.AnalyzeRegionResponse(analysis=analysis)
 
     @server_stream
     async def AnalyzeSlide(
-        self, request: pathology_pb2.AnalyzeSlideRequest, context: Any = None
+        self, request: pathology_pb2.AnalyzeSlideRequest
     ) -> AsyncIterator[pathology_pb2.AnalyzeSlideResponse]:
-        pipeline = await self._ready(context)
+        pipeline = await self._ready()
         async for event in pipeline.analyze_slide(request, request_id=request_id()):
             yield event
 
     @unary(pathology_pb2.GetModelInfoResponse)
     async def GetModelInfo(
-        self, request: pathology_pb2.GetModelInfoRequest, context: Any = None
+        self, request: pathology_pb2.GetModelInfoRequest
     ) -> pathology_pb2.GetModelInfoResponse:
-        await self._ready(context)
+        await self._ready()
         return model_info_response(self.config, await self._model_info())
 
 

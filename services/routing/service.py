@@ -11,7 +11,7 @@ from ray.serve import metrics
 from smartpath.core.config import SmartPathConfig
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.contracts import Route, parse_scale, parse_task
-from smartpath.services.grpc_util import RpcCounter, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, unary
 from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.routing.router import ExpertGate
 from smartpath.services.tensors import from_tensor
@@ -25,6 +25,7 @@ class ExpertRouterService:
         self.config = SmartPathConfig(**config)
         self.gate = ExpertGate(load_served_model(self.config, SERVICE_PARTS["router"]))
         self.record_rpc = RpcCounter("router")
+        self.guard = RpcGuard.from_config(self.config, "router")
         self._routes = metrics.Counter(
             "smartpath_router_expert_sets",
             description="Requests routed, by task/scale and chosen expert set.",

@@ -191,6 +191,38 @@ def ray_pods(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return pods
 
 
+def storage_secret_refs(obj: dict[str, Any]) -> dict[str, str]:
+    """Secret name of every SMARTPATH_STORAGE__* credential of an object's SmartPath containers,
+    by "<where> <variable>" (KubeRay's submitter and the autoscaler carry none)."""
+    refs = {}
+    for where, ctr, _ in containers(obj):
+        for env in ctr.get("env", []):
+            if env["name"].startswith("SMARTPATH_STORAGE__") and "valueFrom" in env:
+                refs[f"{where} {env['name']}"] = env["valueFrom"]["secretKeyRef"]["name"]
+    return refs
+
+
+def secret_names_used(obj: dict[str, Any]) -> set[str]:
+    """Every Secret an object's pods read: secretKeyRef, secretRef (envFrom) and secret volumes."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("secretKeyRef", "secretRef"):
+                if isinstance(node.get(key), dict) and "name" in node[key]:
+                    found.add(node[key]["name"])
+            if isinstance(node.get("secret"), dict) and "secretName" in node["secret"]:
+                found.add(node["secret"]["secretName"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(obj.get("spec", {}))
+    return found
+
+
 def quantity_bytes(quantity: str) -> float:
     """A Kubernetes storage quantity ("20Gi", "512Mi", "1.5G") in bytes."""
     match = _QUANTITY.match(str(quantity))
@@ -361,9 +393,11 @@ def test_should_keep_the_chart_table_of_services_equal_to_the_contracts() -> Non
     block = re.search(r'define "smartpath\.services" -}}(.*?){{- end }}', helpers, re.S)
     assert block is not None, "the chart lost its smartpath.services helper"
     entries = re.findall(
-        r'\(dict "app" "([^"]+)" "deployment" "([^"]+)" "servicer" "([^"]+)"\)', block.group(1)
+        r'\(dict "app" "([^"]+)" "deployment" "([^"]+)" "grpcService" "([^"]+)"'
+        r' "servicer" "([^"]+)"\)',
+        block.group(1),
     )
-    assert entries == [(s.app, s.deployment, s.servicer) for s in SERVICES]
+    assert entries == [(s.app, s.deployment, s.grpc_service, s.servicer) for s in SERVICES]
     # Nothing else in the chart names the applications on its own.
     outside = helpers.replace(block.group(0), "")
     for s in SERVICES:
@@ -830,14 +864,12 @@ def test_should_cache_models_on_an_existing_claim(helm: Path) -> None:
 def test_should_use_external_storage_when_minio_is_disabled(helm: Path) -> None:
     objs = render(helm, "-f", str(CHART / "ci" / "external-minio-values.yaml"))
     assert not of_kind(objs, "StatefulSet") and not of_kind(objs, "Secret")
+    assert not of_kind(objs, "Job")  # no bucket Job, no MinIO users: the operator's business
     storage = serve_config_of(objs)["applications"][0]["args"]["config"]["storage"]
     assert storage["endpoint"] == "minio.storage.svc.cluster.local:9000"
     assert storage["secure"] is False and storage["region"] == "us-east-1"
     (rayservice,) = of_kind(objs, "RayService")
-    for _, ctr, _ in containers(rayservice):
-        for env in ctr.get("env", []):
-            if "valueFrom" in env:
-                assert env["valueFrom"]["secretKeyRef"]["name"] == "smartpath-s3-credentials"
+    assert set(storage_secret_refs(rayservice).values()) == {"smartpath-s3-serving"}
     assert "externalStorage" in render_fails(
         helm, "--set", "minio.enabled=false,externalStorage.existingSecret=x"
     )
@@ -914,3 +946,590 @@ def test_should_not_mutate_values_between_renders(helm: Path) -> None:
     configs = [a["args"]["config"] for a in serve_config_of(objs)["applications"]]
     assert all(c == configs[0] for c in configs)
     assert copy.deepcopy(configs[0])["serve"]["auth_token_file"] == "/etc/smartpath-auth/tokens"
+
+
+# ---- one trust boundary: ingress routes, storage roles, network policies, Ray auth ---------------
+
+HEALTH_PATH = "/grpc.health.v1.Health/"
+REFLECTION_PATHS = [
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+]
+
+
+def _public_and_internal_services() -> tuple[str, list[str]]:
+    """(the public gRPC service, the internal ones) from smartpath.services.contracts."""
+    from smartpath.services.contracts import SERVICE_OF_APP, SERVICES
+
+    public = SERVICE_OF_APP["gateway"].grpc_service
+    return public, [s.grpc_service for s in SERVICES if s.grpc_service != public]
+
+
+def ingress_routes(objs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(path, pathType) of every route of the one Ingress, checking each goes to the gRPC port."""
+    (ingress,) = of_kind(objs, "Ingress")
+    (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-grpc")]
+    routes = []
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"] == {
+                "name": service["metadata"]["name"],
+                "port": {"name": "grpc"},
+            }
+            routes.append((path["path"], path["pathType"]))
+    return routes
+
+
+def test_should_route_only_the_public_api_and_health_through_the_ingress(helm: Path) -> None:
+    public, internal = _public_and_internal_services()
+    assert public == "smartpath.v1.Pathology"
+    for args in (
+        ("--set", "ingress.enabled=true"),
+        ("-f", str(CHART / "ci" / "tls-auth-values.yaml")),
+    ):
+        routes = ingress_routes(render(helm, *args))
+        assert routes == [(f"/{public}/", "Prefix"), (HEALTH_PATH, "Prefix")], args
+        assert not any(path == "/" for path, _ in routes)
+    # The schema offers exactly the internal services (by their full gRPC names).
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    exposable = schema["properties"]["ingress"]["properties"]["exposeInternalServices"]["items"]
+    assert exposable["enum"] == internal
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["ingress"]
+    assert values["exposeInternalServices"] == [] and values["exposeReflection"] is False
+
+
+def test_should_route_internal_services_and_reflection_only_on_request(helm: Path) -> None:
+    public, internal = _public_and_internal_services()
+    tiler, decoder = "smartpath.v1.SlideTiler", "smartpath.v1.Decoder"
+    assert {tiler, decoder} <= set(internal)
+    objs = render(
+        helm,
+        "--set",
+        f"ingress.enabled=true,ingress.exposeInternalServices={{{decoder},{tiler}}}",
+    )
+    assert [p for p, _ in ingress_routes(objs)] == [
+        f"/{public}/",
+        HEALTH_PATH,
+        f"/{decoder}/",
+        f"/{tiler}/",
+    ]
+    objs = render(
+        helm,
+        "--set",
+        "ingress.enabled=true,ingress.exposeReflection=true",
+        "--set",
+        "ingress.pathType=ImplementationSpecific",
+    )
+    assert ingress_routes(objs) == [
+        (path, "ImplementationSpecific") for path in [f"/{public}/", HEALTH_PATH, *REFLECTION_PATHS]
+    ]
+    from grpc_reflection.v1alpha import reflection  # what Serve's proxy registers
+
+    assert f"/{reflection.SERVICE_NAME}/" in REFLECTION_PATHS
+
+
+@pytest.mark.parametrize(
+    "name", ["smartpath.v1.Pathology", "smartpath.v1.Tiler", "SlideTiler", "grpc.health.v1.Health"]
+)
+def test_should_refuse_unknown_services_for_the_ingress(helm: Path, name: str) -> None:
+    setting = f"ingress.enabled=true,ingress.exposeInternalServices={{{name}}}"
+    assert "exposeInternalServices" in render_fails(helm, "--set", setting)
+    # The template refuses them too, should the schema be skipped.
+    error = render_fails(helm, "--skip-schema-validation", "--set", setting)
+    assert f'ingress.exposeInternalServices: "{name}" is not an internal SmartPath gRPC' in error
+
+
+# -- object storage: one MinIO user per role, never the root account
+
+BUCKET_ACTIONS = {"s3:GetBucketLocation", "s3:ListBucket"}
+READ_ACTIONS = {"s3:GetObject"}
+WRITE_ACTIONS = {"s3:PutObject", "s3:AbortMultipartUpload"}
+
+
+def minio_policies(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """role -> the IAM policy document the bucket Job applies for it (parsed JSON)."""
+    (configmap,) = [
+        c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-minio-policies")
+    ]
+    return {key.removesuffix(".json"): json.loads(doc) for key, doc in configmap["data"].items()}
+
+
+def granted(policy: dict[str, Any]) -> dict[str, set[str]]:
+    """ARN -> the actions a policy allows on it (checking it allows only, and only s3 actions)."""
+    assert policy["Version"] == "2012-10-17"
+    grants: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource"}
+        for action in statement["Action"]:
+            assert re.fullmatch(r"s3:[A-Za-z]+", action), action  # no wildcards, no admin
+        for resource in statement["Resource"]:
+            grants.setdefault(resource, set()).update(statement["Action"])
+    return grants
+
+
+def expected_grants(read: set[str], write: set[str]) -> dict[str, set[str]]:
+    grants = {}
+    for bucket in read | write:
+        grants[f"arn:aws:s3:::{bucket}"] = BUCKET_ACTIONS
+        grants[f"arn:aws:s3:::{bucket}/*"] = (READ_ACTIONS if bucket in read else set()) | (
+            WRITE_ACTIONS if bucket in write else set()
+        )
+    return grants
+
+
+def test_should_grant_each_storage_role_only_its_buckets(helm: Path) -> None:
+    # Defaults: serving reads slides and models and reads/writes the feature cache's bucket.
+    objs = render(helm)
+    features = serve_config_of(objs)["applications"][0]["args"]["config"]["model"][
+        "features_bucket"
+    ]
+    policies = minio_policies(objs)
+    assert set(policies) == {"serving"}  # no training user without training
+    assert granted(policies["serving"]) == expected_grants(
+        read={"slides", "models", features}, write={features}
+    )
+    # Training: reads data (and the manifests' bucket), reads/writes runs, writes models.
+    policies = minio_policies(render(helm, "-f", str(CHART / "ci" / "training-values.yaml")))
+    assert set(policies) == {"serving", "training"}
+    assert granted(policies["training"]) == expected_grants(
+        read={"data", "runs"}, write={"runs", "models"}
+    )
+    # From the values: the lists, plus the buckets the config tree names for the role.
+    objs = render(
+        helm,
+        "--set",
+        "minio.policies.serving.read={slides,archive},minio.policies.serving.write={exports}",
+        "--set",
+        "config.model.uri=s3://registry/smartpath/7/,config.model.features_bucket=featcache",
+        "--set",
+        "training.enabled=true,training.config.run_root=s3://experiments/smartpath",
+        "--set",
+        "minio.policies.training.readWrite=null,minio.policies.training.write=null",
+    )
+    policies = minio_policies(objs)
+    assert granted(policies["serving"]) == expected_grants(
+        read={"slides", "archive", "registry", "featcache"}, write={"exports", "featcache"}
+    )
+    assert granted(policies["training"]) == expected_grants(
+        read={"data", "experiments"}, write={"experiments"}
+    )
+    # The bucket Job creates every granted bucket (the users may not).
+    (job,) = of_kind(objs, "Job")
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    (loop,) = re.findall(r"for bucket in ([^;]+); do", script)
+    assert {"archive", "registry", "featcache", "exports", "experiments"} <= set(loop.split())
+    # A role's user with no bucket at all is a mistake, not a policy.
+    error = render_fails(
+        helm,
+        "--set",
+        "training.enabled=true,training.config.run_root=/tmp/runs,training.config.data.manifests=null",
+        "--set",
+        "minio.policies.training.read=null,minio.policies.training.readWrite=null",
+        "--set",
+        "minio.policies.training.write=null",
+    )
+    assert "minio.policies.training grants no bucket" in error
+
+
+def test_should_register_a_minio_user_per_role_in_the_bucket_job(helm: Path) -> None:
+    objs = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    (job,) = of_kind(objs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (ctr,) = pod["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in ctr["env"] if "valueFrom" in e}
+    assert env["MINIO_ACCESS_KEY"]["name"] == "smartpath-minio"  # root: this Job and MinIO only
+    for role in ("serving", "training"):
+        for part in ("ACCESS", "SECRET"):
+            ref = env[f"{role.upper()}_{part}_KEY"]
+            assert ref == {"name": f"smartpath-minio-{role}", "key": f"{part.lower()}-key"}
+    script = ctr["args"][0]
+    for role in ("serving", "training"):
+        assert f"mc admin policy create smartpath smartpath-{role} /policies/{role}.json" in script
+        assert f'mc admin user add smartpath "${role.upper()}_ACCESS_KEY"' in script
+        assert f'attach smartpath-{role} "${role.upper()}_ACCESS_KEY"' in script
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "policies"]
+    assert volume["configMap"]["name"] == "smartpath-minio-policies"
+    assert {"name": "policies", "mountPath": "/policies", "readOnly": True} in ctr["volumeMounts"]
+    # Each role's Secret is made by the chart (random, kept across upgrades with lookup).
+    secrets = {s["metadata"]["name"]: s for s in of_kind(objs, "Secret")}
+    for role in ("serving", "training"):
+        data = secrets[f"smartpath-minio-{role}"]["data"]
+        assert set(data) == {"access-key", "secret-key"}
+        assert len(base64.b64decode(data["secret-key"])) >= 40
+    template = (CHART / "templates" / "secret-storage.yaml").read_text()
+    assert template.count("lookup ") >= 2 and "randAlphaNum" in template
+
+
+def test_should_run_the_bucket_job_script_twice(helm: Path, tmp_path: Path) -> None:
+    """The Job's shell script with a stand-in `mc`: it creates users and policies, and a rerun
+    (every upgrade) passes although MinIO answers that the policy is attached already."""
+    objs = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    (job,) = of_kind(objs, "Job")
+    (ctr,) = job["spec"]["template"]["spec"]["containers"]
+    assert ctr["command"] == ["/bin/sh", "-ec"]
+    log = tmp_path / "mc.log"
+    fake = tmp_path / "bin" / "mc"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo "$*" >> "$MC_LOG"\n'
+        'if [ "$1 $2 $3" = "admin policy attach" ] && [ -n "$ATTACH_ERROR" ]; then\n'
+        '  echo "mc: <ERROR> Unable to attach policy: $ATTACH_ERROR" >&2; exit 1\n'
+        "fi\n"
+    )
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "MC_LOG": str(log),
+        "MINIO_URL": "http://minio:9000",
+        "MINIO_ACCESS_KEY": "root",
+        "MINIO_SECRET_KEY": "rootsecret",
+        "SERVING_ACCESS_KEY": "srv",
+        "SERVING_SECRET_KEY": "srvsecret",
+        "TRAINING_ACCESS_KEY": "trn",
+        "TRAINING_SECRET_KEY": "trnsecret",
+    }
+
+    def run(attach_error: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/sh", "-ec", ctr["args"][0]],
+            env={**env, "ATTACH_ERROR": attach_error},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    first = run("")
+    assert first.returncode == 0, first.stderr
+    calls = log.read_text().splitlines()
+    assert "admin user add smartpath srv srvsecret" in calls
+    assert "admin policy attach smartpath smartpath-serving --user srv" in calls
+    assert "admin policy attach smartpath smartpath-training --user trn" in calls
+    again = run("The specified policy change is already in effect.")
+    assert again.returncode == 0, again.stderr
+    broken = run("Access Denied.")
+    assert broken.returncode != 0 and "Access Denied" in broken.stderr
+
+
+@pytest.mark.parametrize(
+    "variant_file",
+    [None, "training-values.yaml", "kserve-values.yaml", "kserve-knative-values.yaml"],
+)
+def test_should_give_app_pods_their_role_credentials_never_root(
+    helm: Path, variant_file: str | None
+) -> None:
+    args = () if variant_file is None else ("-f", str(CHART / "ci" / variant_file))
+    objs = render(helm, *args)
+    root = "smartpath-minio"
+    assert root in {s["metadata"]["name"] for s in of_kind(objs, "Secret")}
+    role_of = {"RayService": "serving", "InferenceService": "serving", "RayJob": "training"}
+    checked = 0
+    for obj in objs:
+        if obj["kind"] in role_of:
+            refs = storage_secret_refs(obj)
+            # Both variables in every SmartPath pod: head, workers, predictor (not the submitter).
+            pods = [where for where, _ in pod_specs(obj) if not where.endswith(" submitter")]
+            assert len(refs) == 2 * len(pods), refs
+            assert set(refs.values()) == {f"smartpath-minio-{role_of[obj['kind']]}"}, _name(obj)
+            checked += 1
+        if obj["kind"] not in ("StatefulSet", "Job"):  # MinIO itself and the bucket Job
+            assert root not in secret_names_used(obj), f"{_name(obj)} reads the root credentials"
+    assert checked >= 1
+
+
+def test_should_take_role_secrets_of_external_storage_with_a_shared_fallback(helm: Path) -> None:
+    external = str(CHART / "ci" / "external-minio-values.yaml")
+    objs = render(helm, "-f", external, "--set", "training.enabled=true")
+    for obj in objs:
+        if obj["kind"] == "RayService":
+            assert set(storage_secret_refs(obj).values()) == {"smartpath-s3-serving"}
+        if obj["kind"] == "RayJob":
+            assert set(storage_secret_refs(obj).values()) == {"smartpath-s3-training"}
+    # Per-role keys of the operator's Secrets.
+    objs = render(
+        helm,
+        "-f",
+        external,
+        "--set",
+        "storage.serving.accessKeyKey=AWS_ACCESS_KEY_ID,storage.serving.secretKeyKey=AWS_SECRET_ACCESS_KEY",
+    )
+    (rayservice,) = of_kind(objs, "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    keys = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+        for e in head["containers"][0]["env"]
+        if "valueFrom" in e
+    }
+    assert keys["SMARTPATH_STORAGE__ACCESS_KEY"] == "AWS_ACCESS_KEY_ID"
+    assert keys["SMARTPATH_STORAGE__SECRET_KEY"] == "AWS_SECRET_ACCESS_KEY"
+    # A role without its own Secret falls back to the shared one.
+    objs = render(
+        helm,
+        "-f",
+        external,
+        "--set",
+        "training.enabled=true,storage.training.existingSecret=",
+    )
+    for obj in objs:
+        if obj["kind"] == "RayJob":
+            assert set(storage_secret_refs(obj).values()) == {"smartpath-s3-credentials"}
+    # Without any credentials for a role in use, the render says what to set.
+    error = render_fails(
+        helm,
+        "-f",
+        external,
+        "--set",
+        "externalStorage.existingSecret=,training.enabled=true,storage.training.existingSecret=",
+    )
+    assert "storage.training.existingSecret" in error
+    assert "go together" in render_fails(
+        helm,
+        "-f",
+        external,
+        "--set",
+        "externalStorage.existingSecret=,externalStorage.accessKey=AKIAonly",
+    )
+
+
+# -- network policies: one per Ray cluster, one for the KServe predictor
+
+OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "ray-system"}
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+OWN_NAMESPACE = {"kubernetes.io/metadata.name": NAMESPACE}
+RAY_PORTS = (6379, 8265, 10001, 52365, 20001)  # GCS, dashboard, client, agent, a worker port
+
+
+def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A LabelSelector against labels ({} selects everything)."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, values = expr["key"], expr.get("values", [])
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[expr["operator"]]:
+            return False
+    return True
+
+
+def admitted(
+    policies: list[dict[str, Any]],
+    target: dict[str, str],
+    source: dict[str, str],
+    port: int,
+    source_namespace: dict[str, str] = OWN_NAMESPACE,
+) -> bool:
+    """Whether the NetworkPolicies let a pod (source labels, in source_namespace) open TCP `port`
+    on a pod of the release namespace (target labels): a pod no policy selects for Ingress takes
+    everything; otherwise some rule of a selecting policy must admit it."""
+    selecting = [
+        p
+        for p in policies
+        if "Ingress" in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], target)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and not any(
+                p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in rule["ports"]
+            ):
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                if "ipBlock" in peer:
+                    continue
+                if "namespaceSelector" in peer:
+                    in_namespace = _selects(peer["namespaceSelector"], source_namespace)
+                else:
+                    in_namespace = source_namespace == OWN_NAMESPACE
+                if in_namespace and _selects(peer.get("podSelector"), source):
+                    return True
+    return False
+
+
+def pod_labels(objs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """where -> the labels of every pod the release makes (templates, plus what KServe adds)."""
+    pods = {}
+    for obj in objs:
+        kind, spec = obj["kind"], obj.get("spec", {})
+        if kind == "Pod":
+            pods[_name(obj)] = obj["metadata"]["labels"]
+        elif kind in ("StatefulSet", "Job"):
+            pods[_name(obj)] = spec["template"]["metadata"]["labels"]
+        elif kind in ("RayService", "RayJob"):
+            cluster = spec["rayClusterConfig"] if kind == "RayService" else spec["rayClusterSpec"]
+            pods[f"{_name(obj)} head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for group in cluster["workerGroupSpecs"]:
+                pods[f"{_name(obj)} {group['groupName']}"] = group["template"]["metadata"]["labels"]
+            if kind == "RayJob":
+                pods[f"{_name(obj)} submitter"] = spec["submitterPodTemplate"]["metadata"]["labels"]
+        elif kind == "InferenceService":
+            pods[f"{_name(obj)} predictor"] = {
+                **spec["predictor"]["labels"],
+                "serving.kserve.io/inferenceservice": obj["metadata"]["name"],
+                "component": "predictor",
+            }
+    return pods
+
+
+@pytest.mark.parametrize("variant_file", [None, "training-values.yaml", "tls-auth-values.yaml"])
+def test_should_keep_ray_ports_inside_each_ray_cluster(
+    helm: Path, variant_file: str | None
+) -> None:
+    args = () if variant_file is None else ("-f", str(CHART / "ci" / variant_file))
+    objs = render(helm, *args)
+    policies = of_kind(objs, "NetworkPolicy")
+    pods = pod_labels(objs)
+    ray = {w: labels for w, labels in pods.items() if labels.get("smartpath.io/ray") == "true"}
+    clusters = {labels["app.kubernetes.io/component"] for labels in ray.values()}
+    assert clusters == (
+        {"serving", "training-sft", "training-grpo"}
+        if variant_file == "training-values.yaml"
+        else {"serving"}
+    )
+    for target, target_labels in ray.items():
+        cluster = target_labels["app.kubernetes.io/component"]
+        for source, source_labels in pods.items():
+            same = source_labels.get("smartpath.io/ray") == "true" and (
+                source_labels["app.kubernetes.io/component"] == cluster
+            )
+            submitter = source_labels.get("smartpath.io/ray-submitter") == "true" and (
+                source_labels["app.kubernetes.io/component"] == cluster
+            )
+            for port in RAY_PORTS:
+                expected = same or (submitter and port == 8265)
+                assert admitted(policies, target_labels, source_labels, port) == expected, (
+                    f"{source} -> {target}:{port}"
+                )
+        # The KubeRay operator: the dashboard only, not the GCS or the Ray client port.
+        for port, expected in ((8265, True), (6379, False), (10001, False)):
+            assert (
+                admitted(policies, target_labels, OPERATOR_LABELS, port, OPERATOR_NAMESPACE)
+                == expected
+            ), f"operator -> {target}:{port}"
+        # Another namespace's pods reach no Ray port.
+        for port in RAY_PORTS:
+            assert not admitted(
+                policies, target_labels, {}, port, {"kubernetes.io/metadata.name": "x"}
+            )
+    # The Serve gRPC port stays open to the allowed clients (the helm test), on serving only.
+    (test_pod,) = [labels for where, labels in pods.items() if where.startswith("Pod/")]
+    for target, target_labels in ray.items():
+        serving = target_labels["app.kubernetes.io/component"] == "serving"
+        assert admitted(policies, target_labels, test_pod, 9000) == serving, target
+        assert not admitted(policies, target_labels, test_pod, 6379), target
+
+
+def test_should_scope_the_kserve_predictor(helm: Path) -> None:
+    for values, ports in (
+        ("kserve-values.yaml", {8080, 8081}),
+        ("kserve-knative-values.yaml", {8013, 9090}),  # queue-proxy (h2c) and its metrics
+    ):
+        objs = render(helm, "-f", str(CHART / "ci" / values))
+        (isvc,) = of_kind(objs, "InferenceService")
+        (policy,) = [
+            p for p in of_kind(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-kserve")
+        ]
+        spec = policy["spec"]
+        assert spec["podSelector"] == {
+            "matchLabels": {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+        }
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        (rule,) = spec["ingress"]
+        assert {p["port"] for p in rule["ports"]} == ports
+        predictor = pod_labels(objs)[f"{_name(isvc)} predictor"]
+        policies = of_kind(objs, "NetworkPolicy")
+        knative = {"kubernetes.io/metadata.name": "knative-serving"}
+        port = min(ports)
+        assert admitted(policies, predictor, {"app": "activator"}, port, knative)
+        assert admitted(policies, predictor, {"smartpath.io/client": "true"}, port)
+        assert not admitted(policies, predictor, {}, port)  # other pods of the namespace
+        assert not admitted(policies, predictor, {}, port, {"kubernetes.io/metadata.name": "x"})
+        assert not admitted(policies, predictor, {"app": "activator"}, 6379, knative)
+        # Egress: DNS, and MinIO's S3 port on MinIO's pods; nothing else.
+        dns, storage = spec["egress"]
+        default_dns = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["dns"]
+        assert dns["to"] == default_dns
+        assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [
+            (53, "TCP"),
+            (53, "UDP"),
+        ]
+        assert storage["ports"] == [{"port": 9000, "protocol": "TCP"}]
+        (minio,) = of_kind(objs, "StatefulSet")
+        (peer,) = storage["to"]
+        assert _selects(peer["podSelector"], minio["spec"]["template"]["metadata"]["labels"])
+        assert set(peer) == {"podSelector"}
+    # External storage: the endpoint's port, to the configured peers (any address by default).
+    external = (
+        "-f",
+        str(CHART / "ci" / "external-minio-values.yaml"),
+        "--set",
+        "kserve.enabled=true",
+    )
+    for extra, to in (
+        (("--set", "externalStorage.endpoint=s3.example.org,externalStorage.secure=true"), None),
+        (
+            (
+                "--set",
+                "externalStorage.endpoint=10.0.8.5:9443",
+                "--set",
+                "networkPolicy.externalStorageTo[0].ipBlock.cidr=10.0.8.0/24",
+            ),
+            [{"ipBlock": {"cidr": "10.0.8.0/24"}}],
+        ),
+    ):
+        objs = render(helm, *external, *extra)
+        (policy,) = [
+            p for p in of_kind(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-kserve")
+        ]
+        storage = policy["spec"]["egress"][1]
+        assert storage["ports"] == [{"port": 9443 if to else 443, "protocol": "TCP"}]
+        assert storage.get("to") == to
+        for k8s_version in K8S_VERSIONS:
+            kubernetes_validate.validate(policy, k8s_version, strict=True)
+
+
+# -- Ray token authentication (KubeRay authOptions)
+
+
+def test_should_turn_on_ray_token_auth_on_request(helm: Path) -> None:
+    default = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    for obj in of_kind(default, "RayService") + of_kind(default, "RayJob"):
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        assert "authOptions" not in cluster, _name(obj)
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["ray"]["authOptions"] == {
+        "mode": "disabled"
+    }
+    objs = render(
+        helm,
+        "-f",
+        str(CHART / "ci" / "training-values.yaml"),
+        "--set",
+        "ray.authOptions.mode=token",
+    )
+    kinds = [o for o in objs if o["kind"] in ("RayService", "RayJob")]
+    assert sorted(o["kind"] for o in kinds) == ["RayJob", "RayJob", "RayService"]
+    for obj in kinds:
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        assert cluster["authOptions"] == {"mode": "token"}, _name(obj)
+        # KubeRay (>= 1.5.1) wants a rayVersion of 2.52 or newer for token mode.
+        assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
+        errors = list(crd_validator(obj["kind"]).iter_errors(obj))
+        assert not errors, f"{_name(obj)}: {errors[0].message}"
+    # The CRDs the chart is checked against carry the field it renders.
+    schema = crd_validator("RayService").schema
+    ray_cluster = schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]
+    assert ray_cluster["authOptions"]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    assert "Ray 2.52.0 or newer" in render_fails(
+        helm, "--set", "ray.authOptions.mode=token,ray.version=2.51.1"
+    )
+    assert "value must be one of" in render_fails(helm, "--set", "ray.authOptions.mode=on")

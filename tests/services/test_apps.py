@@ -15,7 +15,7 @@ from ray.serve.schema import ServeDeploySchema
 from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import UnauthenticatedError, UnavailableError
 from smartpath.services.apps import APPS, serve_config
-from smartpath.services.gateway.auth import TokenCheck
+from smartpath.services.auth import TokenCheck
 
 
 def _config() -> SmartPathConfig:
@@ -61,10 +61,12 @@ def test_builders_take_the_options_from_the_config() -> None:
 
 def test_token_check(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("# comment\nalpha\n\nbeta\n")
+    tokens.write_text("# comment\nalpha\n\npacs-gateway:beta\n")
     check = TokenCheck(tokens)
-    check.check([("authorization", "Bearer alpha")])
-    check.check([("Authorization", "bearer beta")])
+    assert check.check([("authorization", "Bearer alpha")]) == "caller-2"  # named by its line
+    assert check.check([("Authorization", "bearer beta")]) == "pacs-gateway"
+    with pytest.raises(UnauthenticatedError):
+        check.check([("authorization", "Bearer pacs-gateway:beta")])
     for metadata in ([], [("authorization", "Bearer gamma")], [("authorization", "alpha")]):
         with pytest.raises(UnauthenticatedError):
             check.check(metadata)

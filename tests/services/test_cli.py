@@ -20,9 +20,16 @@ def test_synth_slide_then_plan_outputs(
     assert main(["synth-slide", str(slide), "--width", "3072", "--format", "tiff"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["width"] == 3072
 
+    from tests.services.conftest import API_TOKEN
+
     address = f"127.0.0.1:{serve_instance.serve.grpc_port}"
     out = tmp_path / "plan"
-    assert main(["plan", str(slide), "--address", address, "--out", str(out)]) == 0
+    token = tmp_path / "token"
+    token.write_text(API_TOKEN + "\n")
+    args = ["plan", str(slide), "--address", address, "--out", str(out)]
+    assert main(args) == 1  # the tiler, like every service, wants a token
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main([*args, "--token-file", str(token)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["tiles"] > 0
 

@@ -41,6 +41,8 @@ from smartpath.v1 import pathology_pb2
 from tests.conftest import free_port
 
 START_TIMEOUT_S = 120
+TOKEN = "kserve-token-7e1d"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 class Server:
@@ -57,10 +59,12 @@ def _bytes(name: str, *values: bytes | str) -> InferInput:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("kserve")
     write_synthetic_slide(root / "slide.svs", width=2048, height=2048, seed=3)
+    (root / "tokens").write_text(f"kserve-test:{TOKEN}\n")
     config = {
         "storage": {"local_root": str(root / "store")},
         "slide_cache": {"dir": str(root / "cache")},
         "tiling": {"local_slide_roots": [str(root)]},
+        "serve": {"auth_token_file": str(root / "tokens")},
     }
     (root / "smartpath.yaml").write_text(yaml.safe_dump(config))
     grpc_port, http_port = free_port(), free_port()
@@ -96,11 +100,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 proc.wait()
 
 
-def _infer(server: Server, *inputs: InferInput, request_id: str = "") -> InferResponse:
+def _infer(
+    server: Server, *inputs: InferInput, request_id: str = "", token: str | None = None
+) -> InferResponse:
+    token = TOKEN if token is None else token
+
     async def go() -> InferResponse:
         async with kserve.InferenceGRPCClient(server.grpc_url, timeout=60) as client:
             request = InferRequest(MODEL_NAME, list(inputs), request_id=request_id)
-            return await client.infer(request)
+            return await client.infer(request, headers=[("authorization", f"Bearer {token}")])
 
     return asyncio.run(go())
 
@@ -210,10 +218,29 @@ def test_rest_maps_domain_errors(server: Server) -> None:
         }
 
     url = f"{server.http_url}/v2/models/{MODEL_NAME}/infer"
-    missing = httpx.post(url, json=body(str(server.root / "missing.svs")), timeout=60)
+    missing = httpx.post(url, json=body(str(server.root / "missing.svs")), headers=AUTH, timeout=60)
     assert missing.status_code == 404, missing.text
     assert "does not exist" in missing.json()["error"]
-    ok = httpx.post(url, json=body(str(server.root / "slide.svs")), timeout=60)
+    ok = httpx.post(url, json=body(str(server.root / "slide.svs")), headers=AUTH, timeout=60)
     assert ok.status_code == 200, ok.text
     outputs = {o["name"]: o["data"][0] for o in ok.json()["outputs"]}
     assert json.loads(outputs["analysis"])["scale"] == "SCALE_WSI"
+
+
+def test_predictions_want_an_accepted_token(server: Server) -> None:
+    inputs = [_bytes("image", _png()), _bytes("task", "classification")]
+    for token in ("", "wrong-" + TOKEN):
+        with pytest.raises(grpc.RpcError) as err:
+            _infer(server, *inputs, token=token)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    url = f"{server.http_url}/v2/models/{MODEL_NAME}/infer"
+    body = {"inputs": [{"name": "task", "shape": [1], "datatype": "BYTES", "data": ["vqa"]}]}
+    refused = httpx.post(url, json=body, timeout=60)
+    assert refused.status_code == 401
+    # Probes stay open.
+    assert httpx.get(f"{server.http_url}/v2/health/ready", timeout=10).status_code == 200
+    log = (server.root / "server.log").read_text()
+    audit = [json.loads(line.split("smartpath.audit: ", 1)[1]) for line in log.splitlines()
+             if "smartpath.audit: " in line]  # fmt: skip
+    assert {"kserve-test", "unauthenticated"} <= {a["caller"] for a in audit}
+    assert all(a["service"] == "kserve" and a["rpc"] == "predict" for a in audit)

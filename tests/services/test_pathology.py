@@ -35,6 +35,8 @@ from smartpath.v1 import (
 )
 from tests.services.conftest import API_TOKEN
 
+AUTH = ("authorization", f"Bearer {API_TOKEN}")
+
 DEMO_LABELS = label_taxonomy()  # the demo checkpoint's taxonomy
 
 BUCKET = "pathology"
@@ -297,7 +299,7 @@ def test_health_of_every_service_without_application_metadata(grpc_channel) -> N
 def test_internal_services_answer_grpc_on_their_own(grpc_channel, roi) -> None:
     encoded = encoding_pb2_grpc.FeatureEncoderStub(grpc_channel).EncodeImage(
         encoding_pb2.EncodeImageRequest(image=_png(roi)),
-        metadata=[("application", "encoder")],
+        metadata=[("application", "encoder"), AUTH],
         timeout=60,
     )
     n, hidden = encoded.tokens.shape
@@ -308,7 +310,7 @@ def test_internal_services_answer_grpc_on_their_own(grpc_channel, roi) -> None:
     roi_vqa = {"task": common_pb2.TASK_VQA, "scale": common_pb2.SCALE_ROI}
     route = router.Route(
         routing_pb2.RouteRequest(**roi_vqa, pooled=pooled),
-        metadata=[("application", "router")],
+        metadata=[("application", "router"), AUTH],
         timeout=60,
     )
     assert len(route.experts) == 2 and route.expert_set == "+".join(
@@ -324,7 +326,7 @@ def test_internal_services_answer_grpc_on_their_own(grpc_channel, roi) -> None:
             experts=route.experts,
             max_new_tokens=32,
         ),
-        metadata=[("application", "decoder")],
+        metadata=[("application", "decoder"), AUTH],
         timeout=60,
     )
     events = list(stream)
@@ -336,7 +338,7 @@ def test_internal_services_answer_grpc_on_their_own(grpc_channel, roi) -> None:
     bad = common_pb2.Tensor(shape=[hidden + 1], data=b"\x00" * 8)
     call = lambda: router.Route(  # noqa: E731
         routing_pb2.RouteRequest(**roi_vqa, pooled=bad),
-        metadata=[("application", "router")],
+        metadata=[("application", "router"), AUTH],
         timeout=60,
     )
     assert _code(call) == grpc.StatusCode.INVALID_ARGUMENT

@@ -114,6 +114,18 @@ smartpath.componentLabels: all labels of one component's objects (dict "root" $ 
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/*
+smartpath.rayClusterSelectorLabels: the labels that select the pods of one Ray cluster (dict "root"
+$ "component" C): the RayService's (serving) or one training RayJob's (training-sft,
+training-grpo). KubeRay's own `ray.io/cluster` label cannot be used in a static NetworkPolicy: its
+value is the RayCluster's name, "<RayService|RayJob name>-<5 random characters>", made by KubeRay
+(and renewed by every NewCluster upgrade); the chart's component label is fixed per cluster.
+*/}}
+{{- define "smartpath.rayClusterSelectorLabels" -}}
+{{ include "smartpath.componentSelectorLabels" . }}
+smartpath.io/ray: "true"
+{{- end }}
+
 {{/* ============================== image, accounts ============================== */}}
 
 {{/*
@@ -197,6 +209,132 @@ smartpath.storage.secretKeyKey: key of the secret key in the storage Secret.
 {{- if .Values.minio.enabled }}{{ .Values.minio.auth.secretKeyKey }}{{ else }}{{ .Values.externalStorage.secretKeyKey }}{{ end }}
 {{- end }}
 
+{{/*
+smartpath.storage.roles: the storage roles in use, as a JSON list: "serving" (the RayService and
+the KServe predictor) always, "training" (the RayJobs) when training.enabled.
+*/}}
+{{- define "smartpath.storage.roles" -}}
+{{- $roles := list "serving" }}
+{{- if .Values.training.enabled }}
+{{- $roles = append $roles "training" }}
+{{- end }}
+{{- toJson $roles }}
+{{- end }}
+
+{{/*
+smartpath.storage.roleCredentials: where the S3 credentials of one role's pods come from (dict
+"root" $ "role" "serving"|"training"), as JSON {secretName, accessKeyKey, secretKeyKey, chartMade}:
+storage.<role>.existingSecret when set; else, with the bundled MinIO, the Secret the chart makes
+for that role's MinIO user ("<fullname>-minio-<role>"); else (external storage) the one shared
+Secret of externalStorage. Never MinIO's root account.
+*/}}
+{{- define "smartpath.storage.roleCredentials" -}}
+{{- $v := .root.Values }}
+{{- $r := get $v.storage .role }}
+{{- if $r.existingSecret }}
+{{- dict "secretName" $r.existingSecret "accessKeyKey" $r.accessKeyKey "secretKeyKey" $r.secretKeyKey "chartMade" false | toJson }}
+{{- else if $v.minio.enabled }}
+{{- dict "secretName" (include "smartpath.componentName" (dict "root" .root "suffix" (printf "minio-%s" .role))) "accessKeyKey" $r.accessKeyKey "secretKeyKey" $r.secretKeyKey "chartMade" true | toJson }}
+{{- else }}
+{{- dict "secretName" (include "smartpath.storage.secretName" .root) "accessKeyKey" $v.externalStorage.accessKeyKey "secretKeyKey" $v.externalStorage.secretKeyKey "chartMade" false | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.s3Bucket: the bucket of an s3://bucket/prefix URI; empty for anything else.
+*/}}
+{{- define "smartpath.s3Bucket" -}}
+{{- $uri := toString (. | default "") }}
+{{- if hasPrefix "s3://" $uri }}
+{{- trimPrefix "s3://" $uri | splitList "/" | first }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.minio.grants: what one role's MinIO user may do per bucket (dict "root" $ "role" R), as
+JSON {bucket: {"read": bool, "write": bool}}: minio.policies.<role> (read, readWrite, write) plus
+the buckets the config tree names for that role: serving reads config.model.uri's bucket and
+reads and writes config.model.features_bucket (the slide feature cache); training reads the
+buckets of training.config.data.manifests and reads and writes training.config.run_root's.
+*/}}
+{{- define "smartpath.minio.grants" -}}
+{{- $v := .root.Values }}
+{{- $p := get $v.minio.policies .role }}
+{{- $read := concat ($p.read | default list) ($p.readWrite | default list) }}
+{{- $write := concat ($p.write | default list) ($p.readWrite | default list) }}
+{{- if eq .role "serving" }}
+{{- $model := $v.config.model | default dict }}
+{{- $read = append $read ($model.features_bucket | default "smartpath") }}
+{{- $write = append $write ($model.features_bucket | default "smartpath") }}
+{{- with include "smartpath.s3Bucket" $model.uri }}
+{{- $read = append $read . }}
+{{- end }}
+{{- else }}
+{{- $t := $v.training.config | default dict }}
+{{- with include "smartpath.s3Bucket" $t.run_root }}
+{{- $read = append $read . }}
+{{- $write = append $write . }}
+{{- end }}
+{{- range (($t.data | default dict).manifests | default list) }}
+{{- with include "smartpath.s3Bucket" . }}
+{{- $read = append $read . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $grants := dict }}
+{{- range $bucket := concat $read $write | uniq }}
+{{- $_ := set $grants $bucket (dict "read" (has $bucket $read) "write" (has $bucket $write)) }}
+{{- end }}
+{{- toJson $grants }}
+{{- end }}
+
+{{/*
+smartpath.minio.policy: the IAM policy document of one role's MinIO user (dict "root" $ "role" R),
+as JSON, from smartpath.minio.grants: on every granted bucket s3:GetBucketLocation (the client
+asks for the region) and s3:ListBucket (listing, HeadBucket); s3:GetObject (GET/HEAD) on the
+objects of readable buckets; s3:PutObject and s3:AbortMultipartUpload (multipart uploads) on the
+objects of writable ones. Nothing else: no deletes, no bucket creation, no admin.
+*/}}
+{{- define "smartpath.minio.policy" -}}
+{{- $grants := include "smartpath.minio.grants" . | fromJson }}
+{{- $buckets := list }}
+{{- $readable := list }}
+{{- $writable := list }}
+{{- range $bucket := keys $grants | sortAlpha }}
+{{- $g := get $grants $bucket }}
+{{- $buckets = append $buckets (printf "arn:aws:s3:::%s" $bucket) }}
+{{- if $g.read }}
+{{- $readable = append $readable (printf "arn:aws:s3:::%s/*" $bucket) }}
+{{- end }}
+{{- if $g.write }}
+{{- $writable = append $writable (printf "arn:aws:s3:::%s/*" $bucket) }}
+{{- end }}
+{{- end }}
+{{- $statements := list }}
+{{- if $buckets }}
+{{- $statements = append $statements (dict "Sid" "Buckets" "Effect" "Allow" "Action" (list "s3:GetBucketLocation" "s3:ListBucket") "Resource" $buckets) }}
+{{- end }}
+{{- if $readable }}
+{{- $statements = append $statements (dict "Sid" "Read" "Effect" "Allow" "Action" (list "s3:GetObject") "Resource" $readable) }}
+{{- end }}
+{{- if $writable }}
+{{- $statements = append $statements (dict "Sid" "Write" "Effect" "Allow" "Action" (list "s3:PutObject" "s3:AbortMultipartUpload") "Resource" $writable) }}
+{{- end }}
+{{- dict "Version" "2012-10-17" "Statement" $statements | toJson }}
+{{- end }}
+
+{{/*
+smartpath.minio.allBuckets: the buckets the bucket Job creates, as a JSON list: minio.buckets plus
+every bucket a role's policy grants (a user may not create buckets itself).
+*/}}
+{{- define "smartpath.minio.allBuckets" -}}
+{{- $buckets := .Values.minio.buckets | default list }}
+{{- range $role := include "smartpath.storage.roles" . | fromJsonArray }}
+{{- $buckets = concat $buckets (include "smartpath.minio.grants" (dict "root" $ "role" $role) | fromJson | keys | sortAlpha) }}
+{{- end }}
+{{- $buckets | uniq | toJson }}
+{{- end }}
+
 {{/* ============================== auth ============================== */}}
 
 {{/*
@@ -257,12 +395,53 @@ its one deployment and its generated gRPC servicer. A copy of smartpath.services
 */}}
 {{- define "smartpath.services" -}}
 {{- list
-  (dict "app" "tiler" "deployment" "SlideTiler" "servicer" "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server")
-  (dict "app" "encoder" "deployment" "FeatureEncoder" "servicer" "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server")
-  (dict "app" "router" "deployment" "ExpertRouter" "servicer" "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server")
-  (dict "app" "decoder" "deployment" "Decoder" "servicer" "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server")
-  (dict "app" "gateway" "deployment" "Pathology" "servicer" "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server")
+  (dict "app" "tiler" "deployment" "SlideTiler" "grpcService" "smartpath.v1.SlideTiler" "servicer" "smartpath.v1.tiling_pb2_grpc.add_SlideTilerServicer_to_server")
+  (dict "app" "encoder" "deployment" "FeatureEncoder" "grpcService" "smartpath.v1.FeatureEncoder" "servicer" "smartpath.v1.encoding_pb2_grpc.add_FeatureEncoderServicer_to_server")
+  (dict "app" "router" "deployment" "ExpertRouter" "grpcService" "smartpath.v1.ExpertRouter" "servicer" "smartpath.v1.routing_pb2_grpc.add_ExpertRouterServicer_to_server")
+  (dict "app" "decoder" "deployment" "Decoder" "grpcService" "smartpath.v1.Decoder" "servicer" "smartpath.v1.decoding_pb2_grpc.add_DecoderServicer_to_server")
+  (dict "app" "gateway" "deployment" "Pathology" "grpcService" "smartpath.v1.Pathology" "servicer" "smartpath.v1.pathology_pb2_grpc.add_PathologyServicer_to_server")
   | toJson }}
+{{- end }}
+
+{{/*
+smartpath.publicApp: the application whose gRPC service is the public API (the gateway's
+smartpath.v1.Pathology); the other services are internal (the gateway calls them).
+*/}}
+{{- define "smartpath.publicApp" -}}
+gateway
+{{- end }}
+
+{{/*
+smartpath.ingress.paths: the path prefixes the Ingress routes, as a JSON list. gRPC calls are
+POST /<package>.<Service>/<Method>, so one prefix per service: the public service and
+grpc.health.v1.Health always; ingress.exposeInternalServices (full gRPC names of the other
+services) and server reflection (ingress.exposeReflection) on request. Fails on a name that is no
+internal service (values.schema.json refuses those too).
+*/}}
+{{- define "smartpath.ingress.paths" -}}
+{{- $public := include "smartpath.publicApp" . }}
+{{- $internal := dict }}
+{{- $paths := list }}
+{{- range $s := include "smartpath.services" . | fromJsonArray }}
+{{- if eq $s.app $public }}
+{{- $paths = append $paths (printf "/%s/" $s.grpcService) }}
+{{- else }}
+{{- $_ := set $internal $s.grpcService true }}
+{{- end }}
+{{- end }}
+{{- $paths = append $paths "/grpc.health.v1.Health/" }}
+{{- range $name := .Values.ingress.exposeInternalServices }}
+{{- if not (hasKey $internal $name) }}
+{{- fail (printf "ingress.exposeInternalServices: %q is not an internal SmartPath gRPC service (one of %s; %s is always exposed)" $name (keys $internal | sortAlpha | join ", ") (first $paths | trimAll "/")) }}
+{{- end }}
+{{- $paths = append $paths (printf "/%s/" $name) }}
+{{- end }}
+{{- if .Values.ingress.exposeReflection }}
+{{- /* Serve's proxy registers v1alpha; v1 is routed too for clients that try it first (they
+  fall back to v1alpha on UNIMPLEMENTED). */}}
+{{- $paths = concat $paths (list "/grpc.reflection.v1.ServerReflection/" "/grpc.reflection.v1alpha.ServerReflection/") }}
+{{- end }}
+{{- $paths | uniq | toJson }}
 {{- end }}
 
 {{/*
@@ -325,12 +504,16 @@ options from config.serve.<app>. JSON (valid YAML), for the reason given at smar
 {{/* ============================== pods ============================== */}}
 
 {{/*
-smartpath.env: environment of every SmartPath container. Storage endpoint and credentials come as
-SMARTPATH_STORAGE__* variables (the credentials from the Secret): the config tree's environment
-overrides win over the file and the Serve args, so replicas read secrets that never appear in the
-RayService or a ConfigMap. HOME and the cache folders are the image's (docker/Dockerfile).
+smartpath.env: environment of every SmartPath container (dict "root" $ "role" "serving"|"training").
+Storage endpoint and credentials come as SMARTPATH_STORAGE__* variables, the credentials from the
+role's Secret (smartpath.storage.roleCredentials: its own MinIO user, never the root account): the
+config tree's environment overrides win over the file and the Serve args, so replicas read secrets
+that never appear in the RayService or a ConfigMap. HOME and the cache folders are the image's
+(docker/Dockerfile).
 */}}
 {{- define "smartpath.env" -}}
+{{- $creds := include "smartpath.storage.roleCredentials" (dict "root" .root "role" .role) | fromJson }}
+{{- with .root -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 # Ray no longer sets CUDA_VISIBLE_DEVICES for workers given no GPU (ray-project/ray#54868), so a
@@ -349,15 +532,16 @@ RayService or a ConfigMap. HOME and the cache folders are the image's (docker/Do
 - name: SMARTPATH_STORAGE__ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "smartpath.storage.secretName" . }}
-      key: {{ include "smartpath.storage.accessKeyKey" . }}
+      name: {{ $creds.secretName }}
+      key: {{ $creds.accessKeyKey }}
 - name: SMARTPATH_STORAGE__SECRET_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "smartpath.storage.secretName" . }}
-      key: {{ include "smartpath.storage.secretKeyKey" . }}
+      name: {{ $creds.secretName }}
+      key: {{ $creds.secretKeyKey }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -556,10 +740,11 @@ smartpath.rayStartParams: a rayStartParams map with every value quoted (the CRD 
 {{/*
 smartpath.rayPodTemplate: the pod template of a Ray head or worker (dict "root" $ "component" C
 "container" NAME "head" BOOL "resources" MAP "gpus" N "ports" LIST "group" MAP-with-scheduling
-"configMap" NAME "auth" BOOL, and optionally "ephemeralStorage" QTY "modelCache" BOOL). Container
-0 is the Ray container (KubeRay adds `ray start` as its command). The head mounts the
-ServiceAccount token when the autoscaler sidecar runs (it patches the RayCluster); other pods do
-not need the Kubernetes API.
+"configMap" NAME "auth" BOOL "storageRole" "serving"|"training", and optionally "ephemeralStorage"
+QTY "modelCache" BOOL). Container 0 is the Ray container (KubeRay adds `ray start` as its command).
+The head mounts the ServiceAccount token when the autoscaler sidecar runs (it patches the
+RayCluster); other pods do not need the Kubernetes API. Every pod of one Ray cluster carries its
+component label (serving, training-sft, training-grpo): the NetworkPolicies scope Ray's ports by it.
 */}}
 {{- define "smartpath.rayPodTemplate" -}}
 {{- $root := .root -}}
@@ -608,7 +793,7 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       env:
-        {{- include "smartpath.env" $root | nindent 8 }}
+        {{- include "smartpath.env" (dict "root" $root "role" (required "smartpath.rayPodTemplate needs storageRole" .storageRole)) | nindent 8 }}
       resources:
         {{- include "smartpath.resources" (dict "resources" .resources "gpus" .gpus "ephemeralStorage" .ephemeralStorage) | nindent 8 }}
       securityContext:
@@ -651,8 +836,27 @@ smartpath.validate: combinations values.schema.json cannot express; fails the re
 {{- if not (or .Values.workers.cpu.enabled .Values.workers.gpu.enabled) }}
 {{- fail "workers.cpu.enabled and workers.gpu.enabled are both false: the head runs no replicas (num-cpus 0), so at least one worker group is needed" }}
 {{- end }}
-{{- if and (not .Values.minio.enabled) (not .Values.externalStorage.existingSecret) (not (and .Values.externalStorage.accessKey .Values.externalStorage.secretKey)) }}
-{{- fail "minio.enabled=false needs credentials: set externalStorage.existingSecret (recommended) or externalStorage.accessKey and externalStorage.secretKey" }}
+{{- if not .Values.minio.enabled }}
+{{- $ext := .Values.externalStorage }}
+{{- if and (not $ext.existingSecret) (ne (empty $ext.accessKey) (empty $ext.secretKey)) }}
+{{- fail "externalStorage.accessKey and externalStorage.secretKey go together: set both (or externalStorage.existingSecret)" }}
+{{- end }}
+{{- $shared := or $ext.existingSecret (and $ext.accessKey $ext.secretKey) }}
+{{- range $role := include "smartpath.storage.roles" . | fromJsonArray }}
+{{- if not (or (get $.Values.storage $role).existingSecret $shared) }}
+{{- fail (printf "minio.enabled=false needs credentials for the %s pods: set storage.%s.existingSecret (recommended: an account with only that role's rights), or the shared externalStorage.existingSecret (or externalStorage.accessKey and externalStorage.secretKey)" $role $role) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.minio.enabled }}
+{{- range $role := include "smartpath.storage.roles" . | fromJsonArray }}
+{{- if not (include "smartpath.minio.grants" (dict "root" $ "role" $role) | fromJson) }}
+{{- fail (printf "minio.policies.%s grants no bucket: the %s pods' MinIO user could reach nothing (list its buckets under read, readWrite or write)" $role $role) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.ray.authOptions.mode "token") (not (semverCompare ">=2.52.0-0" (toString .Values.ray.version))) }}
+{{- fail (printf "ray.authOptions.mode=token needs Ray 2.52.0 or newer (ray.version is %s)" .Values.ray.version) }}
 {{- end }}
 {{- if and .Values.ingress.enabled .Values.ingress.tls.enabled (not .Values.ingress.tls.secretName) }}
 {{- fail "ingress.tls.enabled needs ingress.tls.secretName (a kubernetes.io/tls Secret, or one cert-manager fills)" }}

@@ -18,6 +18,7 @@ from smartpath.core.slides.slide import Slide
 from smartpath.core.storage import ObjectRef, make_store
 from smartpath.training.synthetic.slides import write_synthetic_slide
 from smartpath.v1 import tiling_pb2
+from tests.services.conftest import API_TOKEN
 
 BUCKET = "slides"
 
@@ -38,7 +39,8 @@ def svs_uri(store, synthetic_svs) -> str:
 
 @pytest.fixture(scope="module")
 def client(serve_instance, grpc_channel):
-    with TilerClient(f"127.0.0.1:{serve_instance.serve.grpc_port}") as c:
+    address = f"127.0.0.1:{serve_instance.serve.grpc_port}"
+    with TilerClient(address, token=API_TOKEN) as c:
         yield c
 
 

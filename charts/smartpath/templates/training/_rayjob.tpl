@@ -2,8 +2,9 @@
 smartpath.rayjob: a training RayJob (dict "root" $ "kind" "sft"|"grpo"), the manifest
 `smartpath train submit` builds (training/rayjob.py): entrypoint
 `python -m smartpath.training.<kind> --config /etc/smartpath/config.yaml` in K8sJobMode, storage
-env from the Secret, the training config from a ConfigMap at /etc/smartpath, a fixed worker group
-(replicas = min = max), and the cluster deleted ttlSecondsAfterFinished after the job ends.
+env from the training role's Secret (its own MinIO user, not the root account), the training
+config from a ConfigMap at /etc/smartpath, a fixed worker group (replicas = min = max), and the
+cluster deleted ttlSecondsAfterFinished after the job ends.
 */}}
 {{- define "smartpath.rayjob" -}}
 {{- $root := .root -}}
@@ -66,6 +67,11 @@ spec:
             sizeLimit: 256Mi
   rayClusterSpec:
     rayVersion: {{ $root.Values.ray.version | quote }}
+    {{- if eq $root.Values.ray.authOptions.mode "token" }}
+    # Ray token auth: KubeRay makes a token Secret for the job's cluster (submitter included).
+    authOptions:
+      mode: token
+    {{- end }}
     headGroupSpec:
       # Not num-cpus 0: Ray Train's controller actor wants a CPU (as in training/rayjob.py).
       rayStartParams: {}
@@ -74,7 +80,7 @@ spec:
           "root" $root "component" $component "container" "ray-head" "head" false
           "resources" $t.head.resources "gpus" 0
           "ports" (list (dict "name" "gcs-server" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "metrics" "containerPort" 8080))
-          "group" (dict) "configMap" $config "auth" false) | nindent 8 }}
+          "group" (dict) "configMap" $config "auth" false "storageRole" "training") | nindent 8 }}
     workerGroupSpecs:
       - groupName: {{ $workerGroup }}
         replicas: {{ $t.workers.replicas }}
@@ -86,5 +92,5 @@ spec:
             "root" $root "component" $component "container" "ray-worker" "head" false
             "resources" $t.workers.resources "gpus" $t.workers.gpus
             "ports" (list (dict "name" "metrics" "containerPort" 8080))
-            "group" $t.workers "configMap" $config "auth" false) | nindent 10 }}
+            "group" $t.workers "configMap" $config "auth" false "storageRole" "training") | nindent 10 }}
 {{- end }}
