@@ -143,6 +143,7 @@ def make_question(
     *,
     max_prompt_chars: int,
     max_new_tokens_cap: int,
+    max_labels: int,
 ) -> Question:
     """A validated Question from request fields (proto enums are plain ints)."""
     if len(prompt) > max_prompt_chars:
@@ -154,6 +155,8 @@ def make_question(
             f"max_new_tokens={max_new_tokens} must be in [0, {max_new_tokens_cap}] (0: default)"
         )
     for what, values in (("labels", labels), ("options", options)):
+        if len(values) > max_labels:
+            raise InvalidArgumentError(f"{len(values)} {what}; a question may name {max_labels}")
         if sum(len(v) for v in values) > max_prompt_chars:
             raise InvalidArgumentError(f"{what} exceed the prompt limit of {max_prompt_chars}")
     return Question(

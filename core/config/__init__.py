@@ -149,6 +149,14 @@ class ModelServingConfig(BaseModel):
         4096 * 4096, ge=1, description="Largest accepted ROI image (width x height)."
     )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Default and cap of tokens.")
+    max_labels: int = Field(
+        64,
+        ge=1,
+        description="Most candidate labels (and, separately, options) one question may name.",
+    )
+    max_tiles_per_request: int = Field(
+        4096, ge=1, description="Most tiles one EncodeTiles request may carry."
+    )
     max_image_tokens: int = Field(
         1280,
         ge=1,

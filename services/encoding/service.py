@@ -126,6 +126,9 @@ class FeatureEncoderService:
                 f"pixels hold {len(request.pixels)} bytes, not a positive multiple of "
                 f"{size}x{size}x3"
             )
+        count, cap = len(request.pixels) // per_tile, self.config.model.max_tiles_per_request
+        if count > cap:
+            raise InvalidArgumentError(f"{count} tiles in one request; the limit is {cap}")
         tiles = np.frombuffer(request.pixels, dtype=np.uint8).reshape(-1, size, size, 3)
         features = await self.encode_tiles(tiles)
         return encoding_pb2.EncodeTilesResponse(

@@ -87,6 +87,7 @@ class Pipeline:
             message.max_new_tokens,
             max_prompt_chars=self.limits.max_prompt_chars,
             max_new_tokens_cap=self.limits.max_new_tokens,
+            max_labels=self.limits.max_labels,
         )
         # INVALID_ARGUMENT now rather than after encoding.
         q.text(self.model.labels, self.model.prompt_style)
