@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
@@ -107,7 +108,30 @@ def question(
     )
 
 
-class PathologyClient:
+class _Client:
+    """A channel to a Serve gRPC proxy with the metadata every call sends: the Serve
+    ``application`` and, when given, the bearer token every service checks."""
+
+    def __init__(
+        self, address: str, application: str | None, token: str | None, tls: Tls | None
+    ) -> None:
+        self.channel = _channel(address, tls)
+        metadata = [("application", application)] if application else []
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self.metadata = tuple(metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PathologyClient(_Client):
     """Calls ``smartpath.v1.Pathology`` on a Serve gRPC proxy (the gateway application);
     ``tls`` dials with TLS (e.g. an ingress at ``host:443``), else the channel is plaintext."""
 
@@ -119,22 +143,9 @@ class PathologyClient:
         timeout_s: float = 300,
         tls: Tls | None = None,
     ) -> None:
-        self.channel = _channel(address, tls)
+        super().__init__(address, "gateway", token, tls)
         self.stub = pathology_pb2_grpc.PathologyStub(self.channel)
-        metadata = [("application", "gateway")]
-        if token:
-            metadata.append(("authorization", f"Bearer {token}"))
-        self.metadata = tuple(metadata)
         self.timeout_s = timeout_s
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> PathologyClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def model_info(self) -> pathology_pb2.GetModelInfoResponse:
         """GetModelInfo."""
@@ -188,7 +199,7 @@ def slide_event(
     return None
 
 
-class TilerClient:
+class TilerClient(_Client):
     """Calls ``smartpath.v1.SlideTiler`` on a Serve gRPC proxy; ``token`` and ``tls`` as in
     PathologyClient (every service checks the same tokens)."""
 
@@ -201,22 +212,9 @@ class TilerClient:
         token: str | None = None,
         tls: Tls | None = None,
     ) -> None:
-        self.channel = _channel(address, tls)
+        super().__init__(address, application, token, tls)
         self.stub = tiling_pb2_grpc.SlideTilerStub(self.channel)
-        metadata = [("application", application)] if application else []
-        if token:
-            metadata.append(("authorization", f"Bearer {token}"))
-        self.metadata = tuple(metadata)
         self.timeout_s = timeout_s
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> TilerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def describe(
         self, uri: str, *, mpp_override: float = 0.0, thumbnail_max_px: int = 0

@@ -318,8 +318,8 @@ class SmartPathModel(nn.Module):
         without the router part needs it). ``logits_to_keep`` > 0 projects only the last that
         many positions onto the vocabulary (scoring short completions without (B, T, V)).
         """
+        batch = batch.to(self.device)  # once: embed() finds it in place
         embeds, positions, pooled = self.embed(batch)
-        batch = batch.to(self.device)
         needs_router = self.router is not None or routing is None
         decision = self.route(batch, pooled) if needs_router else None
         if routing is None:
