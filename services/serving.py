@@ -33,15 +33,22 @@ def required_cpus(config: SmartPathConfig) -> float:
     )
 
 
+def proxy_environment(config: SmartPathConfig) -> dict[str, str]:
+    """Environment the Serve proxies read when their processes start: the Ray nodes' own
+    (set before a local Ray starts; the chart puts it on every Ray container)."""
+    return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.serve.max_message_bytes)}
+
+
 def start(config: SmartPathConfig, *, num_cpus: float | None = None) -> None:
     """Join (or start locally) a Ray cluster and start Serve's HTTP and gRPC proxies.
 
     A local Ray gets at least the CPUs the replicas reserve (logical CPUs may exceed the
-    cores: the replicas mostly wait on each other)."""
+    cores: the replicas mostly wait on each other) and the proxies' environment."""
     if not ray.is_initialized():
         if config.serve.ray_address:
             ray.init(address=config.serve.ray_address, logging_level=logging.WARNING)
         else:
+            os.environ.update(proxy_environment(config))
             cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(config)) + 1)
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     schema = serve_config(config)

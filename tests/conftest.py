@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from smartpath.core.config import StorageConfig
+from smartpath.core.config import StorageConfig, load_config
 from smartpath.training.synthetic.slides import SyntheticSlide, write_synthetic_slide
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -104,7 +104,10 @@ def ray_session() -> Iterator[None]:
     two Ray Train workers fit at once."""
     import ray
 
+    from smartpath.services.serving import proxy_environment
+
     if not ray.is_initialized():
+        os.environ.update(proxy_environment(load_config()))
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()

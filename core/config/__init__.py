@@ -91,6 +91,25 @@ class TilingConfig(BaseModel):
     max_region_pixels: int = Field(
         4096 * 4096, ge=1, description="Refuse slide regions larger than this at their resolution."
     )
+    max_read_pixels: int = Field(
+        1 << 28,
+        ge=1 << 16,
+        description="Most source pixels one thumbnail, tissue mask or region may read from the "
+        "slide (a 16k x 16k level by default). A larger read samples a band of rows per "
+        "output row; thumbnails and tissue masks shrink to fit; what still does not fit is "
+        "INVALID_ARGUMENT.",
+    )
+    open_slide_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Memory the open slides may hold (decoded ROI images count in full, "
+        "OpenSlide handles a nominal 1 MiB); the least recently used close first.",
+    )
+    openslide_cache_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="OpenSlide's decoded-tile cache, shared by every open slide of a replica.",
+    )
     max_tiles_per_request: int = Field(
         0, ge=0, description="Refuse ReadTiles asking for more tiles (0 means unbounded)."
     )
@@ -226,6 +245,14 @@ class ServeConfig(BaseModel):
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join; None starts Ray locally (the embedded default)."
+    )
+    max_message_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        lt=1 << 31,
+        description="Largest gRPC message the proxy accepts or sends (RESOURCE_EXHAUSTED above "
+        "it); Ray's own default is 2 GiB. Set on the Ray nodes' environment, so it applies "
+        "where Ray starts (here, or the chart's pods).",
     )
     tiler: DeploymentConfig = Field(default_factory=DeploymentConfig)
     # Batching deployments take more concurrent requests than they batch, so batches fill.

@@ -26,6 +26,7 @@ from smartpath.core.slides.slide import SlideInfo
 from smartpath.core.slides.tissue import tile_fractions
 
 PLAN_VERSION = 1
+MAX_TILE_OVERSAMPLE = 8  # a tile reads at most 8x its edge (64x its pixels) from its level
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ def tile_geometry(info: SlideInfo, *, mpp: float, tile_size: int, overlap: int) 
     level = info.best_level(scale)
     cols = 1 + max(0, math.ceil((info.width - footprint) / stride))
     rows = 1 + max(0, math.ceil((info.height - footprint) / stride))
+    read_size = max(1, round(footprint / info.level_downsamples[level]))
+    if read_size > MAX_TILE_OVERSAMPLE * tile_size:
+        raise InvalidArgumentError(
+            f"tiles at {mpp:g} µm/px would each read {read_size}² px from the nearest finer "
+            f"pyramid level ({read_size // tile_size}x oversampled, at most "
+            f"{MAX_TILE_OVERSAMPLE}x); ask for a finer mpp or store the slide with coarser levels"
+        )
     if cols * rows > 50_000_000:
         raise InvalidArgumentError(
             f"a {cols}x{rows} tile grid is too large; ask for a coarser mpp or bigger tiles"

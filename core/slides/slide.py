@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 PLAUSIBLE_MPP = (0.01, 50.0)
 ROI_FORMATS = {"PNG", "JPEG"}
-MAX_ROI_PIXELS = 32768 * 32768
+MAX_ROI_PIXELS = 8192 * 8192  # an ROI is a region: bigger images belong in a tiled slide
+HANDLE_BYTES = 1 << 20  # nominal memory of an OpenSlide handle beside the shared tile cache
+READ_CHUNK_PX = 1 << 22  # source pixels per read_region call of a large read (16 MiB RGBA)
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,14 @@ class Slide:
         self._lock = threading.Lock() if isinstance(handle, openslide.ImageSlide) else None
 
     @classmethod
-    def open(cls, path: str | Path, mpp_override: float | None = None) -> Slide:
-        """Open ``path``; ``mpp_override`` (µm/px) replaces missing or wrong slide MPP."""
+    def open(
+        cls,
+        path: str | Path,
+        mpp_override: float | None = None,
+        tile_cache: openslide.OpenSlideCache | None = None,
+    ) -> Slide:
+        """Open ``path``; ``mpp_override`` (µm/px) replaces missing or wrong slide MPP, and
+        ``tile_cache`` (shared by many slides) replaces OpenSlide's own cache per handle."""
         path = Path(path)
         if mpp_override is not None and not (
             math.isfinite(mpp_override) and PLAUSIBLE_MPP[0] <= mpp_override <= PLAUSIBLE_MPP[1]
@@ -114,6 +122,8 @@ class Slide:
             )
         path, handle = _open_handle(path)
         try:
+            if tile_cache is not None and isinstance(handle, openslide.OpenSlide):
+                handle.set_cache(tile_cache)
             info = _describe(handle, mpp_override)
         except Exception:
             handle.close()
@@ -141,20 +151,90 @@ class Slide:
             ) from None
         return rgba_on_white(np.asarray(rgba))
 
-    def thumbnail(self, max_px: int) -> np.ndarray:
-        """RGB thumbnail whose long side is at most ``max_px``."""
+    @property
+    def resident_bytes(self) -> int:
+        """Memory this open slide holds: a decoded ROI image in full, an OpenSlide handle a
+        nominal 1 MiB (its decoded tiles live in the shared tile cache)."""
+        if isinstance(self._handle, openslide.ImageSlide):
+            return self.info.width * self.info.height * 3
+        return HANDLE_BYTES
+
+    def thumbnail(self, max_px: int, *, max_read_px: int) -> np.ndarray:
+        """RGB thumbnail whose long side is at most ``max_px``, from at most ``max_read_px``
+        source pixels (smaller than ``max_px`` when that is what fits)."""
         w, h = self.info.width, self.info.height
         scale = max(w, h) / max_px
-        return self.region_at(0, 0, w, h, max(1, round(w / scale)), max(1, round(h / scale)))
+        out_w, out_h = self.fit_size(
+            w, h, max(1, round(w / scale)), max(1, round(h / scale)), max_read_px
+        )
+        return self.region_at(0, 0, w, h, out_w, out_h, max_read_px=max_read_px)
 
-    def region_at(self, x: int, y: int, w0: int, h0: int, out_w: int, out_h: int) -> np.ndarray:
-        """Level-0 rectangle (x, y, w0, h0) resampled to (out_h, out_w, 3) from the best level."""
+    def fit_size(
+        self, w0: int, h0: int, out_w: int, out_h: int, max_read_px: int
+    ) -> tuple[int, int]:
+        """The largest output size, no larger than (out_w, out_h) and of the same aspect,
+        that :meth:`region_at` can make of a w0 x h0 level-0 rectangle within
+        ``max_read_px`` source pixels; INVALID_ARGUMENT when not even one row fits."""
+        for _ in range(4):  # a smaller output may pick a coarser level: settles in one or two
+            level, width, height = self._source_size(w0, h0, out_w, out_h)
+            if width * min(height, out_h) <= max_read_px:
+                return out_w, out_h
+            rows = max_read_px // width
+            if rows < 1:
+                break
+            out_w, out_h = max(1, out_w * rows // out_h), rows
+        raise self._over_budget(level, width, max_read_px)
+
+    def region_at(
+        self, x: int, y: int, w0: int, h0: int, out_w: int, out_h: int, *, max_read_px: int
+    ) -> np.ndarray:
+        """Level-0 rectangle (x, y, w0, h0) resampled to (out_h, out_w, 3) from the best
+        level, reading at most ``max_read_px`` source pixels.
+
+        Within the budget the whole rectangle is read, in bands of rows, and area-averaged.
+        Over it (a level far finer than the output, as in a single-level slide) each output
+        row averages a band of source rows at its centre: a strided downsample. When even
+        one source row per output row is over the budget: INVALID_ARGUMENT.
+        """
+        level, width, height = self._source_size(w0, h0, out_w, out_h)
+        if width * min(height, out_h) > max_read_px:
+            raise self._over_budget(level, width, max_read_px)
+        ds = self.info.level_downsamples[level]
+
+        def band(top: int, rows: int) -> np.ndarray:
+            return self.read_region(level, x, y + round(top * ds), width, rows)
+
+        if width * height <= READ_CHUNK_PX:
+            return resize(band(0, height), out_w, out_h)
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        edges = np.round(np.linspace(0, height, out_h + 1)).astype(np.int64)
+        if width * height <= max_read_px:
+            per_band = max(1, READ_CHUNK_PX // (width * max(1, height // out_h)))
+            for r0 in range(0, out_h, per_band):
+                r1 = min(out_h, r0 + per_band)
+                top, rows = int(edges[r0]), max(1, int(edges[r1] - edges[r0]))
+                out[r0:r1] = resize(band(top, rows), out_w, r1 - r0)
+            return out
+        rows = max(1, min(height // out_h, max_read_px // (width * out_h)))
+        for r in range(out_h):
+            top = min(max(0, int((edges[r] + edges[r + 1] - rows) // 2)), height - rows)
+            out[r : r + 1] = resize(band(top, rows), out_w, 1)
+        return out
+
+    def _source_size(self, w0: int, h0: int, out_w: int, out_h: int) -> tuple[int, int, int]:
+        """The level a (w0, h0) -> (out_w, out_h) resampling reads, and the rectangle's size
+        there."""
         level = self.info.best_level(min(w0 / out_w, h0 / out_h))
         ds = self.info.level_downsamples[level]
-        region = self.read_region(level, x, y, max(1, round(w0 / ds)), max(1, round(h0 / ds)))
-        if region.shape[:2] == (out_h, out_w):
-            return region
-        return resize(region, out_w, out_h)
+        return level, max(1, round(w0 / ds)), max(1, round(h0 / ds))
+
+    def _over_budget(self, level: int, width: int, max_read_px: int) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"this read needs rows of {width} px from pyramid level {level}, the coarsest level "
+            f"fine enough, over the limit of {max_read_px} source px per read; ask for a "
+            "smaller region or output, or store the slide as a pyramidal TIFF with coarser "
+            "levels"
+        )
 
     def close(self) -> None:
         """Release the file handle."""

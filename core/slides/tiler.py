@@ -22,6 +22,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import openslide
 
 from smartpath.core.config import SmartPathConfig, TilingConfig
 from smartpath.core.errors import InvalidArgumentError, UnavailableError
@@ -40,7 +41,7 @@ from smartpath.core.storage import (
     resolve_local_path,
 )
 
-OPEN_SLIDES = 16  # handles kept open; each holds OpenSlide's tile cache
+OPEN_SLIDES = 16  # handles kept open (file descriptors); their memory is bounded apart
 TISSUE_MASKS = 64
 S3_ID, FILE_ID = "s3:", "file:"  # slide id prefixes: object ETag, local file digest
 
@@ -128,6 +129,7 @@ class Tiler:
         self.region_resolution = Resolution(mpp=config.model.region_mpp)  # regions' default
         workers = self.config.read_workers or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tile-decode")
+        self.tile_cache = openslide.OpenSlideCache(self.config.openslide_cache_bytes)
         self._lock = threading.Lock()
         self._slides: OrderedDict[tuple[str, float | None], OpenedSlide] = OrderedDict()
         self._masks: OrderedDict[str, TissueMask] = OrderedDict()
@@ -180,19 +182,34 @@ class Tiler:
                     raise UnavailableError(
                         "the slide file changed while this request used it; try again"
                     )
-            opened = OpenedSlide(Slide.open(path, slide.mpp_override), slide, lease.pop_all())
+            opened = OpenedSlide(
+                Slide.open(path, slide.mpp_override, self.tile_cache), slide, lease.pop_all()
+            )
+        if opened.slide.resident_bytes > self.config.open_slide_bytes:
+            opened.lease.close()
+            raise InvalidArgumentError(
+                f"image decodes to {opened.slide.resident_bytes >> 20} MiB, over the "
+                f"{self.config.open_slide_bytes >> 20} MiB the tiler keeps open; store it as a "
+                "tiled slide"
+            )
         with self._lock:
             raced = self._slides.get(key)
             if raced is None:
                 self._slides[key] = opened
             evicted = [] if raced is None else [opened]
-            while len(self._slides) > OPEN_SLIDES:
+            while len(self._slides) > 1 and (
+                len(self._slides) > OPEN_SLIDES or self._open_bytes() > self.config.open_slide_bytes
+            ):
                 evicted.append(self._slides.popitem(last=False)[1])
         for old in evicted:
             # Readers in flight keep their own references and file descriptors; the
             # OpenSlide handle closes when the last reference goes.
             old.lease.close()
         return opened if raced is None else raced
+
+    def _open_bytes(self) -> int:
+        """Memory the open slides hold (:attr:`Slide.resident_bytes`); hold the lock."""
+        return sum(o.slide.resident_bytes for o in self._slides.values())
 
     def _local(self, path: Path) -> tuple[Path, str]:
         path = resolve_local_path(path, self.config.local_slide_roots)
@@ -205,10 +222,11 @@ class Tiler:
         return path, FILE_ID + hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def thumbnail(self, opened: OpenedSlide, max_px: int) -> np.ndarray:
-        """RGB thumbnail with long side ``max_px`` (1–4096)."""
+        """RGB thumbnail with long side ``max_px`` (1–4096), or less where reading that much
+        would pass ``tiling.max_read_pixels``."""
         if not 1 <= max_px <= 4096:
             raise InvalidArgumentError(f"thumbnail_max_px={max_px} must be in 1–4096")
-        return opened.slide.thumbnail(max_px)
+        return opened.slide.thumbnail(max_px, max_read_px=self.config.max_read_pixels)
 
     # -- tissue and plans ----------------------------------------------------------------
     def tissue(self, opened: OpenedSlide) -> TissueMask:
@@ -222,16 +240,25 @@ class Tiler:
         info, cfg = opened.info, self.config
         downsample = max(cfg.tissue_mpp / mpp, max(info.width, info.height) / cfg.tissue_max_px)
         downsample = max(downsample, 1.0)
-        out_w = max(1, round(info.width / downsample))
-        out_h = max(1, round(info.height / downsample))
-        thumb = opened.slide.region_at(0, 0, info.width, info.height, out_w, out_h)
+        budget = cfg.max_read_pixels
+        out_w, out_h = opened.slide.fit_size(
+            info.width,
+            info.height,
+            max(1, round(info.width / downsample)),
+            max(1, round(info.height / downsample)),
+            budget,
+        )
+        thumb = opened.slide.region_at(
+            0, 0, info.width, info.height, out_w, out_h, max_read_px=budget
+        )
+        downsample = info.width / out_w
         mask = detect_tissue(
             thumb,
             um_per_px=mpp * downsample,
             min_area_um2=cfg.min_tissue_area_um2,
             max_hole_area_um2=cfg.max_hole_area_um2,
         )
-        tissue = TissueMask(mask, info.width / out_w)
+        tissue = TissueMask(mask, downsample)
         with self._lock:
             self._masks[key] = tissue
             while len(self._masks) > TISSUE_MASKS:
@@ -311,7 +338,9 @@ class Tiler:
                 f"region would be {out_w}x{out_h} px at {mpp} µm/px; the limit is "
                 f"{self.config.max_region_pixels} px (ask for a smaller region or a coarser mpp)"
             )
-        return opened.slide.region_at(x, y, width, height, out_w, out_h)
+        return opened.slide.region_at(
+            x, y, width, height, out_w, out_h, max_read_px=self.config.max_read_pixels
+        )
 
     # -- tiles -----------------------------------------------------------------------------
     def read(

@@ -1533,3 +1533,19 @@ def test_should_turn_on_ray_token_auth_on_request(helm: Path) -> None:
         helm, "--set", "ray.authOptions.mode=token,ray.version=2.51.1"
     )
     assert "value must be one of" in render_fails(helm, "--set", "ray.authOptions.mode=on")
+
+
+def test_should_cap_grpc_messages_on_every_ray_node(helm: Path) -> None:
+    import inspect
+
+    from ray.serve._private import constants
+
+    # The variable Serve's proxies read for their gRPC server options (2 GiB when unset).
+    assert '"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"' in inspect.getsource(constants)
+    objs = render(helm, "--set", "config.serve.max_message_bytes=33554432")
+    pods = ray_pods(objs)
+    for group, pod in pods.items():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == "33554432", group
+    default = ray_pods(render(helm))["head"]["containers"][0]["env"]
+    assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(64 << 20)} in default

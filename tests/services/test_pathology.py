@@ -296,6 +296,26 @@ def test_health_of_every_service_without_application_metadata(grpc_channel) -> N
         assert response.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
+def test_messages_over_the_limit_are_refused_by_the_proxy(grpc_channel, serve_instance) -> None:
+    """Ray's proxy takes 2 GiB messages unless told; ours refuses past serve.max_message_bytes
+    before any service sees the request, and serves the next call."""
+    limit = serve_instance.serve.max_message_bytes
+    stub = encoding_pb2_grpc.FeatureEncoderStub(grpc_channel)
+    metadata = [("application", "encoder"), AUTH]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.EncodeImage(
+            encoding_pb2.EncodeImageRequest(image=bytes(limit + 1)), metadata=metadata, timeout=60
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as under:  # under the limit: the encoder's own answer
+        stub.EncodeImage(
+            encoding_pb2.EncodeImageRequest(image=bytes(limit - 1024)),
+            metadata=metadata,
+            timeout=60,
+        )
+    assert under.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_internal_services_answer_grpc_on_their_own(grpc_channel, roi) -> None:
     encoded = encoding_pb2_grpc.FeatureEncoderStub(grpc_channel).EncodeImage(
         encoding_pb2.EncodeImageRequest(image=_png(roi)),

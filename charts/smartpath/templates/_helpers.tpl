@@ -513,9 +513,13 @@ that never appear in the RayService or a ConfigMap. HOME and the cache folders a
 */}}
 {{- define "smartpath.env" -}}
 {{- $creds := include "smartpath.storage.roleCredentials" (dict "root" .root "role" .role) | fromJson }}
+{{- $cfg := include "smartpath.config" .root | fromJson }}
 {{- with .root -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+# Serve's gRPC proxies read their message size limit from the node's environment.
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ $cfg.serve.max_message_bytes | int64 | toString | quote }}
 # Ray no longer sets CUDA_VISIBLE_DEVICES for workers given no GPU (ray-project/ray#54868), so a
 # replica with num_gpus 0 on a GPU worker would see the pod's GPUs and config.model.device "auto"
 # would load it onto a GPU another replica holds. "1" makes Ray hide them (CUDA_VISIBLE_DEVICES="").

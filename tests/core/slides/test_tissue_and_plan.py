@@ -32,7 +32,7 @@ def test_tissue_mask_matches_ground_truth(synthetic_svs) -> None:
     slide = Slide.open(synthetic_svs.path)
     ds = 32.0  # 8 µm/px, the default tissue resolution
     w, h = round(slide.info.width / ds), round(slide.info.height / ds)
-    thumb = slide.region_at(0, 0, slide.info.width, slide.info.height, w, h)
+    thumb = slide.region_at(0, 0, slide.info.width, slide.info.height, w, h, max_read_px=1 << 28)
     cfg = TilingConfig()
     mask = detect_tissue(
         thumb,
