@@ -271,7 +271,10 @@ def _open_handle(path: Path) -> tuple[Path, openslide.AbstractSlide]:
         if not path.exists():
             raise InvalidArgumentError("slide file does not exist")
         path = path.resolve(strict=True)
-        if path.is_file() and path.stat().st_size == 0:
+        if path.is_dir():
+            check_companions(path)
+            path = _folder_entry(path)
+        if path.stat().st_size == 0:
             raise InvalidArgumentError("slide file is empty (0 bytes)")
         check_companions(path)
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
@@ -284,9 +287,26 @@ def _open_handle(path: Path) -> tuple[Path, openslide.AbstractSlide]:
     except (openslide.OpenSlideError, OSError) as e:
         logger.warning("OpenSlide cannot open slide %s: %s", path, e)
         raise InvalidArgumentError(_open_failure(e)) from None
-    if path.is_dir():
-        raise InvalidArgumentError("folder is not a slide OpenSlide can read")
     return path, _open_roi_image(path)
+
+
+def _folder_entry(folder: Path) -> Path:
+    """The file OpenSlide opens for a folder slide: any instance of a DICOM series (OpenSlide
+    finds the others beside it), else the folder's one slide file (a VMS with its images)."""
+    found: dict[str, list[Path]] = {}
+    for child in sorted(folder.iterdir()):
+        if child.is_file() and (vendor := openslide.OpenSlide.detect_format(child)):
+            found.setdefault(vendor, []).append(child)
+    if len(found) == 1:
+        ((vendor, files),) = found.items()
+        if vendor == "dicom" or len(files) == 1:
+            return files[0]
+    count = sum(len(files) for files in found.values())
+    raise InvalidArgumentError(
+        "folder holds no slide OpenSlide can read"
+        if not count
+        else f"folder holds {count} slides; name one of them, or store one slide per folder"
+    )
 
 
 def _open_failure(error: Exception) -> str:

@@ -292,3 +292,42 @@ def test_symlinked_slide_is_confined_to_its_real_folder(tiler: Tiler, tmp_path: 
     alias = tmp_path / "local" / "alias.vms"
     alias.symlink_to(real / "slide.vms")
     assert tiler.open(str(alias)).info.vendor == "hamamatsu"
+
+
+# -- folder slides from object storage --------------------------------------------------------
+
+
+def test_folder_slides_from_object_storage_open(
+    tiler: Tiler, tmp_path: Path, openslide_fixtures: Path
+) -> None:
+    """A key ending in "/" is a folder slide: a DICOM series, or a VMS with its image files
+    (a lone .vms object would arrive without them)."""
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        tiler.store.upload(openslide_fixtures / name, ObjectRef(BUCKET, f"dicom/{name}"))
+    dicom = tiler.open(tiler.resolve(f"s3://{BUCKET}/dicom/"))
+    assert dicom.info.vendor == "dicom"
+    assert (
+        dicom.info.level_dimensions
+        == Slide.open(openslide_fixtures / "boxes_0.dcm").info.level_dimensions
+    )
+
+    _jpeg(tmp_path / "vms" / "img.jpg", RED)
+    (tmp_path / "vms" / "slide.vms").write_text(_vms_text("img.jpg"))
+    for name in ("img.jpg", "slide.vms"):
+        tiler.store.upload(tmp_path / "vms" / name, ObjectRef(BUCKET, f"vms/{name}"))
+    vms = tiler.open(tiler.resolve(f"s3://{BUCKET}/vms/"))
+    assert vms.info.vendor == "hamamatsu"
+    pixel = vms.slide.read_region(0, 0, 0, 4, 4)[0, 0].astype(int)
+    assert np.abs(pixel - RED).max() <= 3
+
+
+def test_folder_of_several_slides_or_none_is_refused(
+    tiler: Tiler, openslide_fixtures: Path
+) -> None:
+    for name in ("small.svs", "boxes.tiff"):
+        tiler.store.upload(openslide_fixtures / name, ObjectRef(BUCKET, f"two/{name}"))
+    with pytest.raises(InvalidArgumentError, match="holds 2 slides"):
+        tiler.open(tiler.resolve(f"s3://{BUCKET}/two/"))
+    tiler.store.put_bytes(ObjectRef(BUCKET, "none/notes.txt"), b"not a slide")
+    with pytest.raises(InvalidArgumentError, match="no slide"):
+        tiler.open(tiler.resolve(f"s3://{BUCKET}/none/"))
