@@ -10,6 +10,7 @@ the Helm chart keeps a copy in ``templates/_helpers.tpl`` that a test holds equa
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # annotations only: the gRPC proxy's health servicer reads SE
     from smartpath.core.slides.slide import SlideInfo
     from smartpath.core.slides.tiler import ResolvedSlide, TileRequest, TissueMask
     from smartpath.v1 import common_pb2
+
+logger = logging.getLogger("smartpath.contracts")
 
 
 # -- the services ---------------------------------------------------------------------------
@@ -204,7 +207,11 @@ def decode_image(data: bytes, limits: ModelServingConfig) -> np.ndarray:
     except InvalidArgumentError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidArgumentError(f"image bytes do not decode as PNG or JPEG ({e})") from None
+        # Pillow's words name server objects (<_io.BytesIO object at 0x…>): for the log only.
+        logger.warning("image bytes do not decode: %s", e)
+        raise InvalidArgumentError(
+            "image bytes do not decode as PNG or JPEG (corrupt, truncated or another format)"
+        ) from None
 
 
 # -- the tiler's API (-> encoder, gateway) and slide encoding (encoder -> gateway) ------

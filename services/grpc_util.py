@@ -7,6 +7,9 @@
 - Every wrapped method first authenticates its caller through the servicer's ``guard``
   (:class:`RpcGuard`: the token file of :mod:`smartpath.services.auth`) and ends with one
   audit record, refused calls included.
+- ``log_to_replica`` sends the ``smartpath`` loggers to the replica's Serve log, where every
+  line of a request carries its request id: what error details leave out (server paths,
+  storage facts) is logged there by the code that left it out.
 - ``add_health_servicer`` puts a standard ``grpc.health.v1.Health`` on the proxy itself as a
   passthrough service: generic clients and Kubernetes probes send no ``application``
   metadata, which the proxy would need to route to a replica.
@@ -56,6 +59,31 @@ class RpcCounter:
 
     def __call__(self, method: str, code: grpc.StatusCode) -> None:
         self._counter.inc(tags={"method": method, "code": code.name})
+
+
+class _ToServeLog(logging.Handler):
+    """Hands records to the replica's Serve logger, whose handlers write the replica's log
+    file and tag each line with the current request id."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.serve").handle(record)
+
+
+def log_to_replica(config: SmartPathConfig) -> None:
+    """In a Serve replica, write the ``smartpath`` loggers (the server-side detail of errors,
+    RPC outcomes, the audit) to the replica's log at ``log_level``; elsewhere do nothing."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:  # not in a replica (tests, the KServe adapter)
+        return
+    ours = logging.getLogger("smartpath")
+    if not any(isinstance(h, _ToServeLog) for h in ours.handlers):
+        ours.addHandler(_ToServeLog())
+    ours.setLevel(config.log_level)
+    ours.propagate = False
 
 
 class RpcGuard:
@@ -154,12 +182,12 @@ def status_code(error: SmartPathError) -> grpc.StatusCode:
 
 
 def _report(context: Any, error: BaseException, method: str, *, redact: bool = False) -> None:
-    """Set the status for ``error`` on the context; log without the message (it may hold
-    caller-supplied names) unless it is a bug."""
+    """Set the status for ``error`` on the context; log the message with quoted caller input
+    (slide names) blanked, or the stack trace of a bug."""
     error = domain_error(error)
     if isinstance(error, SmartPathError):
         code, details = status_code(error), str(error)
-        logger.info("rpc %s failed: %s", method, code.name)
+        logger.info("rpc %s failed: %s: %s", method, code.name, _redact(details))
     else:
         ref = uuid.uuid4().hex[:12]
         code, details = grpc.StatusCode.INTERNAL, f"internal error (reference {ref})"

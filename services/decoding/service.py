@@ -28,7 +28,7 @@ from smartpath.services.contracts import (
     parse_scale,
 )
 from smartpath.services.decoding.decoder import BatchDecoder, DecoderStats
-from smartpath.services.grpc_util import RpcCounter, RpcGuard, server_stream
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, log_to_replica, server_stream
 from smartpath.services.models import SERVICE_PARTS, load_served_model, model_info
 from smartpath.services.tensors import from_tensor
 from smartpath.v1 import common_pb2, decoding_pb2
@@ -39,6 +39,7 @@ class DecoderService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
+        log_to_replica(self.config)
         self.model = load_served_model(self.config, SERVICE_PARTS["decoder"])
         d = self.config.serve.decoder
         self.record_rpc = RpcCounter("decoder")

@@ -21,7 +21,7 @@ from smartpath.services.contracts import SlideEncoding, SlideProgress, VisualTok
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder
 from smartpath.services.encoding.slides import encode_slide
-from smartpath.services.grpc_util import RpcCounter, RpcGuard, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, log_to_replica, unary
 from smartpath.services.handles import TilerHandle, handle
 from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.tensors import to_tensor
@@ -33,6 +33,7 @@ class FeatureEncoderService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
+        log_to_replica(self.config)
         model = load_served_model(self.config, SERVICE_PARTS["encoder"])
         store = make_store(self.config.storage)
         self.encoder = VisualEncoder.from_config(model, self.config, store)

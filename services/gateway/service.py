@@ -13,7 +13,7 @@ from ray.serve import context as serve_context
 from smartpath.core.config import SmartPathConfig
 from smartpath.services.contracts import ModelInfo
 from smartpath.services.gateway.pipeline import Pipeline
-from smartpath.services.grpc_util import RpcCounter, RpcGuard, server_stream, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, log_to_replica, server_stream, unary
 from smartpath.services.handles import HandleBackends
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -30,6 +30,7 @@ class PathologyService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
+        log_to_replica(self.config)
         self.backends = HandleBackends()
         self._pipeline: Pipeline | None = None
         self._info: ModelInfo | None = None

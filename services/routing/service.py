@@ -11,7 +11,7 @@ from ray.serve import metrics
 from smartpath.core.config import SmartPathConfig
 from smartpath.model.grammar import Scale, Task
 from smartpath.services.contracts import Route, parse_scale, parse_task
-from smartpath.services.grpc_util import RpcCounter, RpcGuard, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, log_to_replica, unary
 from smartpath.services.models import SERVICE_PARTS, load_served_model
 from smartpath.services.routing.router import ExpertGate
 from smartpath.services.tensors import from_tensor
@@ -23,6 +23,7 @@ class ExpertRouterService:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
+        log_to_replica(self.config)
         self.gate = ExpertGate(load_served_model(self.config, SERVICE_PARTS["router"]))
         self.record_rpc = RpcCounter("router")
         self.guard = RpcGuard.from_config(self.config, "router")

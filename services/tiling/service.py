@@ -19,7 +19,7 @@ from smartpath.core.slides.plan import TileGeometry, TilePlan
 from smartpath.core.slides.tiler import OpenedSlide, ResolvedSlide, Tiler, TileRequest
 from smartpath.services.aio import iterate_in_thread
 from smartpath.services.contracts import parse_resolution
-from smartpath.services.grpc_util import RpcCounter, RpcGuard, server_stream, unary
+from smartpath.services.grpc_util import RpcCounter, RpcGuard, log_to_replica, server_stream, unary
 from smartpath.services.tiling.source import TilerSource
 from smartpath.v1 import common_pb2, tiling_pb2
 
@@ -136,6 +136,7 @@ class SlideTilerService(TilerSource):
 
     def __init__(self, config: dict[str, Any]) -> None:
         config = SmartPathConfig(**config)
+        log_to_replica(config)
         super().__init__(Tiler(config))
         self.record_rpc = RpcCounter("tiler")
         self.guard = RpcGuard.from_config(config, "tiler")
