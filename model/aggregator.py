@@ -25,7 +25,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -126,11 +126,10 @@ class SlideAggregator(nn.Module):
             )
         if features.shape[0] == 0:
             raise ValueError("a slide needs at least one tile feature")
-        h, m = self.num_heads, self.num_tokens
-        d = self.hidden_dim // h
-        q = self.q(self.query_norm(self.queries)).view(m, h, d).transpose(0, 1)  # (H, M, d)
-        attended = self._chunked_attention(q, features, coords * mpp)  # (H, M, d)
-        return self._output(attended.transpose(0, 1).reshape(m, self.hidden_dim), features)
+        attended = self._chunked_attention(self._query(), features, coords * mpp)  # (H, M, d)
+        return self._output(
+            attended.transpose(0, 1).reshape(self.num_tokens, self.hidden_dim), features
+        )
 
     def _output(self, attended: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Resampled (M, hidden) tokens plus the pooled skip path, through MLP and projector."""
@@ -140,6 +139,25 @@ class SlideAggregator(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))  # (M, hidden)
         return self.projector(x)  # (M, out_dim)
 
+    def _query(self) -> torch.Tensor:
+        """The learned queries as (H, M, d) attention queries."""
+        h, d = self.num_heads, self.hidden_dim // self.num_heads
+        return self.q(self.query_norm(self.queries)).view(self.num_tokens, h, d).transpose(0, 1)
+
+    def _chunks(
+        self, q: torch.Tensor, features: torch.Tensor, coords_um: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per chunk of tiles: the scaled scores (H, M, C) of the queries ``q`` and the
+        values (H, C, d)."""
+        h, _, d = q.shape
+        for start in range(0, features.shape[0], self.chunk_size):
+            chunk = features[start : start + self.chunk_size]
+            pos = position_encoding(coords_um[start : start + self.chunk_size], self.hidden_dim)
+            x = self.input_norm(self.input_proj(chunk.to(q.dtype)) + pos.to(q.dtype))  # (C, hid)
+            k = self.k(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
+            v = self.v(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
+            yield q @ k.transpose(1, 2) / math.sqrt(d), v
+
     def _chunked_attention(
         self, q: torch.Tensor, features: torch.Tensor, coords_um: torch.Tensor
     ) -> torch.Tensor:
@@ -148,13 +166,7 @@ class SlideAggregator(nn.Module):
         running_max = torch.full((h, m, 1), -math.inf, dtype=q.dtype, device=q.device)
         running_sum = torch.zeros((h, m, 1), dtype=q.dtype, device=q.device)
         acc = torch.zeros((h, m, d), dtype=q.dtype, device=q.device)
-        for start in range(0, features.shape[0], self.chunk_size):
-            chunk = features[start : start + self.chunk_size]
-            pos = position_encoding(coords_um[start : start + self.chunk_size], self.hidden_dim)
-            x = self.input_norm(self.input_proj(chunk.to(q.dtype)) + pos.to(q.dtype))  # (C, hid)
-            k = self.k(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
-            v = self.v(x).view(-1, h, d).transpose(0, 1)  # (H, C, d)
-            scores = q @ k.transpose(1, 2) / math.sqrt(d)  # (H, M, C)
+        for scores, v in self._chunks(q, features, coords_um):
             new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
             correction = torch.exp(running_max - new_max)
             weights = torch.exp(scores - new_max)  # (H, M, C)
@@ -163,13 +175,31 @@ class SlideAggregator(nn.Module):
             running_max = new_max
         return acc / running_sum
 
+    @torch.no_grad()
+    def tile_attention(
+        self, features: torch.Tensor, coords: torch.Tensor, mpp: float = 1.0
+    ) -> torch.Tensor:
+        """Each tile's share of the resampler's attention, averaged over heads and queries:
+        (N,) float32 summing to 1, the slide answer's evidence per tile. Two streamed passes
+        (the softmax normaliser first), so memory stays O(chunk_size)."""
+        q = self._query()
+        coords_um = coords * mpp
+        log_norm = torch.full((*q.shape[:2], 1), -math.inf, dtype=torch.float32, device=q.device)
+        for scores, _ in self._chunks(q, features, coords_um):
+            log_norm = torch.logaddexp(log_norm, scores.float().logsumexp(-1, keepdim=True))
+        shares = [
+            torch.exp(scores.float() - log_norm).mean(dim=(0, 1))  # (C,)
+            for scores, _ in self._chunks(q, features, coords_um)
+        ]
+        return torch.cat(shares)
+
     def reference_attention(
         self, features: torch.Tensor, coords: torch.Tensor, mpp: float = 1.0
     ) -> torch.Tensor:
         """The same forward with unchunked attention (for tests; O(N) memory)."""
         h, m = self.num_heads, self.num_tokens
         d = self.hidden_dim // h
-        q = self.q(self.query_norm(self.queries)).view(m, h, d).transpose(0, 1)
+        q = self._query()
         pos = position_encoding(coords * mpp, self.hidden_dim)
         x = self.input_norm(self.input_proj(features) + pos)
         k = self.k(x).view(-1, h, d).transpose(0, 1)

@@ -40,6 +40,25 @@ def test_chunked_attention_equals_full_attention() -> None:
         )
 
 
+def test_tile_attention_is_the_softmax_share_of_each_tile() -> None:
+    torch.manual_seed(0)
+    agg = SlideAggregator(48, 64, hidden_dim=32, num_tokens=8, num_heads=4, chunk_size=37)
+    features, coords = _slide(1000, 48)
+    shares = agg.tile_attention(features, coords, mpp=0.5)
+    # The same shares from one unchunked softmax over all tiles, mean over heads and queries.
+    with torch.no_grad():
+        x = agg.input_norm(agg.input_proj(features) + position_encoding(coords * 0.5, 32))
+        q = agg.q(agg.query_norm(agg.queries)).view(8, 4, 8).transpose(0, 1)
+        k = agg.k(x).view(-1, 4, 8).transpose(0, 1)
+        expected = torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1).mean(dim=(0, 1))
+    assert shares.shape == (1000,) and shares.dtype == torch.float32
+    torch.testing.assert_close(shares, expected, atol=1e-6, rtol=1e-4)
+    assert shares.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Keys that ignore the tiles give every tile the same share.
+    agg.k.weight.data.zero_()
+    assert torch.allclose(agg.tile_attention(features, coords), torch.full((1000,), 1e-3))
+
+
 def test_positions_matter_and_order_does_not() -> None:
     torch.manual_seed(0)
     agg = SlideAggregator(16, 32, hidden_dim=32, num_tokens=4, num_heads=4, chunk_size=10)
