@@ -23,6 +23,9 @@ from smartpath.client.overlay import write_geojson
 from smartpath.v1 import common_pb2, pathology_pb2
 
 FILL_ALPHA = 80
+# Evidence heatmap: blue (least) -> yellow -> red (most), ColorBrewer's RdYlBu reversed.
+HEAT_STOPS = ((49, 54, 149), (254, 224, 144), (165, 0, 38))
+HEAT_ALPHA = (40, 170)  # alpha of the least and the most weighted tile
 CAPTION_BACKGROUND = (0, 0, 0, 170)
 CAPTION_TEXT = (255, 255, 255, 255)
 UNLABELLED = "unlabelled"
@@ -72,6 +75,8 @@ def analysis_geojson(
 ) -> dict:
     """The Analysis' geometry as a GeoJSON FeatureCollection that QuPath imports.
 
+    A slide analysis' evidence becomes one ``objectType`` "tile" per tile with its weight as
+    the ``evidence`` measurement (QuPath colours tiles by it: Measure > Show measurement maps).
     Detections become rectangles with ``objectType`` "detection"; polygons become annotations
     (``objectType`` "annotation") with closed rings (first point == last point). Each feature's
     ``classification`` holds the label and its colour. Coordinates are the Analysis' own (ROI
@@ -81,6 +86,25 @@ def analysis_geojson(
     """
     ox, oy = float(origin[0]), float(origin[1])
     features = []
+    top = max((e.weight for e in analysis.evidence), default=0.0)
+    for e in analysis.evidence:
+        x1, y1 = e.rect.x + ox, e.rect.y + oy
+        x2, y2 = x1 + e.rect.width, y1 + e.rect.height
+        ring = [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "tile",
+                    "name": "evidence",
+                    "measurements": {
+                        "evidence": e.weight,
+                        "evidence (fraction of max)": e.weight / top if top > 0 else 0.0,
+                    },
+                },
+            }
+        )
     for d in analysis.detections:
         x1, x2 = sorted((d.x1 + ox, d.x2 + ox))
         y1, y2 = sorted((d.y1 + oy, d.y2 + oy))
@@ -170,6 +194,17 @@ def _tag(
     draw.text((x + 2 - left, y + 1 - top), text, fill=_contrast(colour), font=font)
 
 
+def heat_colour(level: float) -> tuple[int, int, int, int]:
+    """The heatmap's RGBA for ``level`` in [0, 1] (clamped): blue, yellow, red."""
+    level = min(max(level, 0.0), 1.0)
+    half = 0 if level < 0.5 else 1
+    t = level * 2 - half
+    a, b = HEAT_STOPS[half], HEAT_STOPS[half + 1]
+    rgb = tuple(round(u + (v - u) * t) for u, v in zip(a, b, strict=True))
+    alpha = round(HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * level)
+    return (*rgb, alpha)
+
+
 def draw_analysis(
     image: np.ndarray,
     analysis: pathology_pb2.Analysis,
@@ -179,9 +214,11 @@ def draw_analysis(
 ) -> Image.Image:
     """``image`` (RGB, RGBA or grey) with the Analysis drawn over it, same size, RGB.
 
-    Boxes are outlined, polygons filled semi-transparently and outlined, each with its label;
-    a caption bar along the bottom gives the task, the label (with its score when
-    ``label_scores`` has it) or the VQA answer (truncated to fit), and the model version.
+    A slide analysis' tile evidence is a heatmap under everything else (:func:`heat_colour`
+    of each weight, scaled from the smallest to the largest). Boxes are outlined, polygons
+    filled semi-transparently and outlined, each with its label; a caption bar along the
+    bottom gives the task, the label (with its score when ``label_scores`` has it) or the
+    VQA answer (truncated to fit), and the model version.
     Analysis coordinates map to image pixels as ``(coord - offset) * scale``.
     """
     base = Image.fromarray(np.ascontiguousarray(image)).convert("RGBA")
@@ -200,6 +237,17 @@ def draw_analysis(
             return None
         return (min(max(px, -_DRAW_LIMIT), _DRAW_LIMIT), min(max(py, -_DRAW_LIMIT), _DRAW_LIMIT))
 
+    weights = [e.weight for e in analysis.evidence]
+    low, span = min(weights, default=0.0), max(weights, default=0.0) - min(weights, default=0.0)
+    heat = Image.new("RGBA", size, (0, 0, 0, 0))
+    heat_draw = ImageDraw.Draw(heat)
+    for e in analysis.evidence:
+        a = to_px(e.rect.x, e.rect.y)
+        b = to_px(e.rect.x + e.rect.width, e.rect.y + e.rect.height)
+        if a is not None and b is not None:
+            corner = (max(a[0], b[0] - 1), max(a[1], b[1] - 1))  # tiles abut, not overlap
+            level = (e.weight - low) / span if span > 0 else 0.0
+            heat_draw.rectangle([*a, *corner], fill=heat_colour(level))
     tags: list[tuple[tuple[float, float], str, tuple[int, int, int]]] = []
     for d in analysis.detections:
         a, b = to_px(d.x1, d.y1), to_px(d.x2, d.y2)
@@ -235,7 +283,8 @@ def draw_analysis(
     text = _fit(draw, caption, font, size[0] - 8)
     draw.text((4, size[1] - bar + 3 - top), text, fill=CAPTION_TEXT, font=font)
 
-    out = Image.alpha_composite(Image.alpha_composite(base, fill_layer), layer)
+    out = Image.alpha_composite(Image.alpha_composite(base, heat), fill_layer)
+    out = Image.alpha_composite(out, layer)
     return out.convert("RGB")
 
 

@@ -247,6 +247,12 @@ class SmartPathModel(nn.Module):
         features = slide.features.to(self.device)
         return self.aggregator(features, slide.coords.to(self.device), slide.mpp)
 
+    def tile_attention_of(self, slide: SlideInput) -> Tensor:
+        """Each tile's share (N,) of the aggregator's attention: the slide answer's evidence."""
+        self._part("vision")
+        features = slide.features.to(self.device)
+        return self.aggregator.tile_attention(features, slide.coords.to(self.device), slide.mpp)
+
     def embed(self, batch: MultimodalBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs_embeds (B, T, H), position_ids (3, B, T), pooled visual (B, H))."""
         self._part("language")

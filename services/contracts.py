@@ -268,10 +268,22 @@ class SlideProgress:
 
 
 @dataclass(frozen=True)
+class SlideEvidence:
+    """Each tile of a slide (level-0 top-left and edge) and its share of the aggregator's
+    attention: what a slide answer rests on."""
+
+    x: np.ndarray  # (N,) int64
+    y: np.ndarray  # (N,) int64
+    tile_px: float  # level-0 px per tile edge
+    weight: np.ndarray  # (N,) float32, sums to 1
+
+
+@dataclass(frozen=True)
 class SlideEncoding:
-    """A slide's tokens and where they came from."""
+    """A slide's tokens, its tiles' evidence weights, and where they came from."""
 
     visual: VisualTokens
+    evidence: SlideEvidence
     slide_id: str
     plan_hash: str
     tiles: int

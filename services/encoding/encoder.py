@@ -24,7 +24,7 @@ from smartpath.model.mllm import SmartPathModel
 from smartpath.model.slide_features import SlideFeatures
 from smartpath.model.tile_encoder import TileEncoder, tile_encoder_for
 from smartpath.model.vision import RoiInput, make_image_processor, prepare_roi
-from smartpath.services.contracts import VisualTokens
+from smartpath.services.contracts import SlideEvidence, VisualTokens
 
 
 class VisualEncoder:
@@ -113,8 +113,17 @@ class VisualEncoder:
         """(n, S, S, 3) uint8 tiles -> (n, D) float32 tile features."""
         return np.asarray(self.tile_encoder.encode(tiles), dtype=np.float32)
 
-    def slide_tokens(self, features: SlideFeatures) -> VisualTokens:
-        """The aggregator's slide tokens for one slide's tile features."""
+    def slide_tokens(self, features: SlideFeatures) -> tuple[VisualTokens, SlideEvidence]:
+        """The aggregator's slide tokens for one slide's tile features, and each tile's share
+        of its attention."""
+        slide, spec = features.to_slide_input(), self.model.cfg.slide_tiles
         with torch.no_grad():
-            tokens = self.model.slide_tokens_of(features.to_slide_input())
-        return VisualTokens(tokens.float().cpu().numpy())
+            tokens = self.model.slide_tokens_of(slide)
+            weight = self.model.tile_attention_of(slide)
+        evidence = SlideEvidence(
+            x=features.coords[:, 0].astype(np.int64),
+            y=features.coords[:, 1].astype(np.int64),
+            tile_px=features.tile_size_px or spec.tile_size * spec.mpp / features.mpp,
+            weight=weight.float().cpu().numpy(),
+        )
+        return VisualTokens(tokens.float().cpu().numpy()), evidence

@@ -66,8 +66,10 @@ async def encode_slide(
             encoder=encoder.tile_encoder.name,
         )
         cache.put(ref, features)
+    visual, evidence = encoder.slide_tokens(features)
     yield SlideEncoding(
-        visual=encoder.slide_tokens(features),
+        visual=visual,
+        evidence=evidence,
         slide_id=slide.slide_id,
         plan_hash=key,
         tiles=len(features),

@@ -30,7 +30,7 @@ from smartpath.services.contracts import (
     make_question,
     parse_resolution,
 )
-from smartpath.services.gateway.results import analysis_from_completion
+from smartpath.services.gateway.results import add_evidence, analysis_from_completion
 from smartpath.v1 import common_pb2, pathology_pb2
 
 
@@ -180,6 +180,7 @@ class Pipeline:
         result = self._finish(analysis, timer, request_id)
         result.tiles = encoding.tiles
         result.feature_cache_hit = encoding.cache_hit
+        add_evidence(result, encoding.evidence)
         yield pathology_pb2.AnalyzeSlideResponse(analysis=result)
 
     async def _answer(

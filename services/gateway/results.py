@@ -19,7 +19,7 @@ from smartpath.model.grammar import (
     parse_answer,
     split_completion,
 )
-from smartpath.services.contracts import Question
+from smartpath.services.contracts import Question, SlideEvidence
 from smartpath.v1 import common_pb2, pathology_pb2
 
 
@@ -73,3 +73,16 @@ def analysis_from_completion(
     elif isinstance(answer, TextAnswer) and question.task == Task.VQA:
         result.answer = answer.text
     return result
+
+
+def add_evidence(analysis: pathology_pb2.Analysis, evidence: SlideEvidence) -> None:
+    """Put every tile's rectangle (level-0 px) and evidence weight on a slide analysis."""
+    side = max(1, round(evidence.tile_px))
+    analysis.evidence.extend(
+        pathology_pb2.TileEvidence(
+            rect=common_pb2.Rect(x=x, y=y, width=side, height=side), weight=w
+        )
+        for x, y, w in zip(
+            evidence.x.tolist(), evidence.y.tolist(), evidence.weight.tolist(), strict=True
+        )
+    )

@@ -197,6 +197,16 @@ def test_slide_analysis_streams_progress_and_second_call_hits_the_cache(
     second = client.analyze_slide(uri, question(task, prompt))
     assert second.feature_cache_hit and second.tiles == first.tiles
     assert second.answer == first.answer
+    # Evidence: every tile the answer saw, inside the slide, weights summing to 1, the same
+    # from the cache.
+    weights = np.array([e.weight for e in first.evidence])
+    assert len(first.evidence) == first.tiles and (weights > 0).all()
+    assert weights.sum() == pytest.approx(1.0, abs=1e-4)
+    side = first.evidence[0].rect.width
+    assert side == 96  # the demo model's 96-px tiles at 0.5 µm/px, on a 0.5 µm/px slide
+    assert all(e.rect.width == e.rect.height == side for e in first.evidence)
+    assert all(0 <= e.rect.x < 3000 and 0 <= e.rect.y < 2600 for e in first.evidence)
+    assert [e.weight for e in second.evidence] == pytest.approx(list(weights), abs=1e-6)
     cached = list(store.list("features", "features/"))
     assert any(o.key.endswith(".safetensors") for o in cached)
 

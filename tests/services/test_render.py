@@ -182,3 +182,40 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert set(paths) == {"json", "geojson"}
     assert len(json.loads(paths["geojson"].read_text())["features"]) == 2
     assert not (tmp_path / "det_overlay.png").exists()
+
+
+def _evidence() -> pathology_pb2.Analysis:
+    """A slide classification over a 4 x 4 grid of 1000-px tiles, weight rising to the right."""
+    a = _classification()
+    a.frame = pathology_pb2.COORDINATE_FRAME_SLIDE_LEVEL0
+    raw = {(c, r): 1.0 + c for c in range(4) for r in range(4)}
+    total = sum(raw.values())
+    for (c, r), w in raw.items():
+        a.evidence.add(
+            rect=common_pb2.Rect(x=c * 1000, y=r * 1000, width=1000, height=1000), weight=w / total
+        )
+    return a
+
+
+def test_overlay_draws_tile_evidence_as_a_heatmap() -> None:
+    out = draw_analysis(_image(256, 256), _evidence(), scale=256 / 4000)
+    least, most = out.getpixel((32, 32)), out.getpixel((224, 32))  # column 0 and column 3
+    # Least weighted tiles are faintly blue, the most weighted strongly red.
+    assert least[2] > least[0] and most[0] > most[2] + 60
+    assert np.abs(np.subtract(least, GREY)).max() < np.abs(np.subtract(most, GREY)).max()
+    # Same column, same colour; outside the tiles nothing changes.
+    assert out.getpixel((224, 32)) == out.getpixel((224, 224))
+    assert not _changed(draw_analysis(_image(256, 256), _classification()), (128, 128))
+
+
+def test_geojson_tiles_carry_their_evidence_as_a_measurement() -> None:
+    a = _evidence()
+    tiles = [f for f in analysis_geojson(a)["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(tiles) == 16
+    by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f for f in tiles}
+    right = by_corner[(3000.0, 0.0)]["properties"]["measurements"]
+    left = by_corner[(0.0, 0.0)]["properties"]["measurements"]
+    assert right["evidence"] == pytest.approx(4 / 40) and left["evidence"] == pytest.approx(1 / 40)
+    assert right["evidence (fraction of max)"] == pytest.approx(1.0)
+    ring = by_corner[(3000.0, 0.0)]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and ring[2] == [4000.0, 1000.0]

@@ -132,6 +132,14 @@ class Polygon(_message.Message):
     points: _containers.RepeatedCompositeFieldContainer[Point]
     def __init__(self, label: _Optional[str] = ..., points: _Optional[_Iterable[_Union[Point, _Mapping]]] = ...) -> None: ...
 
+class TileEvidence(_message.Message):
+    __slots__ = ("rect", "weight")
+    RECT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    rect: _common_pb2.Rect
+    weight: float
+    def __init__(self, rect: _Optional[_Union[_common_pb2.Rect, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+
 class StageTiming(_message.Message):
     __slots__ = ("stage", "ms")
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -141,7 +149,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class Analysis(_message.Message):
-    __slots__ = ("task", "scale", "label", "label_scores", "detections", "polygons", "frame", "answer", "reasoning", "parsed", "parse_error", "experts", "model_version", "timings", "request_id", "tiles", "feature_cache_hit", "width", "height")
+    __slots__ = ("task", "scale", "label", "label_scores", "detections", "polygons", "frame", "answer", "reasoning", "parsed", "parse_error", "experts", "model_version", "timings", "request_id", "tiles", "feature_cache_hit", "width", "height", "evidence")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +169,7 @@ class Analysis(_message.Message):
     FEATURE_CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     task: _common_pb2.Task
     scale: _common_pb2.Scale
     label: str
@@ -180,7 +189,8 @@ class Analysis(_message.Message):
     feature_cache_hit: bool
     width: int
     height: int
-    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., scale: _Optional[_Union[_common_pb2.Scale, str]] = ..., label: _Optional[str] = ..., label_scores: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., frame: _Optional[_Union[CoordinateFrame, str]] = ..., answer: _Optional[str] = ..., reasoning: _Optional[str] = ..., parsed: _Optional[bool] = ..., parse_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[_common_pb2.ExpertWeight, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., feature_cache_hit: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    evidence: _containers.RepeatedCompositeFieldContainer[TileEvidence]
+    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., scale: _Optional[_Union[_common_pb2.Scale, str]] = ..., label: _Optional[str] = ..., label_scores: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., frame: _Optional[_Union[CoordinateFrame, str]] = ..., answer: _Optional[str] = ..., reasoning: _Optional[str] = ..., parsed: _Optional[bool] = ..., parse_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[_common_pb2.ExpertWeight, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., feature_cache_hit: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., evidence: _Optional[_Iterable[_Union[TileEvidence, _Mapping]]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
