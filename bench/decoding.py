@@ -23,7 +23,17 @@ sequential, so its rate does not depend on C: it is timed on the first ``--naive
 requests and reported as measured tokens / measured seconds; the JSON says how many.
 
 Before timing, a sanity check: our path routed 100% to expert e gives the same tokens as PEFT
-with adapter e. Prints progress, then one JSON line last.
+with adapter e.
+
+Grammar-constrained decoding (``"grammar"`` in the JSON): the same model widths with a
+151,936-row LM head and a Qwen2.5-VL-shaped tokenizer (151,665 ids, built by
+``tests/qwen_shaped.py``), C requests cycling through the five answer grammars (classification,
+closed and open VQA, detection, segmentation), each stopping at its stop token: our path with
+and without the grammars, tokens/s of each (the constrained requests end when their answers
+close, so they make fewer tokens), and the time spent in the grammar (masks and matcher
+advances) per decoding step and as a share of the run.
+
+Prints progress, then one JSON line last.
 
     python bench/decoding.py [--concurrency 16 64] [--new-tokens 32] [--naive-max 32]
                              [--threads 1 2]
@@ -40,18 +50,29 @@ import time
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from smartpath.model.constrained import Constraint, GrammarBatch, GrammarTokenizer
 from smartpath.model.experts import ExpertRouting, attach_experts, expert_modules, export_expert
 from smartpath.model.generation import generate
+from smartpath.model.grammar import Task
 
 VOCAB, PROMPT_LEN, NUM_EXPERTS, RANK, ALPHA, TOP_K = 8192, 32, 4, 8, 16, 2
+QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's LM head rows
 TARGETS = ("q_proj", "v_proj")
+LABELS = ("tumour", "stroma", "necrosis", "lymphocyte", "normal mucosa")
+GRAMMARS = (
+    Constraint(Task.CLASSIFICATION, LABELS),
+    Constraint(Task.VQA, options=("yes", "no", "cannot tell")),
+    Constraint(Task.VQA),
+    Constraint(Task.DETECTION, LABELS),
+    Constraint(Task.SEGMENTATION, LABELS),
+)
 
 
-def build_model() -> Qwen2_5_VLForConditionalGeneration:
+def build_model(vocab: int = VOCAB) -> Qwen2_5_VLForConditionalGeneration:
     """The benchmark's Qwen2.5-VL-classes model (random weights, eval mode)."""
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": VOCAB,
+            "vocab_size": vocab,
             "hidden_size": 512,
             "intermediate_size": 1408,
             "num_hidden_layers": 8,
@@ -106,6 +127,78 @@ def naive_generate(peft_model, prompts: list[list[int]], top1: list[int], new: i
     return outs
 
 
+class TimedGrammar(GrammarBatch):
+    """A GrammarBatch that adds up the seconds its masks and advances take."""
+
+    seconds = 0.0
+    steps = 0
+
+    def mask_(self, logits: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = super().mask_(logits)
+        self.seconds += time.perf_counter() - start
+        self.steps += 1
+        return out
+
+    def advance(self, tokens: list[int]) -> None:
+        start = time.perf_counter()
+        super().advance(tokens)
+        self.seconds += time.perf_counter() - start
+
+
+def with_experts(base: Qwen2_5_VLForConditionalGeneration, gen: torch.Generator):
+    """A copy of ``base`` with the benchmark's LoRA experts (random non-zero B)."""
+    model = copy.deepcopy(base)
+    attach_experts(model, TARGETS, NUM_EXPERTS, RANK, ALPHA)
+    with torch.no_grad():
+        for m in expert_modules(model).values():
+            m.lora_B.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def grammar_cost(args: argparse.Namespace, gen: torch.Generator) -> dict[str, object]:
+    """Our path with and without the answer grammars over a Qwen-sized vocabulary."""
+    from tests.qwen_shaped import qwen_tokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = qwen_tokenizer()
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    grammar = GrammarTokenizer(tokenizer, QWEN_VOCAB, stop)
+    model = with_experts(build_model(QWEN_VOCAB), gen)
+    print(f"grammar: tokenizer + model in {time.perf_counter() - t0:.1f}s", flush=True)
+    out: dict[str, object] = {"vocab": QWEN_VOCAB, "grammars": len(GRAMMARS)}
+    for c in args.concurrency:
+        prompts = [torch.randint(0, len(tokenizer) - 30, (PROMPT_LEN,), generator=gen).tolist()
+                   for _ in range(c)]  # fmt: skip
+        routing = random_routing(c, gen)
+        kw = dict(max_new_tokens=args.new_tokens, eos_token_id=stop)
+        best: dict[str, dict[str, float]] = {}
+        for threads in args.threads:
+            free_s, free = timed(threads, generate, model, prompts, routing, **kw)
+            batch = TimedGrammar([grammar.matcher(GRAMMARS[i % len(GRAMMARS)]) for i in range(c)],
+                                 QWEN_VOCAB)  # fmt: skip
+            constrained_s, outs = timed(
+                threads, generate, model, prompts, routing, grammar=batch, **kw
+            )
+            run = {
+                "tokens_per_s": round(sum(map(len, free)) / free_s, 1),
+                "constrained_tokens_per_s": round(sum(map(len, outs)) / constrained_s, 1),
+                "grammar_ms_per_step": round(1e3 * batch.seconds / max(1, batch.steps), 3),
+                "grammar_share": round(batch.seconds / constrained_s, 3),
+                "constrained_stopped": sum(o[-1] == stop for o in outs),
+            }
+            print(f"grammar C={c} threads={threads}: {run}", flush=True)
+            if (
+                not best
+                or run["constrained_tokens_per_s"] > best["run"]["constrained_tokens_per_s"]
+            ):
+                best = {"run": run}
+        run = best["run"]
+        run["slowdown"] = round(1 - run["constrained_tokens_per_s"] / run["tokens_per_s"], 3)
+        out[f"c{c}"] = run
+    return out
+
+
 def timed(threads: int, fn, *args, **kwargs) -> tuple[float, list[list[int]]]:
     """(seconds, outputs) of ``fn(*args, **kwargs)`` run with ``threads`` torch threads."""
     before = torch.get_num_threads()
@@ -137,11 +230,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base = build_model()
-    model = copy.deepcopy(base)
-    attach_experts(model, TARGETS, NUM_EXPERTS, RANK, ALPHA)
-    with torch.no_grad():
-        for m in expert_modules(model).values():
-            m.lora_B.normal_(0.0, 0.02, generator=gen)
+    model = with_experts(base, gen)
     params = sum(p.numel() for p in base.parameters())
     text_params = sum(p.numel() for p in base.model.language_model.parameters())
     print(
@@ -215,6 +304,7 @@ def main() -> None:
             "naive_requests_timed": n_naive,
             "by_threads": by_threads,
         }
+    result["grammar"] = grammar_cost(args, gen)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
 

@@ -156,7 +156,12 @@ def cmd_analyze(args: argparse.Namespace, config: SmartPathConfig) -> int:
         uri = slide_uri_for(args.input, store, config.tiling.local_slide_roots)
         target = Target(slide_uri=uri, region=region)
     q = question(
-        args.task, args.prompt or "", _csv(args.labels), _csv(args.options), args.max_new_tokens
+        args.task,
+        args.prompt or "",
+        _csv(args.labels),
+        _csv(args.options),
+        args.max_new_tokens,
+        constrained=not args.free_text,
     )
     with contextlib.ExitStack() as stack:
         if args.local:
@@ -409,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--region", help="x,y,width,height of a slide region (level-0 px)")
     ask.add_argument(
         "--max-new-tokens", type=int, default=0, help="answer length cap (0: the server's)"
+    )
+    ask.add_argument(
+        "--free-text",
+        action="store_true",
+        help="decode free text instead of within the task's answer grammar (on by default)",
     )
     ask.add_argument("--address", help="gRPC address (default 127.0.0.1:<serve.grpc_port>)")
     ask.add_argument("--token-file", type=Path, help="file holding a bearer token")

@@ -95,8 +95,11 @@ def question(
     labels: Sequence[str] = (),
     options: Sequence[str] = (),
     max_new_tokens: int = 0,
+    *,
+    constrained: bool = True,
 ) -> pathology_pb2.Question:
-    """A Question message; ``task`` is a name ("vqa") or a ``smartpath.v1.Task`` value."""
+    """A Question message; ``task`` is a name ("vqa") or a ``smartpath.v1.Task`` value.
+    ``constrained=False`` asks for free text instead of an answer within the task's grammar."""
     if isinstance(task, str):
         task = common_pb2.Task.Value(f"TASK_{task.upper()}")
     return pathology_pb2.Question(
@@ -105,6 +108,7 @@ def question(
         labels=list(labels),
         options=list(options),
         max_new_tokens=max_new_tokens,
+        unconstrained=not constrained,
     )
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from smartpath.model.constrained import GrammarBatch
 from smartpath.model.experts import ExpertRouting, apply_routing, expert_modules
 
 __all__ = ["generate", "generate_stream", "sample_next"]
@@ -99,6 +100,7 @@ def generate_stream(
     prefill_embeds: Tensor | None = None,
     prefill_positions: Tensor | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    grammar: GrammarBatch | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield ``(request_index, token_id)`` for every request still running, step by step.
 
@@ -108,7 +110,9 @@ def generate_stream(
     token or ``max_new_tokens`` tokens. ``suppress_token_ids`` are never sampled (e.g. the
     image/slide placeholders, which only the prompt builder may place). ``cancelled(i)`` is
     asked after every step for each running request; a request it answers True for leaves the
-    batch like a finished one (deadlines, callers that went away).
+    batch like a finished one (deadlines, callers that went away). ``grammar`` holds one
+    matcher per request (None: unconstrained): each request samples only tokens its grammar
+    allows.
     """
     prompts = [list(p) for p in input_ids]
     if any(len(p) == 0 for p in prompts):
@@ -174,7 +178,11 @@ def generate_stream(
             logits = out.logits[:, -1, :]  # (b, V)
             if suppress.numel():
                 logits = logits.index_fill(-1, suppress, float("-inf"))
+            if grammar:
+                grammar.mask_(logits)
             next_ids = sample_next(logits, temperature, top_p, generator)  # (b,)
+            if grammar:
+                grammar.advance(next_ids.tolist())
             yield from zip(active.tolist(), next_ids.tolist(), strict=True)
             if step == max_new_tokens - 1:
                 break
@@ -189,6 +197,8 @@ def generate_stream(
                 rows = keep.nonzero().squeeze(-1)
                 cache.batch_select_indices(rows)
                 mask, last, next_ids, active = mask[rows], last[rows], next_ids[rows], active[rows]
+                if grammar is not None:
+                    grammar.select(rows.tolist())
                 if batch_routing is not None:
                     batch_routing = batch_routing.select(rows)
                     for m in modules:
@@ -211,6 +221,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     suppress_token_ids: Sequence[int] = (),
+    grammar: GrammarBatch | None = None,
 ) -> list[list[int]]:
     """Generate for every request; returns each request's new tokens (stop token included).
 
@@ -229,6 +240,7 @@ def generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         suppress_token_ids=suppress_token_ids,
+        grammar=grammar,
     ):
         outputs[row].append(token)
     return outputs

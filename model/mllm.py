@@ -31,6 +31,7 @@ from smartpath.core.config.model import ModelConfig
 from smartpath.model.aggregator import SlideAggregator
 from smartpath.model.base import BasePart, fit_embeddings
 from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, save_checkpoint
+from smartpath.model.constrained import Constraint, GrammarBatch, GrammarTokenizer
 from smartpath.model.devices import resolve_device, resolve_dtype
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
@@ -38,6 +39,7 @@ from smartpath.model.grammar import Scale, Task
 from smartpath.model.image_position import ImagePositionEmbedding
 from smartpath.model.router import ExpertRouter, RouterOutput
 from smartpath.model.tokenizer import (
+    IM_END,
     IMAGE_PAD,
     SLIDE_PAD,
     VIDEO_PAD,
@@ -182,6 +184,7 @@ class SmartPathModel(nn.Module):
         hidden = base.config.text_config.hidden_size
         self.hidden_size = int(hidden)
         self.vocab_extension = 0  # embedding rows added for tokens past the base's vocabulary
+        self._grammar: GrammarTokenizer | None = None  # built on the first constrained batch
         self.expert_layers: list[str] = []
         self.aggregator: SlideAggregator | None = None
         self.image_position: ImagePositionEmbedding | None = None
@@ -367,11 +370,13 @@ class SmartPathModel(nn.Module):
         eos_token_id: int | None = None,
         routing: ExpertRouting | Sequence[ExpertRouting] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        constraints: Sequence[Constraint | None] | None = None,
     ) -> Iterator[tuple[int, int]]:
         """Yield (request index, token id) for a left-padded batch, each request with the
         experts its router picked (or ``routing``), prefilled with its image/slide inputs.
         Visual placeholder tokens are never generated; ``cancelled`` drops requests early
-        (see :func:`smartpath.model.generation.generate_stream`)."""
+        (see :func:`smartpath.model.generation.generate_stream`); ``constraints`` (one per
+        request, None for free text) keep each completion within its task's grammar."""
         mask = batch.attention_mask.bool()
         if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
             raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
@@ -396,7 +401,21 @@ class SmartPathModel(nn.Module):
             prefill_embeds=embeds,
             prefill_positions=positions,
             cancelled=cancelled,
+            grammar=self.grammar_batch(constraints) if constraints else None,
         )
+
+    def grammar_batch(self, constraints: Sequence[Constraint | None]) -> GrammarBatch:
+        """Matchers for a batch's constraints over this model's vocabulary (the LM head's
+        rows), ending at ``<|im_end|>``."""
+        if self._grammar is None:
+            self._part("language")
+            self._grammar = GrammarTokenizer(
+                self.tokenizer,
+                self.base.get_output_embeddings().weight.shape[0],
+                token_ids(self.tokenizer, [IM_END])[IM_END],
+            )
+        matchers = [None if c is None else self._grammar.matcher(c) for c in constraints]
+        return GrammarBatch(matchers, self._grammar.vocab_size)
 
     def generate(self, batch: MultimodalBatch, **kwargs) -> list[list[int]]:
         """Every request's new tokens (see :meth:`generate_stream` for the arguments)."""

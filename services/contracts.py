@@ -20,6 +20,7 @@ from PIL import Image
 
 from smartpath.core.errors import InvalidArgumentError
 from smartpath.core.slides.resolution import Resolution
+from smartpath.model.constrained import Constraint, text_chars_for
 from smartpath.model.grammar import Scale, Task, coerce_scale, coerce_task, task_scale_key
 from smartpath.model.prompts import PromptStyle, build_prompt
 
@@ -94,6 +95,7 @@ class Question:
     labels: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
     max_new_tokens: int = 0
+    constrained: bool = True  # decode within the task's grammar
 
     @property
     def key(self) -> str:
@@ -103,6 +105,14 @@ class Question:
     def effective_labels(self, defaults: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
         """The caller's labels, else the configured defaults for this task and scale."""
         return self.labels or tuple(defaults.get(self.key, ()))
+
+    def constraint(self, defaults: Mapping[str, Sequence[str]]) -> Constraint | None:
+        """What the answer must match (the labels the prompt names), or None when the
+        caller asked for free text."""
+        if not self.constrained:
+            return None
+        labels, options = self.effective_labels(defaults) or None, self.options or None
+        return Constraint(self.task, labels, options, text_chars_for(self.max_new_tokens))
 
     def text(self, defaults: Mapping[str, Sequence[str]], style: PromptStyle = "full") -> str:
         """The model's instruction text in its prompt ``style``; INVALID_ARGUMENT when the
@@ -147,6 +157,7 @@ def make_question(
     max_prompt_chars: int,
     max_new_tokens_cap: int,
     max_labels: int,
+    constrained: bool = True,
 ) -> Question:
     """A validated Question from request fields (proto enums are plain ints)."""
     if len(prompt) > max_prompt_chars:
@@ -169,6 +180,7 @@ def make_question(
         labels=tuple(labels),
         options=tuple(options),
         max_new_tokens=max_new_tokens or max_new_tokens_cap,
+        constrained=constrained,
     )
 
 

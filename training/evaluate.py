@@ -74,7 +74,13 @@ from smartpath.model.grammar import (
 )
 from smartpath.model.tokenizer import IM_END
 from smartpath.training import metrics
-from smartpath.training.manifest import RoiSample, WsiSample, parse_target, sample_task
+from smartpath.training.manifest import (
+    RoiSample,
+    WsiSample,
+    parse_target,
+    sample_constraint,
+    sample_task,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -373,8 +379,10 @@ def predict(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     progress: bool = False,
+    constrained: bool = True,
 ) -> list[Prediction]:
-    """Greedy completions for ``(sample, image or SlideInput)`` pairs, in input order.
+    """Greedy completions for ``(sample, image or SlideInput)`` pairs, in input order, each
+    within its sample's answer grammar unless ``constrained`` is False.
 
     ``model`` is a :class:`~smartpath.model.mllm.SmartPathModel`, ``collator`` a
     :class:`~smartpath.training.collate.Collator`. The model is put in eval mode for the call
@@ -404,7 +412,13 @@ def predict(
             for idx in batches:
                 batch = _to_device(collator.prompts([items[i] for i in idx]), device)
                 outputs = model.generate(
-                    batch, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos
+                    batch,
+                    max_new_tokens=max_new_tokens,
+                    temperature=0.0,
+                    eos_token_id=eos,
+                    constraints=[sample_constraint(items[i][0], max_new_tokens) for i in idx]
+                    if constrained
+                    else None,
                 )
                 for i, ids in zip(idx, outputs, strict=True):
                     ids = list(ids)

@@ -176,6 +176,7 @@ class GrpoStage(Stage):
             reward_weights=g.reward_weights(),
             device=run.device,
             dtype=run.dtype,
+            constrained=g.constrained,
         )
         rollout_s = time.perf_counter() - tic
         loss, stats = grpo_update(

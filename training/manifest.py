@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from smartpath.core.storage import ObjectRef, ObjectStore, parse_slide_ref
 from smartpath.core.storage.refs import key_problem
+from smartpath.model.constrained import Constraint, text_chars_for
 from smartpath.model.grammar import (
     Answer,
     Task,
@@ -172,6 +173,14 @@ def _parse(task: str, target: str, labels: list[str] | None, options: list[str] 
 def sample_task(sample: RoiSample | WsiSample) -> Task:
     """The sample's task as a :class:`~smartpath.model.grammar.Task`."""
     return Task[sample.task.upper()]
+
+
+def sample_constraint(sample: RoiSample | WsiSample, max_new_tokens: int) -> Constraint:
+    """The grammar a completion of at most ``max_new_tokens`` for the sample is decoded
+    within (its labels and options)."""
+    labels = tuple(sample.labels) if sample.labels else None
+    options = tuple(sample.options) if sample.options else None
+    return Constraint(sample_task(sample), labels, options, text_chars_for(max_new_tokens))
 
 
 def parse_target(sample: RoiSample | WsiSample) -> Answer:

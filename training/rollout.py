@@ -32,7 +32,7 @@ from smartpath.model.mllm import IGNORE_INDEX, MultimodalBatch, SmartPathModel, 
 from smartpath.model.tokenizer import IM_END
 from smartpath.training.collate import Collator
 from smartpath.training.data import Item, item_key
-from smartpath.training.manifest import RoiSample, WsiSample, sample_task
+from smartpath.training.manifest import RoiSample, WsiSample, sample_constraint, sample_task
 from smartpath.training.objectives import group_advantages
 from smartpath.training.rewards import get_rewards
 
@@ -101,10 +101,12 @@ def rollout(
     sequential: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    constrained: bool = True,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt and :func:`score` them with
     ``reward_weights`` (reward name -> weight; None: GRPO's default), inputs moved to ``device``,
-    pixels and slide features cast to ``dtype``, the model's."""
+    pixels and slide features cast to ``dtype``, the model's; ``constrained`` decodes each
+    within its sample's answer grammar."""
     items = [item for item in prompts for _ in range(group_size)]
     stop = model.tokenizer.convert_tokens_to_ids(IM_END)
     kwargs = dict(
@@ -115,18 +117,20 @@ def rollout(
     )
     was_training = model.training
     model.eval()
+    constraints = [sample_constraint(s, max_new_tokens) if constrained else None for s, _ in items]
     if sequential:
         completions = [
             model.generate(
                 to_device(collator.prompts([item]), device, dtype),
                 seed=None if seed is None else seed + i,
+                constraints=constraints[i : i + 1],
                 **kwargs,
             )[0]
             for i, item in enumerate(items)
         ]
     else:
         batch = to_device(collator.prompts(items), device, dtype)
-        completions = model.generate(batch, seed=seed, **kwargs)
+        completions = model.generate(batch, seed=seed, constraints=constraints, **kwargs)
     model.train(was_training)
     texts = [_decode(model, ids) for ids in completions]
     weights = GrpoConfig().reward_weights() if reward_weights is None else reward_weights

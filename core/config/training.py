@@ -160,6 +160,9 @@ class GrpoConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling.")
     max_new_tokens: int = Field(128, ge=1, description="Rollout completion budget.")
+    constrained: bool = Field(
+        True, description="Sample rollouts within each task's answer grammar (always parse)."
+    )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
     kl_beta: float = Field(0.04, ge=0, description="Weight β of the k3 KL to the reference.")
     updates_per_rollout: int = Field(

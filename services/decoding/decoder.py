@@ -298,6 +298,7 @@ class BatchDecoder:
             eos_token_id=self.eos_id,
             routing=self._routing([j.request for j in jobs]),
             cancelled=cancelled,
+            constraints=[j.request.question.constraint(self.default_labels) for j in jobs],
         ):
             produced += 1
             job = jobs[i]

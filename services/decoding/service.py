@@ -119,6 +119,7 @@ class DecoderService:
             max_prompt_chars=self.config.model.max_prompt_chars,
             max_new_tokens_cap=self.config.model.max_new_tokens,
             max_labels=self.config.model.max_labels,
+            constrained=not request.unconstrained,
         )
         grid = tuple(int(v) for v in request.image_grid_thw)
         if scale == Scale.ROI and len(grid) != 3:

@@ -88,6 +88,7 @@ class Pipeline:
             max_prompt_chars=self.limits.max_prompt_chars,
             max_new_tokens_cap=self.limits.max_new_tokens,
             max_labels=self.limits.max_labels,
+            constrained=not message.unconstrained,
         )
         # INVALID_ARGUMENT now rather than after encoding.
         q.text(self.model.labels, self.model.prompt_style)

@@ -65,14 +65,21 @@ def _requests(visuals, **kw) -> list[DecodeRequest]:
     ]
 
 
-def _reference(model: SmartPathModel, decoder: BatchDecoder, request: DecodeRequest) -> str:
-    """The model's own generate() on this one request (precomputed visual tokens)."""
+def _reference(
+    model: SmartPathModel, decoder: BatchDecoder, request: DecodeRequest, constrained: bool = True
+) -> str:
+    """The model's own generate() on this one request (precomputed visual tokens), within
+    the request's grammar."""
     ids = decoder._prompt(request)
     batch: MultimodalBatch = decoder._batch([(ids, request)])
     routing = ExpertRouting(torch.tensor([request.experts]), torch.tensor([request.weights]))
     eos = model.tokenizer.convert_tokens_to_ids(IM_END)
     out = model.generate(
-        batch, max_new_tokens=request.question.max_new_tokens, eos_token_id=eos, routing=routing
+        batch,
+        max_new_tokens=request.question.max_new_tokens,
+        eos_token_id=eos,
+        routing=routing,
+        constraints=[request.question.constraint(decoder.default_labels)] if constrained else None,
     )[0]
     out = out[:-1] if out and out[-1] == eos else out
     return model.tokenizer.decode(out, skip_special_tokens=False)
@@ -191,3 +198,16 @@ def test_malformed_visual_tokens_are_invalid_argument(model, visuals) -> None:
     bad = replace(request, experts=(0, 9))
     with pytest.raises(InvalidArgumentError, match="experts"):
         asyncio.run(_collect(decoder, bad))
+
+
+def test_requests_may_decode_free_text(model, visuals) -> None:
+    """``constrained=False`` decodes as the unconstrained model does; for these requests at
+    least one answer differs from the one within its grammar."""
+    decoder = BatchDecoder(model)
+    requests = [
+        DecodeRequest(replace(r.question, constrained=False), r.visual, r.experts, r.weights)
+        for r in _requests(visuals)
+    ]
+    free = [asyncio.run(_collect(decoder, r))[-1].text for r in requests]
+    assert free == [_reference(model, decoder, r, constrained=False) for r in requests]
+    assert free != [_reference(model, decoder, r) for r in _requests(visuals)]

@@ -88,7 +88,11 @@ def test_rewards_and_group_advantages(setup) -> None:
 
 def test_policy_batch_logprobs_match_greedy_generation(setup) -> None:
     model, collator, prompts = setup
-    rolls = rollout(model, collator, prompts, group_size=1, max_new_tokens=8, temperature=0.0)
+    # Unconstrained: greedy tokens are then the argmax of the model's own logits.
+    rolls = rollout(
+        model, collator, prompts, group_size=1, max_new_tokens=8, temperature=0.0,
+        constrained=False,
+    )  # fmt: skip
     batch, labels = policy_batch(collator, rolls)
     for i, completion in enumerate(rolls.completions):
         assert labels[i][labels[i] != IGNORE_INDEX].tolist() == completion
@@ -188,3 +192,14 @@ def test_grpo_update_against_the_trainable_parameter_reference(setup) -> None:
         kls.append(float(stats["kl"]))
     # The policy starts as its reference (KL exactly 0), then moves away from it.
     assert kls[0] == 0.0 and kls[-1] > 0.0
+
+
+def test_constrained_rollouts_are_well_formed(setup) -> None:
+    """An untrained model's sampled rollouts, decoded within each sample's grammar, all get
+    the full format reward; unconstrained, none does."""
+    model, collator, prompts = setup
+    kw = dict(group_size=2, max_new_tokens=96, temperature=1.0, seed=2)
+    constrained = rollout(model, collator, prompts, **kw)
+    assert format_reward(constrained.texts) == [1.0] * len(constrained.texts), constrained.texts
+    free = rollout(model, collator, prompts, constrained=False, **kw)
+    assert not any(r == 1.0 for r in format_reward(free.texts))

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from smartpath.v1 import common_pb2 as smartpath_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartpath/v1/decoding.proto\x12\x0csmartpath.v1\x1a\x19smartpath/v1/common.proto\"\xa5\x02\n\rDecodeRequest\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07options\x18\x05 \x03(\t\x12+\n\rvisual_tokens\x18\x06 \x01(\x0b\x32\x14.smartpath.v1.Tensor\x12\x16\n\x0eimage_grid_thw\x18\x07 \x03(\x03\x12+\n\x07\x65xperts\x18\x08 \x03(\x0b\x32\x1a.smartpath.v1.ExpertWeight\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x13\n\x0btemperature\x18\n \x01(\x02\"\xc7\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.smartpath.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12.\n\x0clabel_scores\x18\x06 \x03(\x0b\x32\x18.smartpath.v1.LabelScore*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32P\n\x07\x44\x65\x63oder\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.smartpath.v1.DecodeRequest\x1a\x1c.smartpath.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartpath/v1/decoding.proto\x12\x0csmartpath.v1\x1a\x19smartpath/v1/common.proto\"\xbc\x02\n\rDecodeRequest\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07options\x18\x05 \x03(\t\x12+\n\rvisual_tokens\x18\x06 \x01(\x0b\x32\x14.smartpath.v1.Tensor\x12\x16\n\x0eimage_grid_thw\x18\x07 \x03(\x03\x12+\n\x07\x65xperts\x18\x08 \x03(\x0b\x32\x1a.smartpath.v1.ExpertWeight\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x13\n\x0btemperature\x18\n \x01(\x02\x12\x15\n\runconstrained\x18\x0b \x01(\x08\"\xc7\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.smartpath.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12.\n\x0clabel_scores\x18\x06 \x03(\x0b\x32\x18.smartpath.v1.LabelScore*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32P\n\x07\x44\x65\x63oder\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.smartpath.v1.DecodeRequest\x1a\x1c.smartpath.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartpath.v1.decoding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=570
-  _globals['_FINISHREASON']._serialized_end=665
+  _globals['_FINISHREASON']._serialized_start=593
+  _globals['_FINISHREASON']._serialized_end=688
   _globals['_DECODEREQUEST']._serialized_start=73
-  _globals['_DECODEREQUEST']._serialized_end=366
-  _globals['_DECODERESPONSE']._serialized_start=369
-  _globals['_DECODERESPONSE']._serialized_end=568
-  _globals['_DECODER']._serialized_start=667
-  _globals['_DECODER']._serialized_end=747
+  _globals['_DECODEREQUEST']._serialized_end=389
+  _globals['_DECODERESPONSE']._serialized_start=392
+  _globals['_DECODERESPONSE']._serialized_end=591
+  _globals['_DECODER']._serialized_start=690
+  _globals['_DECODER']._serialized_end=770
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("task", "scale", "prompt", "labels", "options", "visual_tokens", "image_grid_thw", "experts", "max_new_tokens", "temperature")
+    __slots__ = ("task", "scale", "prompt", "labels", "options", "visual_tokens", "image_grid_thw", "experts", "max_new_tokens", "temperature", "unconstrained")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class DecodeRequest(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    UNCONSTRAINED_FIELD_NUMBER: _ClassVar[int]
     task: _common_pb2.Task
     scale: _common_pb2.Scale
     prompt: str
@@ -39,7 +40,8 @@ class DecodeRequest(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertWeight]
     max_new_tokens: int
     temperature: float
-    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., scale: _Optional[_Union[_common_pb2.Scale, str]] = ..., prompt: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ..., visual_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., image_grid_thw: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[_Union[_common_pb2.ExpertWeight, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    unconstrained: bool
+    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., scale: _Optional[_Union[_common_pb2.Scale, str]] = ..., prompt: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ..., visual_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., image_grid_thw: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[_Union[_common_pb2.ExpertWeight, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., unconstrained: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("text_delta", "done", "finish_reason", "prompt_tokens", "completion_tokens", "label_scores")

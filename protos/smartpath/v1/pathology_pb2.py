@@ -25,51 +25,51 @@ _sym_db = _symbol_database.Default()
 from smartpath.v1 import common_pb2 as smartpath_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartpath/v1/pathology.proto\x12\x0csmartpath.v1\x1a\x19smartpath/v1/common.proto\"u\n\x08Question\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\"\x84\x01\n\x0bSlideRegion\x12%\n\x05slide\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.SlideRef\x12 \n\x04rect\x18\x02 \x01(\x0b\x32\x12.smartpath.v1.Rect\x12,\n\nresolution\x18\x03 \x01(\x0b\x32\x18.smartpath.v1.Resolution\"\x88\x01\n\x14\x41nalyzeRegionRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12+\n\x06region\x18\x02 \x01(\x0b\x32\x19.smartpath.v1.SlideRegionH\x00\x12(\n\x08question\x18\x03 \x01(\x0b\x32\x16.smartpath.v1.QuestionB\x08\n\x06source\"A\n\x15\x41nalyzeRegionResponse\x12(\n\x08\x61nalysis\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.Analysis\"f\n\x13\x41nalyzeSlideRequest\x12%\n\x05slide\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.SlideRef\x12(\n\x08question\x18\x02 \x01(\x0b\x32\x16.smartpath.v1.Question\"r\n\x08Progress\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.smartpath.v1.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x12\n\ntext_delta\x18\x05 \x01(\t\"w\n\x14\x41nalyzeSlideResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.ProgressH\x00\x12*\n\x08\x61nalysis\x18\x02 \x01(\x0b\x32\x16.smartpath.v1.AnalysisH\x00\x42\x07\n\x05\x65vent\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\"J\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\n\n\x02x1\x18\x02 \x01(\x01\x12\n\n\x02y1\x18\x03 \x01(\x01\x12\n\n\x02x2\x18\x04 \x01(\x01\x12\n\n\x02y2\x18\x05 \x01(\x01\"=\n\x07Polygon\x12\r\n\x05label\x18\x01 \x01(\t\x12#\n\x06points\x18\x02 \x03(\x0b\x32\x13.smartpath.v1.Point\"@\n\x0cTileEvidence\x12 \n\x04rect\x18\x01 \x01(\x0b\x32\x12.smartpath.v1.Rect\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"=\n\x0bStageTiming\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.smartpath.v1.Stage\x12\n\n\x02ms\x18\x02 \x01(\x01\"\xd6\x04\n\x08\x41nalysis\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\x0clabel_scores\x18\x04 \x03(\x0b\x32\x18.smartpath.v1.LabelScore\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.smartpath.v1.Detection\x12\'\n\x08polygons\x18\x06 \x03(\x0b\x32\x15.smartpath.v1.Polygon\x12,\n\x05\x66rame\x18\x07 \x01(\x0e\x32\x1d.smartpath.v1.CoordinateFrame\x12\x0e\n\x06\x61nswer\x18\x08 \x01(\t\x12\x11\n\treasoning\x18\t \x01(\t\x12\x0e\n\x06parsed\x18\n \x01(\x08\x12\x13\n\x0bparse_error\x18\x0b \x01(\t\x12+\n\x07\x65xperts\x18\x0c \x03(\x0b\x32\x1a.smartpath.v1.ExpertWeight\x12\x15\n\rmodel_version\x18\r \x01(\t\x12*\n\x07timings\x18\x0e \x03(\x0b\x32\x19.smartpath.v1.StageTiming\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\r\n\x05tiles\x18\x10 \x01(\x05\x12\x19\n\x11\x66\x65\x61ture_cache_hit\x18\x11 \x01(\x08\x12\r\n\x05width\x18\x12 \x01(\x03\x12\x0e\n\x06height\x18\x13 \x01(\x03\x12,\n\x08\x65vidence\x18\x14 \x03(\x0b\x32\x1a.smartpath.v1.TileEvidence\"\x15\n\x13GetModelInfoRequest\"C\n\rSlideTileSpec\x12\x0b\n\x03mpp\x18\x01 \x01(\x01\x12\x11\n\ttile_size\x18\x02 \x01(\x05\x12\x12\n\nmin_tissue\x18\x03 \x01(\x01\"b\n\nTaskLabels\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\x0e\n\x06labels\x18\x03 \x03(\t\"\xc1\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0ctile_encoder\x18\x06 \x01(\t\x12\x30\n\x0e\x64\x65\x66\x61ult_labels\x18\x07 \x03(\x0b\x32\x18.smartpath.v1.TaskLabels\x12\x30\n\x0bslide_tiles\x18\x0b \x01(\x0b\x32\x1b.smartpath.v1.SlideTileSpec\x12\x14\n\x0cprompt_style\x18\x0c \x01(\t\x12\x18\n\x10max_prompt_chars\x18\x08 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\t \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\n \x01(\x05*~\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_TILING\x10\x01\x12\x12\n\x0eSTAGE_ENCODING\x10\x02\x12\x11\n\rSTAGE_ROUTING\x10\x03\x12\x12\n\x0eSTAGE_DECODING\x10\x04\x12\x11\n\rSTAGE_PARSING\x10\x05*w\n\x0f\x43oordinateFrame\x12 \n\x1c\x43OORDINATE_FRAME_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OORDINATE_FRAME_ROI_PIXELS\x10\x01\x12!\n\x1d\x43OORDINATE_FRAME_SLIDE_LEVEL0\x10\x02\x32\x95\x02\n\tPathology\x12X\n\rAnalyzeRegion\x12\".smartpath.v1.AnalyzeRegionRequest\x1a#.smartpath.v1.AnalyzeRegionResponse\x12W\n\x0c\x41nalyzeSlide\x12!.smartpath.v1.AnalyzeSlideRequest\x1a\".smartpath.v1.AnalyzeSlideResponse0\x01\x12U\n\x0cGetModelInfo\x12!.smartpath.v1.GetModelInfoRequest\x1a\".smartpath.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartpath/v1/pathology.proto\x12\x0csmartpath.v1\x1a\x19smartpath/v1/common.proto\"\x8c\x01\n\x08Question\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x15\n\runconstrained\x18\x06 \x01(\x08\"\x84\x01\n\x0bSlideRegion\x12%\n\x05slide\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.SlideRef\x12 \n\x04rect\x18\x02 \x01(\x0b\x32\x12.smartpath.v1.Rect\x12,\n\nresolution\x18\x03 \x01(\x0b\x32\x18.smartpath.v1.Resolution\"\x88\x01\n\x14\x41nalyzeRegionRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12+\n\x06region\x18\x02 \x01(\x0b\x32\x19.smartpath.v1.SlideRegionH\x00\x12(\n\x08question\x18\x03 \x01(\x0b\x32\x16.smartpath.v1.QuestionB\x08\n\x06source\"A\n\x15\x41nalyzeRegionResponse\x12(\n\x08\x61nalysis\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.Analysis\"f\n\x13\x41nalyzeSlideRequest\x12%\n\x05slide\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.SlideRef\x12(\n\x08question\x18\x02 \x01(\x0b\x32\x16.smartpath.v1.Question\"r\n\x08Progress\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.smartpath.v1.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x12\n\ntext_delta\x18\x05 \x01(\t\"w\n\x14\x41nalyzeSlideResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.smartpath.v1.ProgressH\x00\x12*\n\x08\x61nalysis\x18\x02 \x01(\x0b\x32\x16.smartpath.v1.AnalysisH\x00\x42\x07\n\x05\x65vent\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\"J\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\n\n\x02x1\x18\x02 \x01(\x01\x12\n\n\x02y1\x18\x03 \x01(\x01\x12\n\n\x02x2\x18\x04 \x01(\x01\x12\n\n\x02y2\x18\x05 \x01(\x01\"=\n\x07Polygon\x12\r\n\x05label\x18\x01 \x01(\t\x12#\n\x06points\x18\x02 \x03(\x0b\x32\x13.smartpath.v1.Point\"@\n\x0cTileEvidence\x12 \n\x04rect\x18\x01 \x01(\x0b\x32\x12.smartpath.v1.Rect\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"=\n\x0bStageTiming\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.smartpath.v1.Stage\x12\n\n\x02ms\x18\x02 \x01(\x01\"\xd6\x04\n\x08\x41nalysis\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\x0clabel_scores\x18\x04 \x03(\x0b\x32\x18.smartpath.v1.LabelScore\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.smartpath.v1.Detection\x12\'\n\x08polygons\x18\x06 \x03(\x0b\x32\x15.smartpath.v1.Polygon\x12,\n\x05\x66rame\x18\x07 \x01(\x0e\x32\x1d.smartpath.v1.CoordinateFrame\x12\x0e\n\x06\x61nswer\x18\x08 \x01(\t\x12\x11\n\treasoning\x18\t \x01(\t\x12\x0e\n\x06parsed\x18\n \x01(\x08\x12\x13\n\x0bparse_error\x18\x0b \x01(\t\x12+\n\x07\x65xperts\x18\x0c \x03(\x0b\x32\x1a.smartpath.v1.ExpertWeight\x12\x15\n\rmodel_version\x18\r \x01(\t\x12*\n\x07timings\x18\x0e \x03(\x0b\x32\x19.smartpath.v1.StageTiming\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\r\n\x05tiles\x18\x10 \x01(\x05\x12\x19\n\x11\x66\x65\x61ture_cache_hit\x18\x11 \x01(\x08\x12\r\n\x05width\x18\x12 \x01(\x03\x12\x0e\n\x06height\x18\x13 \x01(\x03\x12,\n\x08\x65vidence\x18\x14 \x03(\x0b\x32\x1a.smartpath.v1.TileEvidence\"\x15\n\x13GetModelInfoRequest\"C\n\rSlideTileSpec\x12\x0b\n\x03mpp\x18\x01 \x01(\x01\x12\x11\n\ttile_size\x18\x02 \x01(\x05\x12\x12\n\nmin_tissue\x18\x03 \x01(\x01\"b\n\nTaskLabels\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.smartpath.v1.Task\x12\"\n\x05scale\x18\x02 \x01(\x0e\x32\x13.smartpath.v1.Scale\x12\x0e\n\x06labels\x18\x03 \x03(\t\"\xc1\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0ctile_encoder\x18\x06 \x01(\t\x12\x30\n\x0e\x64\x65\x66\x61ult_labels\x18\x07 \x03(\x0b\x32\x18.smartpath.v1.TaskLabels\x12\x30\n\x0bslide_tiles\x18\x0b \x01(\x0b\x32\x1b.smartpath.v1.SlideTileSpec\x12\x14\n\x0cprompt_style\x18\x0c \x01(\t\x12\x18\n\x10max_prompt_chars\x18\x08 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\t \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\n \x01(\x05*~\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_TILING\x10\x01\x12\x12\n\x0eSTAGE_ENCODING\x10\x02\x12\x11\n\rSTAGE_ROUTING\x10\x03\x12\x12\n\x0eSTAGE_DECODING\x10\x04\x12\x11\n\rSTAGE_PARSING\x10\x05*w\n\x0f\x43oordinateFrame\x12 \n\x1c\x43OORDINATE_FRAME_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OORDINATE_FRAME_ROI_PIXELS\x10\x01\x12!\n\x1d\x43OORDINATE_FRAME_SLIDE_LEVEL0\x10\x02\x32\x95\x02\n\tPathology\x12X\n\rAnalyzeRegion\x12\".smartpath.v1.AnalyzeRegionRequest\x1a#.smartpath.v1.AnalyzeRegionResponse\x12W\n\x0c\x41nalyzeSlide\x12!.smartpath.v1.AnalyzeSlideRequest\x1a\".smartpath.v1.AnalyzeSlideResponse0\x01\x12U\n\x0cGetModelInfo\x12!.smartpath.v1.GetModelInfoRequest\x1a\".smartpath.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartpath.v1.pathology_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=2290
-  _globals['_STAGE']._serialized_end=2416
-  _globals['_COORDINATEFRAME']._serialized_start=2418
-  _globals['_COORDINATEFRAME']._serialized_end=2537
-  _globals['_QUESTION']._serialized_start=73
-  _globals['_QUESTION']._serialized_end=190
-  _globals['_SLIDEREGION']._serialized_start=193
-  _globals['_SLIDEREGION']._serialized_end=325
-  _globals['_ANALYZEREGIONREQUEST']._serialized_start=328
-  _globals['_ANALYZEREGIONREQUEST']._serialized_end=464
-  _globals['_ANALYZEREGIONRESPONSE']._serialized_start=466
-  _globals['_ANALYZEREGIONRESPONSE']._serialized_end=531
-  _globals['_ANALYZESLIDEREQUEST']._serialized_start=533
-  _globals['_ANALYZESLIDEREQUEST']._serialized_end=635
-  _globals['_PROGRESS']._serialized_start=637
-  _globals['_PROGRESS']._serialized_end=751
-  _globals['_ANALYZESLIDERESPONSE']._serialized_start=753
-  _globals['_ANALYZESLIDERESPONSE']._serialized_end=872
-  _globals['_POINT']._serialized_start=874
-  _globals['_POINT']._serialized_end=903
-  _globals['_DETECTION']._serialized_start=905
-  _globals['_DETECTION']._serialized_end=979
-  _globals['_POLYGON']._serialized_start=981
-  _globals['_POLYGON']._serialized_end=1042
-  _globals['_TILEEVIDENCE']._serialized_start=1044
-  _globals['_TILEEVIDENCE']._serialized_end=1108
-  _globals['_STAGETIMING']._serialized_start=1110
-  _globals['_STAGETIMING']._serialized_end=1171
-  _globals['_ANALYSIS']._serialized_start=1174
-  _globals['_ANALYSIS']._serialized_end=1772
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1774
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1795
-  _globals['_SLIDETILESPEC']._serialized_start=1797
-  _globals['_SLIDETILESPEC']._serialized_end=1864
-  _globals['_TASKLABELS']._serialized_start=1866
-  _globals['_TASKLABELS']._serialized_end=1964
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1967
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2288
-  _globals['_PATHOLOGY']._serialized_start=2540
-  _globals['_PATHOLOGY']._serialized_end=2817
+  _globals['_STAGE']._serialized_start=2314
+  _globals['_STAGE']._serialized_end=2440
+  _globals['_COORDINATEFRAME']._serialized_start=2442
+  _globals['_COORDINATEFRAME']._serialized_end=2561
+  _globals['_QUESTION']._serialized_start=74
+  _globals['_QUESTION']._serialized_end=214
+  _globals['_SLIDEREGION']._serialized_start=217
+  _globals['_SLIDEREGION']._serialized_end=349
+  _globals['_ANALYZEREGIONREQUEST']._serialized_start=352
+  _globals['_ANALYZEREGIONREQUEST']._serialized_end=488
+  _globals['_ANALYZEREGIONRESPONSE']._serialized_start=490
+  _globals['_ANALYZEREGIONRESPONSE']._serialized_end=555
+  _globals['_ANALYZESLIDEREQUEST']._serialized_start=557
+  _globals['_ANALYZESLIDEREQUEST']._serialized_end=659
+  _globals['_PROGRESS']._serialized_start=661
+  _globals['_PROGRESS']._serialized_end=775
+  _globals['_ANALYZESLIDERESPONSE']._serialized_start=777
+  _globals['_ANALYZESLIDERESPONSE']._serialized_end=896
+  _globals['_POINT']._serialized_start=898
+  _globals['_POINT']._serialized_end=927
+  _globals['_DETECTION']._serialized_start=929
+  _globals['_DETECTION']._serialized_end=1003
+  _globals['_POLYGON']._serialized_start=1005
+  _globals['_POLYGON']._serialized_end=1066
+  _globals['_TILEEVIDENCE']._serialized_start=1068
+  _globals['_TILEEVIDENCE']._serialized_end=1132
+  _globals['_STAGETIMING']._serialized_start=1134
+  _globals['_STAGETIMING']._serialized_end=1195
+  _globals['_ANALYSIS']._serialized_start=1198
+  _globals['_ANALYSIS']._serialized_end=1796
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1798
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1819
+  _globals['_SLIDETILESPEC']._serialized_start=1821
+  _globals['_SLIDETILESPEC']._serialized_end=1888
+  _globals['_TASKLABELS']._serialized_start=1890
+  _globals['_TASKLABELS']._serialized_end=1988
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1991
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2312
+  _globals['_PATHOLOGY']._serialized_start=2564
+  _globals['_PATHOLOGY']._serialized_end=2841
 # @@protoc_insertion_point(module_scope)

@@ -33,18 +33,20 @@ COORDINATE_FRAME_ROI_PIXELS: CoordinateFrame
 COORDINATE_FRAME_SLIDE_LEVEL0: CoordinateFrame
 
 class Question(_message.Message):
-    __slots__ = ("task", "prompt", "labels", "options", "max_new_tokens")
+    __slots__ = ("task", "prompt", "labels", "options", "max_new_tokens", "unconstrained")
     TASK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNCONSTRAINED_FIELD_NUMBER: _ClassVar[int]
     task: _common_pb2.Task
     prompt: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     options: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
-    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., prompt: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    unconstrained: bool
+    def __init__(self, task: _Optional[_Union[_common_pb2.Task, str]] = ..., prompt: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., unconstrained: _Optional[bool] = ...) -> None: ...
 
 class SlideRegion(_message.Message):
     __slots__ = ("slide", "rect", "resolution")
