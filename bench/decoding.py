@@ -44,8 +44,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -158,6 +160,7 @@ def with_experts(base: Qwen2_5_VLForConditionalGeneration, gen: torch.Generator)
 
 def grammar_cost(args: argparse.Namespace, gen: torch.Generator) -> dict[str, object]:
     """Our path with and without the answer grammars over a Qwen-sized vocabulary."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests/
     from tests.qwen_shaped import qwen_tokenizer
 
     t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from smartpath.model.grammar import NORM_MAX, Polygon, SegmentationAnswer
 
@@ -51,19 +52,56 @@ def _as_boxes(boxes: Any) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def box_iou(a: Any, b: Any) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), ``(x1, y1, x2, y2)``: shape (N, M)."""
-    a, b = _as_boxes(a), _as_boxes(b)
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise intersection and union areas of boxes a (N, 4) and b (M, 4)."""
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     wh = np.clip(rb - lt, 0, None)
     inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return iou
+    return inter, area_a[:, None] + area_b[None, :] - inter
+
+
+def box_iou(a: Any, b: Any) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), ``(x1, y1, x2, y2)``: shape (N, M)."""
+    inter, union = _overlaps(_as_boxes(a), _as_boxes(b))
+    return _ratio(inter, union)
+
+
+def box_giou(a: Any, b: Any) -> np.ndarray:
+    """Pairwise generalised IoU (Rezatofighi et al. 2019) of boxes ``a`` (N, 4) and ``b``
+    (M, 4): IoU minus the share of the smallest enclosing box neither covers, in [-1, 1]; it
+    still says how far apart two boxes that do not overlap are."""
+    a, b = _as_boxes(a), _as_boxes(b)
+    inter, union = _overlaps(a, b)
+    hull = np.maximum(a[:, None, 2:], b[None, :, 2:]) - np.minimum(a[:, None, :2], b[None, :, :2])
+    hull_area = hull[..., 0] * hull[..., 1]
+    return _ratio(inter, union) - _ratio(hull_area - union, hull_area)
+
+
+def matched_giou(
+    pred_boxes: Any, pred_labels: Sequence[str], gt_boxes: Any, gt_labels: Sequence[str]
+) -> float:
+    """A continuous detection score in [0, 1]: the best one-to-one same-label matching of
+    predicted to target boxes (Hungarian, on (GIoU + 1) / 2), summed and divided by the larger
+    of the two counts, so a missing or extra box costs as much as a box at the far side of
+    the image. 1.0 only for the target boxes themselves (and for none when none are due)."""
+    pb, gb = _as_boxes(pred_boxes), _as_boxes(gt_boxes)
+    if len(pred_labels) != len(pb) or len(gt_labels) != len(gb):
+        raise ValueError("each box needs exactly one label")
+    if len(pb) == 0 or len(gb) == 0:
+        return 1.0 if len(pb) == len(gb) else 0.0
+    same = np.asarray(pred_labels, dtype=object)[:, None] == np.asarray(gt_labels, dtype=object)
+    score = np.where(same, (box_giou(pb, gb) + 1.0) / 2.0, 0.0)
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    return float(score[rows, cols].sum() / max(len(pb), len(gb)))
 
 
 def greedy_match(

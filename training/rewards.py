@@ -18,7 +18,11 @@ so reward and evaluation cannot drift apart. Design decisions:
   sample, or a per-sample list (each entry None or a list of strings), as trl passes dataset
   columns.
 - classification: 1 iff the parsed label ``exact_match``-es the target (``metrics.accuracy``);
-  detection: ``metrics.detection_f1`` at IoU 0.5 (1.0 for correctly predicting no boxes);
+  detection: ``metrics.detection_f1`` at IoU 0.5 (1.0 for correctly predicting no boxes), the
+  evaluation metric; ``detection_giou``: ``metrics.matched_giou``, continuous, so a box that
+  moves closer earns more even below IoU 0.5 (VLM-R1, Visual-RFT): the detection part of the
+  ``task`` reward, because F1@0.5 is 0 for almost every early rollout and a group of zeros
+  has no advantage to learn from;
   segmentation: label-aware ``metrics.dice``; VQA: closed (options given) ``exact_match`` of the
   chosen option (by text or letter), open ``metrics.token_f1``.
 """
@@ -124,6 +128,14 @@ def _score_detection(completion: Any, target: Any, labels: Any) -> float:
     return _clip(metrics.detection_f1(pred.boxes(), pred.labels(), gt.boxes(), gt.labels()))
 
 
+def _score_detection_giou(completion: Any, target: Any, labels: Any) -> float:
+    gt = _target(target, lambda s: parse_detections(s), DetectionAnswer, "detection")
+    pred = _parse(Task.DETECTION, completion, labels)
+    if not isinstance(pred, DetectionAnswer):
+        return 0.0
+    return _clip(metrics.matched_giou(pred.boxes(), pred.labels(), gt.boxes(), gt.labels()))
+
+
 def _score_segmentation(completion: Any, target: Any, labels: Any) -> float:
     gt = _target(target, lambda s: parse_polygons(s), SegmentationAnswer, "segmentation")
     pred = _parse(Task.SEGMENTATION, completion, labels)
@@ -193,6 +205,22 @@ def detection_reward(
     ]
 
 
+def detection_giou_reward(
+    completions: Sequence[Any],
+    targets: Sequence[Any],
+    labels: Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """Mean (GIoU + 1) / 2 of the best same-label box matching, over the larger box count."""
+    n = len(completions)
+    _check_len(targets, n)
+    labs = _per_sample(labels, n, "labels")
+    return [
+        _score_detection_giou(c, t, lab)
+        for c, t, lab in zip(completions, targets, labs, strict=True)
+    ]
+
+
 def segmentation_reward(
     completions: Sequence[Any],
     targets: Sequence[Any],
@@ -235,7 +263,8 @@ def task_reward(
     options: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """Each sample scored by its task's reward (``tasks``: ``Task`` or proto enum values)."""
+    """Each sample scored by its task's reward (``tasks``: ``Task`` or proto enum values);
+    detection by the continuous ``detection_giou``."""
     n = len(completions)
     _check_len(targets, n)
     if len(tasks) != n:
@@ -248,7 +277,7 @@ def task_reward(
         if kind is Task.CLASSIFICATION:
             out.append(_score_classification(c, t, lab))
         elif kind is Task.DETECTION:
-            out.append(_score_detection(c, t, lab))
+            out.append(_score_detection_giou(c, t, lab))
         elif kind is Task.SEGMENTATION:
             out.append(_score_segmentation(c, t, lab))
         else:
@@ -260,6 +289,7 @@ REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "classification": classification_reward,
     "detection": detection_reward,
+    "detection_giou": detection_giou_reward,
     "segmentation": segmentation_reward,
     "vqa": vqa_reward,
     "task": task_reward,

@@ -173,7 +173,8 @@ class GrpoConfig(_Strict):
         min_length=1,
         description="Rewards summed into each completion's reward, by name in "
         "smartpath.training.rewards.REWARDS (task, format, classification, detection, "
-        "segmentation, vqa; unknown names are refused when the stage starts). 'format' weighs "
+        "detection_giou, segmentation, vqa; unknown names are refused when the stage starts). "
+        "'format' weighs "
         "format_weight, every other reward 1. The task reward is logged whether named or not.",
     )
     format_weight: float = Field(

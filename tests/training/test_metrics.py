@@ -15,6 +15,7 @@ from smartpath.model.grammar import Polygon, SegmentationAnswer, polygon_area
 from smartpath.training.metrics import (
     accuracy,
     average_precision,
+    box_giou,
     box_iou,
     detection_f1,
     dice,
@@ -23,6 +24,7 @@ from smartpath.training.metrics import (
     macro_f1,
     mask_iou,
     match_detections,
+    matched_giou,
     mean_average_precision,
     rasterize,
     rasterize_polygon,
@@ -120,6 +122,55 @@ def test_box_iou_matches_loop_reference():
     pb, _, gb, _ = random_case(rng, 12, 9)
     want = np.array([[ref_iou(p, g) for g in gb] for p in pb])
     np.testing.assert_allclose(box_iou(pb, gb), want, atol=1e-12)
+
+
+def ref_giou(a, b) -> float:
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ref_iou(a, b) - (hull - union) / hull
+
+
+def test_box_giou_known_values_and_loop_reference():
+    a = np.array([[0, 0, 10, 10]], dtype=float)
+    b = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [30, 0, 40, 10]], dtype=float)
+    # identical; touching (hull 200, union 200); 20 apart (hull 400, union 200)
+    np.testing.assert_allclose(box_giou(a, b)[0], [1.0, 0.0, -0.5])
+    rng = np.random.default_rng(1)
+    pb, _, gb, _ = random_case(rng, 10, 7)
+    want = np.array([[ref_giou(p, g) for g in gb] for p in pb])
+    np.testing.assert_allclose(box_giou(pb, gb), want, atol=1e-12)
+    assert ((box_giou(pb, gb) >= -1) & (box_giou(pb, gb) <= box_iou(pb, gb) + 1e-12)).all()
+
+
+def test_matched_giou_is_continuous_and_counts_boxes():
+    gt = [(100, 100, 200, 200)]
+    assert matched_giou(gt, ["t"], gt, ["t"]) == pytest.approx(1.0)
+    assert matched_giou([], [], [], []) == 1.0
+    assert matched_giou([], [], gt, ["t"]) == matched_giou(gt, ["t"], [], []) == 0.0
+    assert matched_giou(gt, ["s"], gt, ["t"]) == 0.0  # right place, wrong label
+    # Below IoU 0.5 (where F1@0.5 is 0 throughout) a box still earns more as it comes closer.
+    far, near = [(400, 400, 500, 500)], [(160, 160, 260, 260)]
+    assert box_iou(near, gt)[0, 0] < 0.5
+    assert 0 < matched_giou(far, ["t"], gt, ["t"]) < matched_giou(near, ["t"], gt, ["t"]) < 1
+    # An extra box halves the score of a perfect one; a missing one likewise.
+    two = [*gt, (700, 700, 800, 800)]
+    assert matched_giou(two, ["t", "t"], gt, ["t"]) == pytest.approx(0.5)
+    assert matched_giou(gt, ["t"], two, ["t", "s"]) == pytest.approx(0.5)
+
+
+def test_matched_giou_is_the_optimal_assignment():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        pb, pl, gb, gl = random_case(rng, 4, 3)
+        same = np.array(pl, dtype=object)[:, None] == np.array(gl, dtype=object)
+        score = np.where(same, (box_giou(pb, gb) + 1) / 2, 0.0)
+        best = max(
+            sum(score[i, j] for i, j in zip(perm, range(3), strict=False))
+            for perm in itertools.permutations(range(4), 3)
+        )
+        assert matched_giou(pb, pl, gb, gl) == pytest.approx(best / 4)
 
 
 def test_greedy_takes_highest_iou_pair_first():

@@ -23,6 +23,7 @@ from smartpath.training import metrics
 from smartpath.training.rewards import (
     REWARDS,
     classification_reward,
+    detection_giou_reward,
     detection_reward,
     format_reward,
     segmentation_reward,
@@ -120,6 +121,21 @@ def test_detection_reward_cases():
     assert detection_reward([done("[]")], [DET_GT]) == [0.0]
 
 
+def test_detection_giou_reward_climbs_where_f1_is_flat():
+    """Boxes walking towards the targets: F1@0.5 stays 0 until they overlap enough, the
+    continuous reward rises at every step; the task reward for detection is the latter."""
+    steps = [det_json(("tumour", (100 + d, 100 + d, 200 + d, 200 + d)), ("lymphocyte", BOX_B))
+             for d in (300, 200, 120, 60)]  # fmt: skip
+    comps = [done(c) for c in steps]
+    f1 = detection_reward(comps, [DET_GT] * 4, labels=LABELS)
+    giou = detection_giou_reward(comps, [DET_GT] * 4, labels=LABELS)
+    assert f1 == pytest.approx([0.5] * 4)  # only the lymphocyte box counts, at every step
+    assert giou == sorted(giou) and len(set(giou)) == 4 and giou[-1] < 1
+    assert detection_giou_reward([done(format_answer(DET_GT)), "junk"], [DET_GT] * 2) == [1.0, 0.0]
+    tasks = [Task.DETECTION] * 4
+    assert task_reward(comps, tasks, [DET_GT] * 4, labels=LABELS) == pytest.approx(giou)
+
+
 def test_detection_reward_reuses_metric():
     pred = DetectionAnswer((Detection("tumour", (110, 100, 205, 210)),))
     want = metrics.detection_f1(pred.boxes(), pred.labels(), DET_GT.boxes(), DET_GT.labels())
@@ -183,12 +199,15 @@ def test_task_reward_dispatches_per_sample():
     targets = ["tumour", DET_GT, SEG_GT, "no", "a cat sat down"]
     options = [None, None, None, OPTIONS, None]
     got = task_reward(comps, tasks, targets, options=options, unrelated=1)
-    assert got == pytest.approx([1.0, 2 / 3, 0.5, 1.0, 0.8])
-    assert got[1] == detection_reward([comps[1]], [DET_GT])[0]
+    # Detection by the continuous matched GIoU: one exact box of two targets scores 1/2.
+    assert got == pytest.approx([1.0, 0.5, 0.5, 1.0, 0.8])
+    assert got[1] == detection_giou_reward([comps[1]], [DET_GT])[0]
 
 
 def test_registry_and_bad_inputs():
-    assert set(REWARDS) == {"format", "classification", "detection", "segmentation", "vqa", "task"}
+    assert set(REWARDS) == {
+        "format", "classification", "detection", "detection_giou", "segmentation", "vqa", "task"
+    }  # fmt: skip
     assert REWARDS["format"] is format_reward
     with pytest.raises(ValueError, match="targets"):
         classification_reward([done("a")], [])
