@@ -19,6 +19,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from smartpath.core.config.training import SftConfig, TrainingConfig
@@ -30,6 +31,7 @@ from smartpath.training.engine import Stage, StepMetrics, register_stage, stage_
 from smartpath.training.objectives import sft_loss
 from smartpath.training.rollout import to_device
 from smartpath.training.sampling import ScaleBalancedSampler
+from smartpath.training.stain import augment_items
 
 __all__ = ["SftStage", "build_model", "main", "step_batch"]
 
@@ -56,7 +58,8 @@ def step_batch(
     batch_size: int,
     task_weights: dict[str, float] | None = None,
 ) -> list[Item]:
-    """The batch rank ``rank`` trains on at ``step``: a pure function, so resume is exact."""
+    """The batch rank ``rank`` trains on at ``step``, its ROIs stain-jittered
+    (``data.stain_jitter``): a pure function, so resume is exact."""
     sampler = ScaleBalancedSampler(
         [s.scale for s, _ in items],
         t.data.scale_weights,
@@ -66,7 +69,8 @@ def step_batch(
         task_weights=task_weights,
     )
     sampler.set_epoch(step)
-    return [items[i] for i in sampler]
+    rng = np.random.default_rng((t.seed, rank, step))
+    return augment_items([items[i] for i in sampler], rng, t.data.stain_jitter)
 
 
 @register_stage

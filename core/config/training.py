@@ -76,6 +76,14 @@ class DataConfig(_Strict):
     max_eval_per_task: int = Field(
         40, ge=1, description="Held-out samples evaluated per task/scale key."
     )
+    stain_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="HED stain augmentation of training ROIs (SFT batches and GRPO prompts): "
+        "each stain's concentration scaled by U(1-σ, 1+σ) and shifted by U(-σ, σ); 0 is off. "
+        "0.05 is Tellez et al.'s HED-light, 0.2 HED-strong.",
+    )
 
 
 class DistributedConfig(_Strict):

@@ -1,0 +1,100 @@
+"""Stain in optical density: deconvolution round trips, HED augmentation, re-staining as
+another lab, the re-stained held-out manifest, and jittered training batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smartpath.core.config.training import TrainingConfig
+from smartpath.model.grammar import Task
+from smartpath.training.data import load_items
+from smartpath.training.manifest import read_manifest
+from smartpath.training.sft import step_batch
+from smartpath.training.stain import (
+    LAB_B,
+    LAB_B_STRENGTH,
+    compose,
+    concentrations,
+    jitter_stains,
+    restain,
+    restain_manifest,
+)
+from smartpath.training.synthetic.dataset import generate_roi_dataset
+from smartpath.training.synthetic.roi import COMPACT, render_roi
+
+
+@pytest.fixture(scope="module")
+def roi() -> np.ndarray:
+    return render_roi(np.random.default_rng(5), "tumour", 224).image
+
+
+def test_deconvolution_round_trips(roi) -> None:
+    assert np.abs(compose(concentrations(roi)).astype(int) - roi).max() <= 1
+    conc = concentrations(roi)
+    # Nuclei are hematoxylin: the darkest-blue pixels carry far more H than the rest.
+    h = conc[..., 0]
+    assert h[roi[..., 2].astype(int) - roi[..., 0] > 40].mean() > 3 * h.mean()
+
+
+def test_jitter_is_seeded_small_and_keeps_the_tissue(roi) -> None:
+    assert jitter_stains(roi, np.random.default_rng(0), 0.0) is roi
+    a = jitter_stains(roi, np.random.default_rng(1), 0.1)
+    b = jitter_stains(roi, np.random.default_rng(1), 0.1)
+    assert np.array_equal(a, b) and not np.array_equal(a, roi)
+    assert 0 < np.abs(a.astype(int) - roi).mean() < 25
+    h0, h1 = concentrations(roi)[..., 0].ravel(), concentrations(a)[..., 0].ravel()
+    assert np.corrcoef(h0, h1)[0, 1] > 0.99  # a colour change, not a different image
+    with pytest.raises(ValueError, match="sigma"):
+        jitter_stains(roi, np.random.default_rng(0), -0.1)
+
+
+def test_restain_is_the_same_tissue_in_another_labs_stain(roi) -> None:
+    shifted = restain(roi)
+    assert np.abs(shifted.reshape(-1, 3).mean(0) - roi.reshape(-1, 3).mean(0)).max() > 10
+    # Read with the other lab's vectors, the stains are the original ones at its strengths.
+    # (Within the range a uint8 can hold: the darkest pixels saturate.)
+    want = concentrations(roi)
+    got = concentrations(shifted, LAB_B)
+    unsaturated = (shifted > 2).all(-1) & (shifted < 253).all(-1)
+    for stain, strength in enumerate(LAB_B_STRENGTH):
+        err = np.abs(got[..., stain] - strength * want[..., stain])[unsaturated]
+        assert np.median(err) < 0.02, (stain, np.median(err))
+
+
+def test_restained_manifest_is_a_held_out_set(tmp_path: Path) -> None:
+    manifest = generate_roi_dataset(
+        tmp_path / "plain", 4, seed=9, profile=COMPACT, splits=(0.5, 0, 0.5),
+        tasks=(Task.CLASSIFICATION, Task.DETECTION),
+    )  # fmt: skip
+    shifted = restain_manifest(manifest, tmp_path / "shifted", split="test")
+    plain = [s for s in read_manifest(str(manifest)) if s.split == "test"]
+    again = read_manifest(str(shifted))
+    assert [(s.id, s.target, s.task) for s in again] == [(s.id, s.target, s.task) for s in plain]
+    before = load_items([str(manifest)], "test")
+    after = load_items([str(shifted)], "test")
+    for (_, a), (_, b) in zip(before, after, strict=True):
+        assert np.array_equal(np.asarray(b), restain(np.asarray(a)[..., :3]))
+    with pytest.raises(ValueError, match="no ROI samples"):
+        restain_manifest(manifest, tmp_path / "none", split="val")
+
+
+def test_training_batches_are_jittered_and_reproducible(tmp_path: Path) -> None:
+    manifest = generate_roi_dataset(
+        tmp_path / "d", 3, seed=2, profile=COMPACT, splits=(1, 0, 0), tasks=(Task.CLASSIFICATION,)
+    )
+    items = load_items([str(manifest)], "train")
+    plain = TrainingConfig(data={"scale_weights": {"roi": 1.0, "wsi": 0.0}})
+    jittered = plain.model_copy(
+        update={"data": plain.data.model_copy(update={"stain_jitter": 0.1})}
+    )
+    a = step_batch(items, jittered, 0, 3, 4)
+    b = step_batch(items, jittered, 0, 3, 4)
+    base = step_batch(items, plain, 0, 3, 4)
+    assert [s.id for s, _ in a] == [s.id for s, _ in base]  # same samples drawn
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))  # resumable
+    assert not any(
+        np.array_equal(x, np.asarray(y)[..., :3]) for (_, x), (_, y) in zip(a, base, strict=True)
+    )
