@@ -96,6 +96,7 @@ import regex
 import torch
 
 from smartpath.model.answer_regex import completion_regex
+from smartpath.model.constrained import byte_decoder
 from smartpath.model.grammar import (
     Detection,
     DetectionAnswer,
@@ -159,20 +160,8 @@ class Tok:
         return b"".join(self.token_bytes[i] or b"" for i in ids).decode("utf-8", "replace")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level alphabet: character -> byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
 def make_tok(name: str, hf: Any, vocab: int) -> Tok:
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     added = hf.added_tokens_decoder
     token_bytes: list[bytes | None] = []
     special_text: dict[int, bytes] = {}

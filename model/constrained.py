@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 FREE_TEXT_SLICES = ["[^<]{1,16}", "[^<]+"]
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet (used by Qwen's and our own BPE): character -> byte."""
     bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     cs, n = bs[:], 0
@@ -63,7 +63,7 @@ class TokenTable:
     ) -> None:
         if vocab_size < len(tokenizer):
             raise ValueError(f"vocab_size {vocab_size} < the tokenizer's {len(tokenizer)} ids")
-        decoder = _byte_decoder()
+        decoder = byte_decoder()
         added = tokenizer.added_tokens_decoder
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.tokens: list[bytes] = []

@@ -120,20 +120,21 @@ def _score_classification(completion: Any, target: Any, labels: Any) -> float:
     return _clip(metrics.accuracy([gt.label], [pred.label]))
 
 
-def _score_detection(completion: Any, target: Any, labels: Any) -> float:
-    gt = _target(target, lambda s: parse_detections(s), DetectionAnswer, "detection")
-    pred = _parse(Task.DETECTION, completion, labels)
-    if not isinstance(pred, DetectionAnswer):
-        return 0.0
-    return _clip(metrics.detection_f1(pred.boxes(), pred.labels(), gt.boxes(), gt.labels()))
+def _boxes_scorer(metric: Callable[..., float]) -> Callable[[Any, Any, Any], float]:
+    """A detection score: ``metric(pred boxes, pred labels, target boxes, target labels)``."""
+
+    def score(completion: Any, target: Any, labels: Any) -> float:
+        gt = _target(target, lambda s: parse_detections(s), DetectionAnswer, "detection")
+        pred = _parse(Task.DETECTION, completion, labels)
+        if not isinstance(pred, DetectionAnswer):
+            return 0.0
+        return _clip(metric(pred.boxes(), pred.labels(), gt.boxes(), gt.labels()))
+
+    return score
 
 
-def _score_detection_giou(completion: Any, target: Any, labels: Any) -> float:
-    gt = _target(target, lambda s: parse_detections(s), DetectionAnswer, "detection")
-    pred = _parse(Task.DETECTION, completion, labels)
-    if not isinstance(pred, DetectionAnswer):
-        return 0.0
-    return _clip(metrics.matched_giou(pred.boxes(), pred.labels(), gt.boxes(), gt.labels()))
+_score_detection = _boxes_scorer(metrics.detection_f1)
+_score_detection_giou = _boxes_scorer(metrics.matched_giou)
 
 
 def _score_segmentation(completion: Any, target: Any, labels: Any) -> float:
@@ -174,6 +175,19 @@ def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     return [float(split_completion(completion_text(c)).well_formed) for c in completions]
 
 
+def _labelled(
+    score: Callable[[Any, Any, Any], float],
+    completions: Sequence[Any],
+    targets: Sequence[Any],
+    labels: Sequence[Any] | None,
+) -> list[float]:
+    """``score(completion, target, labels)`` of each sample."""
+    n = len(completions)
+    _check_len(targets, n)
+    labs = _per_sample(labels, n, "labels")
+    return [score(c, t, lab) for c, t, lab in zip(completions, targets, labs, strict=True)]
+
+
 def classification_reward(
     completions: Sequence[Any],
     targets: Sequence[Any],
@@ -181,13 +195,7 @@ def classification_reward(
     **kwargs: Any,
 ) -> list[float]:
     """1.0 iff the answer's label matches the target label (``labels`` constrain the answer)."""
-    n = len(completions)
-    _check_len(targets, n)
-    labs = _per_sample(labels, n, "labels")
-    return [
-        _score_classification(c, t, lab)
-        for c, t, lab in zip(completions, targets, labs, strict=True)
-    ]
+    return _labelled(_score_classification, completions, targets, labels)
 
 
 def detection_reward(
@@ -197,12 +205,7 @@ def detection_reward(
     **kwargs: Any,
 ) -> list[float]:
     """F1 of greedy same-label box matching at IoU 0.5 against the target boxes."""
-    n = len(completions)
-    _check_len(targets, n)
-    labs = _per_sample(labels, n, "labels")
-    return [
-        _score_detection(c, t, lab) for c, t, lab in zip(completions, targets, labs, strict=True)
-    ]
+    return _labelled(_score_detection, completions, targets, labels)
 
 
 def detection_giou_reward(
@@ -212,13 +215,7 @@ def detection_giou_reward(
     **kwargs: Any,
 ) -> list[float]:
     """Mean (GIoU + 1) / 2 of the best same-label box matching, over the larger box count."""
-    n = len(completions)
-    _check_len(targets, n)
-    labs = _per_sample(labels, n, "labels")
-    return [
-        _score_detection_giou(c, t, lab)
-        for c, t, lab in zip(completions, targets, labs, strict=True)
-    ]
+    return _labelled(_score_detection_giou, completions, targets, labels)
 
 
 def segmentation_reward(
@@ -228,12 +225,7 @@ def segmentation_reward(
     **kwargs: Any,
 ) -> list[float]:
     """Label-aware Dice of the answer's polygons against the target polygons."""
-    n = len(completions)
-    _check_len(targets, n)
-    labs = _per_sample(labels, n, "labels")
-    return [
-        _score_segmentation(c, t, lab) for c, t, lab in zip(completions, targets, labs, strict=True)
-    ]
+    return _labelled(_score_segmentation, completions, targets, labels)
 
 
 def vqa_reward(
