@@ -245,9 +245,10 @@ def draw_analysis(
         a = to_px(e.rect.x, e.rect.y)
         b = to_px(e.rect.x + e.rect.width, e.rect.y + e.rect.height)
         if a is not None and b is not None:
-            corner = (max(a[0], b[0] - 1), max(a[1], b[1] - 1))  # tiles abut, not overlap
+            # Whole pixels, each tile ending where the next begins: no overlaps, no gaps.
+            x0, y0, x1, y1 = (round(v) for v in (*a, *b))
             level = (e.weight - low) / span if span > 0 else 0.0
-            heat_draw.rectangle([*a, *corner], fill=heat_colour(level))
+            heat_draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], fill=heat_colour(level))
     tags: list[tuple[tuple[float, float], str, tuple[int, int, int]]] = []
     for d in analysis.detections:
         a, b = to_px(d.x1, d.y1), to_px(d.x2, d.y2)
