@@ -26,7 +26,9 @@ drift apart. Design decisions:
   ``f1_open`` token F1 over open ones; ``f1`` token F1 over all. ``em_closed``/``f1_open`` are
   omitted when there are no such samples.
 - **score** (the headline, used for "above chance" and stage comparisons) is the mean per-sample
-  task reward: classification ``accuracy``, detection ``f1@0.5``, segmentation ``dice``, VQA the
+  reward of the task's metric: classification ``accuracy``, detection ``f1@0.5`` (the
+  ``detection`` reward; GRPO's task reward for detection is the continuous GIoU score instead),
+  segmentation ``dice``, VQA the
   mean of exact match on closed samples and token F1 on open ones (so it equals ``em_closed`` on
   an all-closed set and ``f1_open`` on an all-open one). ``score_se`` is its standard error
   (sample std / √n; 0 for n = 1). ``HEADLINE`` names the metric per task.
@@ -38,7 +40,10 @@ drift apart. Design decisions:
   classification it is at least the eval majority-class accuracy among labels seen in train).
   Without train samples for a key, the eval samples' allowed ``labels``/``options`` (part of the
   prompt, not the answer) are the candidates; a key with no candidate at all (open VQA without
-  train data) has no baseline.
+  train data) has no baseline. VQA mixes closed and open questions, and one constant text for
+  both is a weak chance level, so its baseline answers each closed question with its option
+  most often right in train (a majority answer per option set, e.g. "no" for presence
+  questions) and every open one with the best constant on the open ones.
 - **predict** is greedy (temperature 0) and stops at ``<|im_end|>``; items are sorted by prompt
   token length before batching (less left padding), which encodes each prompt once more to
   measure it, and predictions come back in input order. Completions are decoded with special
@@ -67,6 +72,7 @@ from smartpath.model.grammar import (
     TextAnswer,
     Unparseable,
     format_completion,
+    label_key,
     parse_answer,
     parse_option,
     split_completion,
@@ -336,6 +342,11 @@ def constant_baseline(
     out: dict[str, dict[str, Any]] = {}
     for key, samples in _group(eval_samples).items():
         task = sample_task(samples[0])
+        if task is Task.VQA:
+            vqa = _vqa_baseline(key, train_by.get(key, []), samples, max_candidates, seed)
+            if vqa is not None:
+                out[key] = vqa
+            continue
         cands = _candidates(task, key, train_by.get(key, []), samples, max_candidates, seed)
         if not cands:
             continue
@@ -354,6 +365,40 @@ def constant_baseline(
         assert best is not None
         out[key] = {**best[0], "constant": best[1], "candidates": float(len(cands))}
     return out
+
+
+def _vqa_baseline(
+    key: str, train: Sequence[Sample], evals: Sequence[Sample], max_candidates: int, seed: int
+) -> dict[str, Any] | None:
+    """Closed questions answered with their option most often right in train (the first on
+    ties or without train data), open ones with the best constant text on the open ones."""
+    closed = [bool(_closed_choices(s)) for s in evals]
+    right = Counter(label_key(_vqa_ref(s, parse_target(s))) for s in train if _closed_choices(s))
+    open_train = [s for s in train if not _closed_choices(s)]
+    open_evals = [s for s, c in zip(evals, closed, strict=True) if not c]
+    best_open, cands = "", []
+    if open_evals:
+        cands = _candidates(Task.VQA, key, open_train, open_evals, max_candidates, seed)
+        if not cands:
+            return None  # open questions and nothing to answer them with
+        targets = [parse_target(s) for s in open_evals]
+
+        def open_score(cand: str) -> float:
+            completions = [format_completion("", cand)] * len(open_evals)
+            return _group_metrics(Task.VQA, open_evals, completions, targets)["score"]
+
+        best_open = max(cands, key=open_score)  # first on ties
+    answers = [
+        max(_closed_choices(s), key=lambda o: right[label_key(o)]) if c else best_open
+        for s, c in zip(evals, closed, strict=True)
+    ]
+    targets = [parse_target(s) for s in evals]
+    m = _group_metrics(Task.VQA, evals, [format_completion("", a) for a in answers], targets)
+    constant = best_open
+    if any(closed):
+        constant = "closed: the option most often right in train"
+        constant += f"; open: {best_open}" if open_evals else ""
+    return {**m, "constant": constant, "candidates": float(len(cands))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from smartpath.training.evaluate import (
     task_metrics,
 )
 from smartpath.training.manifest import RoiSample, WsiSample, sample_task
-from smartpath.training.rewards import task_reward
+from smartpath.training.rewards import detection_reward, task_reward
 
 CLASSES = ["tumour", "stroma", "necrosis"]
 NUCLEI = ["tumour nucleus", "lymphocyte"]
@@ -179,7 +179,10 @@ def test_vqa(all_metrics) -> None:
     assert "em_closed" not in only_open and only_open["score"] == only_open["f1_open"]
 
 
-def test_score_is_the_mean_task_reward(all_metrics) -> None:
+def test_score_is_the_mean_metric_reward(all_metrics) -> None:
+    """The headline score is the mean per-sample reward of the task's metric: the task reward,
+    except for detection, whose metric is the ``detection`` reward (F1@0.5) while GRPO's task
+    reward is the continuous GIoU score."""
     groups = {
         "classification/roi": classification_preds(),
         "detection/roi": detection_preds(),
@@ -187,13 +190,21 @@ def test_score_is_the_mean_task_reward(all_metrics) -> None:
         "vqa/roi": vqa_preds(),
     }
     for key, preds in groups.items():
-        rewards = task_reward(
-            [p.completion for p in preds],
-            tasks=[sample_task(p.sample) for p in preds],
-            targets=[p.sample.target for p in preds],
-            labels=[p.sample.labels for p in preds],
-            options=[p.sample.options for p in preds],
-        )
+        completions = [p.completion for p in preds]
+        targets = [p.sample.target for p in preds]
+        labels = [p.sample.labels for p in preds]
+        if key == "detection/roi":
+            rewards = detection_reward(completions, targets, labels=labels)
+            giou = task_reward(completions, [Task.DETECTION] * len(preds), targets, labels=labels)
+            assert giou != pytest.approx(rewards)  # the two really differ on these predictions
+        else:
+            rewards = task_reward(
+                completions,
+                tasks=[sample_task(p.sample) for p in preds],
+                targets=targets,
+                labels=labels,
+                options=[p.sample.options for p in preds],
+            )
         assert all_metrics[key]["score"] == pytest.approx(float(np.mean(rewards))), key
         assert [score_prediction(p) for p in preds] == pytest.approx(rewards), key
 
@@ -249,6 +260,32 @@ def test_baseline_empty_answer_and_fallbacks() -> None:
     assert base["classification/roi"]["constant"] == "necrosis"
     assert base["classification/roi"]["candidates"] == len(CLASSES)
     assert "vqa/roi" not in base
+
+
+def test_vqa_baseline_answers_closed_and_open_questions_apart() -> None:
+    """Closed questions get their option most often right in train, open ones the best
+    constant text: stronger than any one constant for all of them."""
+    yes_no, bins = ["yes", "no"], ["0-20", "21-60", "over 60"]
+    q = lambda i, t, opts, split: roi(i, "vqa", t, prompt="Q?", options=opts).model_copy(  # noqa: E731
+        update={"split": split}
+    )
+    train = [q(f"p{i}", t, yes_no, "train") for i, t in enumerate(["no"] * 5 + ["yes"] * 2)]
+    train += [q(f"c{i}", t, bins, "train") for i, t in enumerate(["21-60"] * 4 + ["0-20"])]
+    train += [roi(f"o{i}", "vqa", "crowded glands", prompt="Describe?") for i in range(3)]
+    evals = [q(f"e{i}", t, yes_no, "test") for i, t in enumerate(["no", "no", "yes"])]
+    evals += [q(f"f{i}", t, bins, "test") for i, t in enumerate(["21-60", "21-60", "over 60"])]
+    evals += [
+        roi("g1", "vqa", "crowded glands", prompt="Describe?").model_copy(update={"split": "test"})
+    ]
+    m = constant_baseline(train, evals)["vqa/roi"]
+    assert m["em_closed"] == pytest.approx(4 / 6) and m["f1_open"] == pytest.approx(1.0)
+    assert m["score"] == pytest.approx((4 + 1) / 7)
+    assert m["constant"] == "closed: the option most often right in train; open: crowded glands"
+    single = max(
+        task_metrics([Prediction(s, ok(c)) for s in evals])["vqa/roi"]["score"]
+        for c in ("no", "yes", "21-60", "0-20", "over 60", "crowded glands")
+    )
+    assert single <= 3 / 7 < m["score"]
 
 
 def test_baseline_caps_candidates_deterministically() -> None:
