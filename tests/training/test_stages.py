@@ -67,7 +67,7 @@ def test_grpo_refuses_an_unknown_reward_before_starting() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown reward\(s\) 'exact'; known rewards: "
-        r"classification, detection, format, segmentation, task, vqa",
+        r"classification, detection, detection_giou, format, segmentation, task, vqa",
     ):
         run_stage(config, "grpo")
 
