@@ -26,7 +26,7 @@ from smartpath.training.demo import (
     evaluate_model,
     expert_usage,
 )
-from smartpath.training.evaluate import predict
+from smartpath.training.evaluate import constant_baseline, predict, task_metrics
 from smartpath.training.synthetic.dataset import generate_roi_dataset
 from smartpath.training.synthetic.roi import COMPACT
 
@@ -114,4 +114,28 @@ def test_published_demo_model_and_its_report(items) -> None:
                      options=p.sample.options)
         for p in predictions
     ]  # fmt: skip
-    assert sum(not isinstance(a, Unparseable) for a in parsed) >= 0.75 * len(parsed)
+    assert not any(isinstance(a, Unparseable) for a in parsed)  # decoded within the grammar
+
+
+LIVE_ABOVE_CHANCE = ("classification/roi", "segmentation/roi", "vqa/roi")
+
+
+def test_the_published_model_beats_chance_on_fresh_rois(tmp_path: Path) -> None:
+    """Recomputed, not read from the report: the committed model on 60 fresh ROIs per task
+    (a seed no recipe uses), against the constant baseline fitted on 60 more. Every answer
+    parses; where the model claims more than chance it is more than 2 SE above it. Detection
+    (0.117 ± 0.042 against 0.067 when written) is not shown above chance here."""
+    manifest = generate_roi_dataset(
+        tmp_path, 120, seed=4242, profile=COMPACT, splits=(0.5, 0, 0.5), prompt_style=PROMPT_STYLE
+    )
+    train, test = (load_items([str(manifest)], split) for split in ("train", "test"))
+    model = SmartPathModel.load(DEMO_MODEL_DIR)
+    collator = Collator(model.cfg, model.tokenizer, model.slide_tokens)
+    scores = task_metrics(predict(model, collator, test, batch_size=16, max_new_tokens=160))
+    chance = constant_baseline([s for s, _ in train], [s for s, _ in test])
+    assert set(scores) == {"classification/roi", "detection/roi", "segmentation/roi", "vqa/roi"}
+    for key, m in scores.items():
+        assert m["n"] == 60 and m["parse_rate"] == 1.0, key
+    for key in LIVE_ABOVE_CHANCE:
+        margin = scores[key]["score"] - chance[key]["score"]
+        assert margin > 2 * scores[key]["score_se"], (key, scores[key], chance[key])
