@@ -178,8 +178,8 @@ def grammar_cost(args: argparse.Namespace, gen: torch.Generator) -> dict[str, ob
         best: dict[str, dict[str, float]] = {}
         for threads in args.threads:
             free_s, free = timed(threads, generate, model, prompts, routing, **kw)
-            batch = TimedGrammar([grammar.matcher(GRAMMARS[i % len(GRAMMARS)]) for i in range(c)],
-                                 QWEN_VOCAB)  # fmt: skip
+            matchers = [grammar.matcher(GRAMMARS[i % len(GRAMMARS)]) for i in range(c)]
+            batch = TimedGrammar(matchers, QWEN_VOCAB, grammar.executor)
             constrained_s, outs = timed(
                 threads, generate, model, prompts, routing, grammar=batch, **kw
             )

@@ -126,6 +126,7 @@ class GrammarTokenizer:
             llguidance.TokenizerWrapper(table),
             slices=llguidance.LLTokenizer.general_slices() + FREE_TEXT_SLICES,
         )
+        self.executor = llguidance.LLExecutor()  # the mask threads, shared by every batch
 
     def __getstate__(self) -> dict:
         # llguidance's tokenizer does not pickle: copies (a model's deepcopy, Ray) rebuild it.
@@ -142,15 +143,25 @@ class GrammarTokenizer:
             raise ValueError(f"cannot constrain {constraint}: {matcher.get_error()}")
         return matcher
 
+    def batch(self, constraints: Sequence[Constraint | None]) -> GrammarBatch:
+        """Fresh matchers for a batch's constraints (None: that request is unconstrained)."""
+        matchers = [None if c is None else self.matcher(c) for c in constraints]
+        return GrammarBatch(matchers, self.vocab_size, self.executor)
+
 
 class GrammarBatch:
     """The matchers of a decoding batch (None: that request is unconstrained): masks logits
     before sampling and follows the sampled tokens."""
 
-    def __init__(self, matchers: Sequence[llguidance.LLMatcher | None], vocab_size: int) -> None:
+    def __init__(
+        self,
+        matchers: Sequence[llguidance.LLMatcher | None],
+        vocab_size: int,
+        executor: llguidance.LLExecutor,
+    ) -> None:
         self.matchers = list(matchers)
         self.vocab_size = vocab_size
-        self._executor = llguidance.LLExecutor()
+        self._executor = executor
 
     def __bool__(self) -> bool:
         return any(m is not None for m in self.matchers)

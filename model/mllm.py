@@ -31,7 +31,7 @@ from smartpath.core.config.model import ModelConfig
 from smartpath.model.aggregator import SlideAggregator
 from smartpath.model.base import BasePart, fit_embeddings
 from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, save_checkpoint
-from smartpath.model.constrained import Constraint, GrammarBatch, GrammarTokenizer
+from smartpath.model.constrained import Constraint, GrammarTokenizer
 from smartpath.model.devices import resolve_device, resolve_dtype
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
 from smartpath.model.generation import generate_stream
@@ -401,12 +401,13 @@ class SmartPathModel(nn.Module):
             prefill_embeds=embeds,
             prefill_positions=positions,
             cancelled=cancelled,
-            grammar=self.grammar_batch(constraints) if constraints else None,
+            grammar=self.grammar.batch(constraints) if constraints else None,
         )
 
-    def grammar_batch(self, constraints: Sequence[Constraint | None]) -> GrammarBatch:
-        """Matchers for a batch's constraints over this model's vocabulary (the LM head's
-        rows), ending at ``<|im_end|>``."""
+    @property
+    def grammar(self) -> GrammarTokenizer:
+        """The tokenizer prepared for constrained decoding over this model's vocabulary (the
+        LM head's rows), ending at ``<|im_end|>``; built on first use (~0.2 s at 151k ids)."""
         if self._grammar is None:
             self._part("language")
             self._grammar = GrammarTokenizer(
@@ -414,8 +415,7 @@ class SmartPathModel(nn.Module):
                 self.base.get_output_embeddings().weight.shape[0],
                 token_ids(self.tokenizer, [IM_END])[IM_END],
             )
-        matchers = [None if c is None else self._grammar.matcher(c) for c in constraints]
-        return GrammarBatch(matchers, self._grammar.vocab_size)
+        return self._grammar
 
     def generate(self, batch: MultimodalBatch, **kwargs) -> list[list[int]]:
         """Every request's new tokens (see :meth:`generate_stream` for the arguments)."""

@@ -141,7 +141,11 @@ def _caller(self: Any, grpc_context: Any) -> str:
     return guard.caller(grpc_context) if guard is not None else ANONYMOUS
 
 
-def _audit(self: Any, name: str, request: Any, caller: str, code: grpc.StatusCode) -> None:
+def _outcome(self: Any, name: str, request: Any, caller: str, code: grpc.StatusCode) -> None:
+    """A call's end: its Prometheus count and its audit record."""
+    record = getattr(self, "record_rpc", None)
+    if record is not None:
+        record(name, code)
     guard = getattr(self, "guard", None)
     if guard is not None:
         guard.record(name, request, caller, code)
@@ -149,12 +153,6 @@ def _audit(self: Any, name: str, request: Any, caller: str, code: grpc.StatusCod
 
 class RpcFailed(Exception):
     """Ends a failed server stream after its status was set on the context."""
-
-
-def _record(servicer: Any, method: str, code: grpc.StatusCode) -> None:
-    record = getattr(servicer, "record_rpc", None)
-    if record is not None:
-        record(method, code)
 
 
 def _redact(details: str) -> str:
@@ -216,11 +214,9 @@ def unary(
                 # Returning (not raising) with the code set keeps Serve from logging a stack
                 # trace for every bad request; the proxy sends the code and details.
                 _report(grpc_context, e, fn.__name__)
-                _record(self, fn.__name__, grpc_context.code())
-                _audit(self, fn.__name__, request, caller, grpc_context.code())
+                _outcome(self, fn.__name__, request, caller, grpc_context.code())
                 return response_type()
-            _record(self, fn.__name__, grpc.StatusCode.OK)
-            _audit(self, fn.__name__, request, caller, grpc.StatusCode.OK)
+            _outcome(self, fn.__name__, request, caller, grpc.StatusCode.OK)
             return response
 
         return _named(method, fn)
@@ -242,13 +238,11 @@ def server_stream(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., Async
                 yield response
         except Exception as e:
             _report(grpc_context, e, fn.__name__, redact=True)
-            _record(self, fn.__name__, grpc_context.code())
-            _audit(self, fn.__name__, request, caller, grpc_context.code())
+            _outcome(self, fn.__name__, request, caller, grpc_context.code())
             # A stream that ends without yielding never carries the context back to the
             # proxy, so raise; the proxy prefers the details set on the context.
             raise RpcFailed(grpc_context.code().name) from None
-        _record(self, fn.__name__, grpc.StatusCode.OK)
-        _audit(self, fn.__name__, request, caller, grpc.StatusCode.OK)
+        _outcome(self, fn.__name__, request, caller, grpc.StatusCode.OK)
 
     return _named(method, fn)
 

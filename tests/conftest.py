@@ -38,6 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_process_env() -> dict[str, str]:
+    """The environment of a one-rank DeepSpeed process on CPU, on a free loopback port."""
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+
+
 @pytest.fixture(scope="session")
 def openslide_fixtures() -> Path:
     """Folder of OpenSlide's small test slides (../shared/fixtures/openslide)."""

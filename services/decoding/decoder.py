@@ -101,6 +101,7 @@ class BatchDecoder:
         self.max_pending = max_pending
         self.stats = stats or DecoderStats()
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
+        _ = model.grammar  # built at start-up, not on the first constrained request
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.hidden = model.hidden_size
         self.num_experts = int(model.cfg.experts.num_experts)

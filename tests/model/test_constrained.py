@@ -14,7 +14,7 @@ from smartpath.core.config.model import ModelConfig
 from smartpath.model.answer_regex import completion_regex
 from smartpath.model.base import base_from_config
 from smartpath.model.checkpoint import DEMO_MODEL_DIR, TOKENIZER_DIR
-from smartpath.model.constrained import Constraint, GrammarBatch, GrammarTokenizer
+from smartpath.model.constrained import Constraint, GrammarTokenizer
 from smartpath.model.generation import generate
 from smartpath.model.grammar import (
     Detection,
@@ -111,7 +111,7 @@ def tokenizers(qwen_tokenizer_dir) -> dict[str, tuple[object, GrammarTokenizer]]
 def _walk(tok, grammar: GrammarTokenizer, constraint: Constraint, text: str) -> list[int]:
     """Teacher-force ``text`` and the stop token; the allowed-token count at every step."""
     ids = [*tok.encode(text, add_special_tokens=False), grammar.stop_token_id]
-    batch = GrammarBatch([grammar.matcher(constraint)], grammar.vocab_size)
+    batch = grammar.batch([constraint])
     counts = []
     for i, token in enumerate(ids):
         logits = torch.zeros(1, grammar.vocab_size)
@@ -140,7 +140,7 @@ def test_masks_allow_every_canonical_token_and_stop_only_at_the_end(tokenizers, 
 def test_masks_refuse_a_label_outside_the_list(tokenizers, name) -> None:
     tok, grammar = tokenizers[name]
     constraint = Constraint(Task.CLASSIFICATION, ("tumour", "stroma"))
-    batch = GrammarBatch([grammar.matcher(constraint)], grammar.vocab_size)
+    batch = grammar.batch([constraint])
     for token in tok.encode("<think></think><answer>", add_special_tokens=False):
         batch.advance([token])
     logits = torch.zeros(1, grammar.vocab_size)
@@ -154,7 +154,7 @@ def test_unconstrained_rows_and_row_selection() -> None:
     tok = load_tokenizer(DEMO_MODEL_DIR / TOKENIZER_DIR)
     grammar = GrammarTokenizer(tok, 1024, tok.convert_tokens_to_ids(IM_END))
     constraint = Constraint(Task.CLASSIFICATION, ("tumour", "stroma"))
-    batch = GrammarBatch([None, grammar.matcher(constraint)], grammar.vocab_size)
+    batch = grammar.batch([None, constraint])
     logits = torch.randn(2, 1024)
     before = logits.clone()
     batch.mask_(logits)
@@ -182,7 +182,7 @@ def test_a_random_model_answers_every_task_within_its_grammar() -> None:
         tok.encode(f"Question {i}:", add_special_tokens=False) for i in range(len(constraints))
     ]
     for temperature in (0.0, 1.0):
-        batch = GrammarBatch([grammar.matcher(c) for c in constraints], grammar.vocab_size)
+        batch = grammar.batch(constraints)
         outputs = generate(
             base, prompts, max_new_tokens=160, temperature=temperature, seed=3,
             eos_token_id=stop, grammar=batch,

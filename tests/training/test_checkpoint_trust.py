@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from smartpath.training.checkpoint_trust import (
     write_manifest,
 )
 from smartpath.training.engine import CHECKPOINT_TAG, DeepSpeedRun
-from tests.conftest import free_port
+from tests.conftest import deepspeed_process_env
 
 MODEL_STATES = f"{CHECKPOINT_TAG}/mp_rank_00_model_states.pt"
 OPTIM_STATES = f"{CHECKPOINT_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -338,15 +337,7 @@ print(json.dumps(result))
 
 
 def test_real_deepspeed_checkpoint_is_verified_and_loaded_weights_only(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
+    env = deepspeed_process_env()
     done = subprocess.run(
         [sys.executable, "-c", DEEPSPEED_SCRIPT, str(tmp_path)],
         env=env,

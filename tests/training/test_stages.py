@@ -6,7 +6,6 @@ only (no Ray needed; DeepSpeed runs in a subprocess)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from smartpath.training.objectives import sft_loss
 from smartpath.training.rollout import completion_logprobs
 from smartpath.training.sft import SftStage
 from smartpath.training.synthetic.dataset import generate_roi_dataset
-from tests.conftest import free_port
+from tests.conftest import deepspeed_process_env
 from tests.model.tiny import randomise_experts
 
 
@@ -261,15 +260,7 @@ print(json.dumps({
 
 
 def test_deepspeed_bf16_run_trains_only_the_trainable_parameters(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
+    env = deepspeed_process_env()
     done = subprocess.run(
         [sys.executable, "-c", DEEPSPEED_SCRIPT],
         env=env,
