@@ -289,13 +289,18 @@ class DeepSpeedRun:
 
     def restore(self) -> tuple[int, list[dict[str, float]]]:
         """(first step to run, history so far) from Ray Train's latest checkpoint, if any."""
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return 0, []
-        with checkpoint.as_directory() as folder:
-            return self.load(folder)
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            return self.load(checkpoint.path)
+        # One download per rank: ranks sharing Ray's per-node temporary folder race
+        # (one may delete it while another still waits on its lock).
+        with tempfile.TemporaryDirectory(prefix="smartpath-restore-") as folder:
+            return self.load(checkpoint.to_directory(folder))
 
     def load(self, folder: str | Path) -> tuple[int, list[dict[str, float]]]:
         """Verify the checkpoint in ``folder`` against its sha256 manifest (CheckpointIntegrityError
