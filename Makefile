@@ -51,7 +51,7 @@ bench-training: $(STAMP)
 bench-serving: $(STAMP)
 	$(BIN)/python bench/serving.py
 
-## demo-model: reproduce the bundled demo model and reports/demo (about 20 minutes on 2 cores)
+## demo-model: reproduce the bundled demo model and reports/demo (about 35 minutes on 2 cores)
 demo-model: $(STAMP)
 	$(BIN)/smartpath train demo --publish
 

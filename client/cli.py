@@ -320,10 +320,11 @@ def cmd_train_demo(args: argparse.Namespace, config: SmartPathConfig) -> int:
     _setup_environment()
     from smartpath.training.demo import REPORT_DIR, reproduce_demo
 
-    steps = {"sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps}
+    recipe = {"sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps, "seed": args.seed}
     summary = reproduce_demo(
         Path(args.out),
-        **{k: v for k, v in steps.items() if v is not None},
+        **{k: v for k, v in recipe.items() if v is not None},
+        train=not args.report_only,
         publish=args.publish,
         report_dir=REPORT_DIR if args.publish else None,
     )
@@ -479,8 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_model.add_argument("--out", default="out/demo-model", help="data, runs and report")
     demo_model.add_argument("--sft-steps", type=int, help="default: the recipe's")
     demo_model.add_argument("--grpo-steps", type=int, help="default: the recipe's")
+    demo_model.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     demo_model.add_argument(
         "--publish", action="store_true", help="install as the default model; report to reports/"
+    )
+    demo_model.add_argument(
+        "--report-only", action="store_true", help="evaluate and report the runs under --out"
     )
     demo_model.set_defaults(func=cmd_train_demo)
     submit = train_sub.add_parser("submit", help="create a RayJob for SFT or GRPO")

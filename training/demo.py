@@ -18,12 +18,23 @@ Design decisions:
   segmentation drawn 8x as often (they need thousands of samples to leave their plateau).
   Without that first phase ROI classification stays at chance; at lr 3e-3 instead of 1e-3 the
   model often never learns to see.
+- Stain: every training ROI is shown in a random staining (``data.stain_jitter``: HED jitter
+  plus a tilt of the stain vectors, ``training.stain``), and the training slides are featurised
+  again in ``WSI_STAIN_COPIES`` random stainings (slides are featurised once, so their
+  augmentation is extra copies of their features).
+- GRPO draws 2 prompts per worker and step with 8 samples each (groups large enough that the
+  continuous GIoU and Dice rewards differ within a group), for ``GRPO_STEPS`` steps, rollouts
+  decoded within each task's answer grammar.
 - Both stages run through the same Ray Train + DeepSpeed entry points as a cluster job, on two
-  workers of one CPU each. Evaluation runs in the driver: greedy decoding on the held-out
-  ``test`` split, per-task metrics against the best constant answer (the chance level), the
-  learnt expert assignment per task/scale, and the report (JSON, markdown, plots).
+  workers of one CPU each. Evaluation runs in the driver: greedy decoding within the answer
+  grammar on two held-out sets of 80 samples per task, the ``test`` split as generated and the
+  same samples as another lab would stain them (``stain.LAB_B_STAINING``, never drawn in
+  training); per-task metrics against the best constant answer (the chance level); GRPO against
+  SFT by the paired difference on the same samples; the learnt expert assignment per task and
+  scale; and the report (JSON, markdown, plots).
 - ``publish`` copies the GRPO model into the package (``smartpath/model/demo``, where serving
-  looks by default) and the report into ``reports/demo``.
+  looks by default) and the report into ``reports/demo``. ``train=False`` (``--report-only``)
+  re-evaluates the runs already trained.
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
@@ -49,10 +62,21 @@ from smartpath.model.prompts import PromptStyle
 from smartpath.training.collate import Collator
 from smartpath.training.data import Item, item_key, load_items
 from smartpath.training.engine import read_history, run_stage
-from smartpath.training.evaluate import constant_baseline, predict, task_metrics
+from smartpath.training.evaluate import (
+    constant_baseline,
+    paired_difference,
+    predict,
+    task_metrics,
+)
 from smartpath.training.features import featurize_manifest
 from smartpath.training.manifest import load_roi_image, read_manifest
-from smartpath.training.report import write_report
+from smartpath.training.report import HeldOut, write_report
+from smartpath.training.stain import (
+    LAB_B_STAINING,
+    featurize_stained,
+    random_staining,
+    restain_manifest,
+)
 from smartpath.training.synthetic.dataset import (
     generate_roi_dataset,
     generate_wsi_dataset,
@@ -75,13 +99,29 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
 
 ROI_PER_TASK = 500
-WSI_SLIDES = 200
-WSI_SPLITS = (0.6, 0.1, 0.3)
-SFT_STEPS = 3000
+ROI_SPLITS = (0.8, 0.04, 0.16)  # 400 train, 80 held out per task
+WSI_SLIDES = 270
+WSI_SPLITS = (0.6, 0.1, 0.3)  # 162 train, 81 held out
+EVAL_PER_TASK = 80
+STAIN_JITTER = 0.3  # training ROIs' random staining (stain.random_staining's σ)
+WSI_STAIN_COPIES = 4  # training slides featurised again in this many random stainings
+SFT_STEPS = 6000
 CURRICULUM_STEPS = 600
-GRPO_STEPS = 40
+GRPO_STEPS = 600
+GRPO_PROMPTS, GRPO_GROUP = 2, 8  # per worker and step: prompts, samples per prompt
 SEED = 0
 PROMPT_STYLE: PromptStyle = "compact"
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's manifests: what SFT and GRPO train on, and the two held-out sets (the same
+    samples, plain and in another lab's stain)."""
+
+    train: list[str]  # ROIs, slide features, the training slides' stain-jittered features
+    held_out: list[str]  # ROIs and slide features
+    stain_shifted: list[str]  # the held-out ROIs and slides re-stained as LAB_B would
+    generated_s: float  # how long generating the data took (when it was generated)
 
 
 def generate_demo_data(
@@ -91,47 +131,72 @@ def generate_demo_data(
     wsi_slides: int,
     seed: int,
     prompt_style: PromptStyle = PROMPT_STYLE,
-) -> list[str]:
-    """Write (or reuse) the demo's ROI and featurised WSI manifests under ``root``."""
+) -> DemoData:
+    """Write (or reuse, when made with the same settings) the demo's ROI and featurised WSI
+    manifests under ``root``."""
+    tic = time.perf_counter()
     roi_dir, wsi_dir = root / "roi", root / "wsi"
     stamp = root / "data.json"
     spec = {
         "roi_per_task": roi_per_task,
+        "roi_splits": list(ROI_SPLITS),
         "roi_profile": dataclasses.asdict(COMPACT),
         "wsi_slides": wsi_slides,
         "wsi_splits": list(WSI_SPLITS),
+        "wsi_stain_copies": WSI_STAIN_COPIES,
+        "stain_jitter": STAIN_JITTER,
         "prompt_style": prompt_style,
         "seed": seed,
     }
-    if stamp.exists() and json.loads(stamp.read_text()) == spec:
-        return [str(roi_dir / "roi.jsonl"), str(wsi_dir / "wsi.features.jsonl")]
-    roi = generate_roi_dataset(
+    roi, shifted_roi = roi_dir / "roi.jsonl", root / "roi-lab-b" / "roi.jsonl"
+    features = wsi_dir / "wsi.features.jsonl"
+    jittered, shifted_wsi = wsi_dir / "wsi.stain-jittered.jsonl", wsi_dir / "wsi.lab-b.jsonl"
+    manifests = {
+        "train": [str(roi), str(features), str(jittered)],
+        "held_out": [str(roi), str(features)],
+        "stain_shifted": [str(shifted_roi), str(shifted_wsi)],
+    }
+    made = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if made.get("spec") == spec:
+        return DemoData(**manifests, generated_s=made["generated_s"])
+    generate_roi_dataset(
         roi_dir,
         roi_per_task,
         seed,
+        ROI_SPLITS,
         profile=COMPACT,
         progress=True,
         workers=2,
         prompt_style=prompt_style,
     )
+    restain_manifest(roi, shifted_roi.parent, split="test")
     wsi = generate_wsi_dataset(
         wsi_dir, wsi_slides, seed, splits=WSI_SPLITS, progress=True, prompt_style=prompt_style
     )
-    features = featurize_manifest(wsi, progress=True)
-    stamp.write_text(json.dumps(spec))
-    return [str(roi), str(features)]
+    featurize_manifest(wsi, progress=True)
+    rng = np.random.default_rng([seed, 0x57A1])
+    copies = [  # named by their draw: the feature cache never serves another σ's copy
+        (f"jitter{STAIN_JITTER:g}-{seed}-{k}", random_staining(rng, STAIN_JITTER))
+        for k in range(WSI_STAIN_COPIES)
+    ]
+    featurize_stained(wsi, copies, jittered, split="train")
+    featurize_stained(wsi, [("lab-b", LAB_B_STAINING)], shifted_wsi, split="test")
+    generated_s = time.perf_counter() - tic
+    stamp.write_text(json.dumps({"spec": spec, "generated_s": generated_s}))
+    return DemoData(**manifests, generated_s=generated_s)
 
 
 def demo_config(
-    root: Path, manifests: Sequence[str], *, sft_steps: int, grpo_steps: int
+    root: Path, manifests: Sequence[str], *, sft_steps: int, grpo_steps: int, seed: int = SEED
 ) -> SmartPathConfig:
-    """The demo's SmartPath config: local storage under ``root``, 2 CPU workers."""
+    """The demo's SmartPath config: local storage under ``root``, 2 CPU workers, training
+    seeded with ``seed``."""
     return load_config(
         storage=StorageConfig(local_root=root / "storage"),
         training={
             "name": "demo",
             "run_root": str(root / "runs"),
-            "seed": SEED,
+            "seed": seed,
             "model": {
                 "preset": "tiny",
                 "image_positions": True,
@@ -146,7 +211,8 @@ def demo_config(
                 "manifests": list(manifests),
                 "scale_weights": {"roi": 0.8, "wsi": 0.2},
                 "task_weights": {"detection": 8.0, "segmentation": 8.0},
-                "max_eval_per_task": 40,
+                "max_eval_per_task": EVAL_PER_TASK,
+                "stain_jitter": STAIN_JITTER,
             },
             "sft": {
                 "steps": sft_steps,
@@ -163,8 +229,8 @@ def demo_config(
             },
             "grpo": {
                 "steps": grpo_steps,
-                "prompts_per_step": 4,
-                "group_size": 4,
+                "prompts_per_step": GRPO_PROMPTS,
+                "group_size": GRPO_GROUP,
                 "max_new_tokens": 160,
                 "temperature": 1.0,
                 "kl_beta": 0.04,
@@ -218,6 +284,22 @@ def _examples(predictions: Sequence[Any], per_key: int = 2) -> list[Any]:
     return out
 
 
+def _evaluate_stages(
+    uris: dict[str, str], items: Sequence[Item], store: ObjectStore, max_new_tokens: int
+) -> tuple[dict[str, Any], dict[str, list], dict[str, Any], dict[str, Any]]:
+    """(metrics, predictions, expert usage, paired difference with the stage before) per stage."""
+    metrics, predictions, usage, paired = {}, {}, {}, {}
+    previous = None
+    for stage, uri in uris.items():
+        metrics[stage], predictions[stage], usage[stage] = evaluate_model(
+            uri, items, store, max_new_tokens=max_new_tokens
+        )
+        if previous is not None:
+            paired[stage] = paired_difference(predictions[previous], predictions[stage])
+        previous = stage
+    return metrics, predictions, usage, paired
+
+
 def reproduce_demo(
     root: Path,
     *,
@@ -225,47 +307,57 @@ def reproduce_demo(
     wsi_slides: int = WSI_SLIDES,
     sft_steps: int = SFT_STEPS,
     grpo_steps: int = GRPO_STEPS,
+    seed: int = SEED,
+    train: bool = True,
     publish: bool = False,
     report_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the whole recipe; return the summary written to ``report.json``."""
-    timings: dict[str, float] = {}
-    tic = time.perf_counter()
-    manifests = generate_demo_data(
+    """Run the whole recipe (``train=False``: evaluate and report the runs already under
+    ``root``); return the summary written to ``report.json``. ``seed`` seeds training (model
+    init, sampling, rollouts); the data and held-out sets are always :data:`SEED`'s."""
+    data = generate_demo_data(
         root / "data", roi_per_task=roi_per_task, wsi_slides=wsi_slides, seed=SEED
     )
-    timings["data_s"] = time.perf_counter() - tic
-    config = demo_config(root, manifests, sft_steps=sft_steps, grpo_steps=grpo_steps)
+    config = demo_config(root, data.train, sft_steps=sft_steps, grpo_steps=grpo_steps, seed=seed)
     t = config.training
     store = make_store(config.storage)
-    for stage in ("sft", "grpo"):
-        tic = time.perf_counter()
-        shutil.rmtree(Path(t.stage_dir(stage)), ignore_errors=True)  # a fresh run, no resume
-        result = run_stage(config, stage)
-        if result.error is not None:
-            raise RuntimeError(f"{stage} failed: {result.error}")
-        timings[f"{stage}_s"] = time.perf_counter() - tic
+    timings_file = Path(t.run_dir()) / "timings.json"
+    if train:
+        timings = {}
+        for stage in ("sft", "grpo"):
+            tic = time.perf_counter()
+            shutil.rmtree(Path(t.stage_dir(stage)), ignore_errors=True)  # a fresh run
+            result = run_stage(config, stage)
+            if result.error is not None:
+                raise RuntimeError(f"{stage} failed: {result.error}")
+            timings[f"{stage}_s"] = time.perf_counter() - tic
+        timings_file.write_text(json.dumps(timings))
+    elif timings_file.is_file():
+        timings = json.loads(timings_file.read_text())
+    else:
+        raise FileNotFoundError(f"no trained demo runs under {root}: run without train=False")
+    timings = {"data_s": data.generated_s, **{k: v for k, v in timings.items() if k != "data_s"}}
 
     tic = time.perf_counter()
-    eval_items = load_items(
-        t.data.manifests, t.data.eval_split, max_per_key=t.data.max_eval_per_task, seed=SEED
+    uris = {stage: t.model_uri(stage) for stage in ("sft", "grpo")}
+    budget = t.eval_max_new_tokens
+    eval_items = load_items(data.held_out, t.data.eval_split, max_per_key=EVAL_PER_TASK, seed=SEED)
+    shifted_items = load_items(
+        data.stain_shifted, t.data.eval_split, max_per_key=EVAL_PER_TASK, seed=SEED
     )
-    train_samples = [s for m in t.data.manifests for s in read_manifest(m)]
+    train_samples = [s for m in data.held_out for s in read_manifest(m)]
     train_samples = [s for s in train_samples if s.split == t.data.train_split]
     baseline = constant_baseline(train_samples, [s for s, _ in eval_items], seed=SEED)
-    stages, usage, predictions = {}, {}, {}
-    for stage in ("sft", "grpo"):
-        stages[stage], predictions[stage], usage[stage] = evaluate_model(
-            t.model_uri(stage), eval_items, store, max_new_tokens=t.eval_max_new_tokens
-        )
+    stages, predictions, usage, paired = _evaluate_stages(uris, eval_items, store, budget)
+    shifted, _, _, shifted_paired = _evaluate_stages(uris, shifted_items, store, budget)
     timings["eval_s"] = time.perf_counter() - tic
-    history = {s: read_history(t.stage_dir(s), store) for s in ("sft", "grpo")}
-    roi_manifest = manifests[0]
+    history = {s: read_history(t.stage_dir(s), store) for s in uris}
     extra = {
         "recipe": "smartpath train demo",
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(sum(timings.values()), 1),
         "data": {"roi_per_task": roi_per_task, "wsi_slides": wsi_slides, "seed": SEED},
+        "training_seed": seed,
         "eval_samples": len(eval_items),
         "train_samples": len(train_samples),
         "expert_usage": usage,
@@ -274,12 +366,14 @@ def reproduce_demo(
     out = report_dir or (root / "report")
     write_report(
         out,
-        title="SmartPath demo model (tiny, synthetic data): SFT → GRPO",
+        title="SmartPath demo model (synthetic data): SFT → GRPO",
         stages=stages,
         baseline=baseline,
         history=history,
+        paired=paired,
+        held_out=[HeldOut("stain-shifted (another lab's H&E)", shifted, shifted_paired)],
         examples=_examples(predictions["grpo"]),
-        image_loader=lambda s: load_roi_image(s, roi_manifest),
+        image_loader=lambda s: load_roi_image(s, data.held_out[0]),
         extra=extra,
     )
     metrics = {
@@ -290,6 +384,6 @@ def reproduce_demo(
         if isinstance(value, int | float)
     }
     if publish:
-        model = SmartPathModel.load(t.model_uri("grpo"), store)
+        model = SmartPathModel.load(uris["grpo"], store)
         model.save(DEMO_MODEL_DIR, metrics=metrics, overwrite=True)
     return {"report": str(out), "stages": stages, "baseline": baseline, **extra}

@@ -99,6 +99,7 @@ __all__ = [
     "HEADLINE",
     "Prediction",
     "constant_baseline",
+    "paired_difference",
     "predict",
     "sample_key",
     "score_prediction",
@@ -207,8 +208,9 @@ def _group_metrics(
     completions: Sequence[str],
     targets: Sequence[Answer],
     gt_masks: list[dict[str, np.ndarray]] | None = None,
-) -> dict[str, float]:
-    """Metrics of samples sharing one task (``targets`` are their parsed targets)."""
+) -> tuple[dict[str, float], list[float]]:
+    """(metrics, per-sample headline scores) of samples sharing one task (``targets`` are their
+    parsed targets)."""
     n = len(samples)
     answers = [_parse(task, s, c) for s, c in zip(samples, completions, strict=True)]
     out: dict[str, float] = {
@@ -270,7 +272,7 @@ def _group_metrics(
             out["f1_open"] = _mean([f for f, c in zip(f1, closed, strict=True) if not c])
     out["score"] = _mean(per)
     out["score_se"] = _se(per)
-    return out
+    return out, per
 
 
 def _group(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
@@ -280,17 +282,39 @@ def _group(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     return dict(sorted(groups.items()))
 
 
-def task_metrics(predictions: Iterable[Prediction]) -> dict[str, dict[str, float]]:
-    """Metrics per ``task/scale`` key (see the module docstring for the definitions)."""
+def _by_key(
+    predictions: Iterable[Prediction],
+) -> dict[str, tuple[list[Prediction], tuple[dict[str, float], list[float]]]]:
     by_key: dict[str, list[Prediction]] = {}
     for p in predictions:
         by_key.setdefault(sample_key(p.sample), []).append(p)
-    out: dict[str, dict[str, float]] = {}
+    out = {}
     for key, preds in sorted(by_key.items()):
         samples = [p.sample for p in preds]
         targets = [parse_target(s) for s in samples]
         task = sample_task(samples[0])
-        out[key] = _group_metrics(task, samples, [p.completion for p in preds], targets)
+        out[key] = preds, _group_metrics(task, samples, [p.completion for p in preds], targets)
+    return out
+
+
+def task_metrics(predictions: Iterable[Prediction]) -> dict[str, dict[str, float]]:
+    """Metrics per ``task/scale`` key (see the module docstring for the definitions)."""
+    return {key: scored[0] for key, (_, scored) in _by_key(predictions).items()}
+
+
+def paired_difference(
+    before: Sequence[Prediction], after: Sequence[Prediction]
+) -> dict[str, dict[str, float]]:
+    """Per ``task/scale`` key, how much ``after`` beats ``before`` on the same samples: the mean
+    per-sample headline difference (``delta``), its standard error (``se``, of the paired
+    differences: tighter than the unpaired bound when both answer alike) and ``n``."""
+    if [p.sample.id for p in before] != [p.sample.id for p in after]:
+        raise ValueError("paired_difference needs predictions of the same samples, in order")
+    a, b = _by_key(before), _by_key(after)
+    out = {}
+    for key in a:
+        diff = np.asarray(b[key][1][1]) - np.asarray(a[key][1][1])
+        out[key] = {"delta": _mean(diff), "se": _se(diff), "n": float(len(diff))}
     return out
 
 
@@ -359,7 +383,7 @@ def constant_baseline(
         best: tuple[dict[str, float], str] | None = None
         for cand in cands:
             completion = format_completion("", cand)
-            m = _group_metrics(task, samples, [completion] * len(samples), targets, gt_masks)
+            m, _ = _group_metrics(task, samples, [completion] * len(samples), targets, gt_masks)
             if best is None or m["score"] > best[0]["score"]:
                 best = (m, cand)
         assert best is not None
@@ -385,7 +409,7 @@ def _vqa_baseline(
 
         def open_score(cand: str) -> float:
             completions = [format_completion("", cand)] * len(open_evals)
-            return _group_metrics(Task.VQA, open_evals, completions, targets)["score"]
+            return _group_metrics(Task.VQA, open_evals, completions, targets)[0]["score"]
 
         best_open = max(cands, key=open_score)  # first on ties
     answers = [
@@ -393,7 +417,7 @@ def _vqa_baseline(
         for s, c in zip(evals, closed, strict=True)
     ]
     targets = [parse_target(s) for s in evals]
-    m = _group_metrics(Task.VQA, evals, [format_completion("", a) for a in answers], targets)
+    m, _ = _group_metrics(Task.VQA, evals, [format_completion("", a) for a in answers], targets)
     constant = best_open
     if any(closed):
         constant = "closed: the option most often right in train"

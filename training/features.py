@@ -207,9 +207,11 @@ def featurize_manifest(
     tile_size: int = DEFAULT_TILE_SIZE,
     min_tissue: float = DEFAULT_MIN_TISSUE,
     out_dir: str | Path | None = None,
+    out_manifest: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Featurise every distinct slide of a local manifest; return ``<stem>.features.jsonl``.
+    """Featurise every distinct slide of a local manifest; return the new manifest
+    (``out_manifest``, default ``<stem>.features.jsonl`` beside the input).
 
     Feature files go to ``out_dir`` (default ``<manifest folder>/features``) and are reused
     when their cache key (slide name, size, mtime; encoder, mpp, tile size, min tissue) matches.
@@ -265,12 +267,16 @@ def featurize_manifest(
                 save_features(dest, feats)
     log.info("featurised %d slides (%d from cache)", len(slides), len(slides) - len(todo))
 
+    result = (
+        Path(out_manifest).expanduser().absolute()
+        if out_manifest is not None
+        else base / f"{manifest_path.stem}.features.jsonl"
+    )
     rewritten: list[RoiSample | WsiSample] = []
     for sample in samples:
         if sample.id in feature_of:
-            rel = Path(os.path.relpath(feature_of[sample.id], base)).as_posix()
+            rel = Path(os.path.relpath(feature_of[sample.id], result.parent)).as_posix()
             sample = sample.model_copy(update={"slide": None, "features": rel})
         rewritten.append(sample)
-    result = base / f"{manifest_path.stem}.features.jsonl"
     write_manifest(rewritten, result)
     return result

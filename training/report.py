@@ -11,9 +11,13 @@ Design decisions:
   chance* on a task iff its score beats the constant baseline's; the verdict is ``yes`` when the
   margin exceeds 2 SE, ``marginal`` when it is positive but within 2 SE, ``no`` otherwise. Each
   stage is compared with the stage before it (so ``grpo`` with ``sft``): ``improved``/``worse``
-  when the change exceeds 2·√(SE₁² + SE₂²) (an unpaired, hence conservative, bound), ``within
-  noise`` otherwise. The baseline is the best constant chosen *on the eval set*, so it is an
-  optimistic chance level.
+  when the change exceeds 2 SE of the difference, ``within noise`` otherwise. That SE is the
+  paired one (of the per-sample differences on the same samples) when the caller passes it,
+  else the unpaired, conservative √(SE₁² + SE₂²). The baseline is the best constant chosen *on
+  the eval set*, so it is an optimistic chance level.
+- **Other held-out sets** (:class:`HeldOut`, e.g. the same samples in another lab's stain) get
+  a summary table and scores plot of their own, against the same baseline (a constant answer
+  does not depend on the pixels).
 - **report.json** holds everything (inputs, verdicts, example scores, plot paths) with NaN/inf
   written as ``null`` (strict JSON); ``extra`` values that JSON cannot hold are written as text.
 - **Plots** are drawn with matplotlib's Agg canvas on ``Figure`` objects (no ``pyplot``, so no
@@ -34,7 +38,7 @@ import re
 import textwrap
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +62,23 @@ from smartpath.model.grammar import (
 from smartpath.training.evaluate import HEADLINE, Prediction, sample_key, score_prediction
 from smartpath.training.manifest import RoiSample, parse_target, sample_task
 
-__all__ = ["write_report"]
+__all__ = ["HeldOut", "write_report"]
 
 Metrics = Mapping[str, Mapping[str, Any]]
+Paired = Mapping[str, Mapping[str, Mapping[str, float]]]
+"""Per stage, per task: its paired difference with the stage before it (``delta``, ``se``,
+``n``; :func:`smartpath.training.evaluate.paired_difference`)."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Another held-out set's results (e.g. stain-shifted): metrics and paired differences per
+    stage, reported in a summary of their own against the same baseline."""
+
+    name: str
+    stages: Mapping[str, Metrics]
+    paired: Paired = field(default_factory=dict)
+
 
 GT_COLOUR = "#1a9641"
 PRED_COLOUR = "#d7191c"
@@ -162,9 +180,13 @@ def _change_verdict(delta: float, se: float) -> str:
 
 
 def _comparison(
-    keys: Sequence[str], stages: Mapping[str, Metrics], baseline: Metrics
+    keys: Sequence[str],
+    stages: Mapping[str, Metrics],
+    baseline: Metrics,
+    paired: Paired | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per task: headline, baseline score, and per stage the score and verdicts."""
+    """Per task: headline, baseline score, and per stage the score and verdicts (a stage's change
+    judged by the paired SE when ``paired`` has it, else by the unpaired bound)."""
     out: dict[str, dict[str, Any]] = {}
     for key in keys:
         base, _ = _score(baseline, key)
@@ -181,12 +203,17 @@ def _comparison(
                 st["above_chance"] = diff > _EPS
                 st["above_chance_verdict"] = _chance_verdict(diff, se)
             if prev is not None:
-                delta = score - prev[1]
+                delta, change_se = score - prev[1], math.hypot(se, prev[2])
+                pair = ((paired or {}).get(name) or {}).get(key)
+                if pair is not None:
+                    delta, change_se = pair["delta"], pair["se"]
                 st["vs_previous"] = {
                     "stage": prev[0],
                     "delta": delta,
+                    "se": change_se,
+                    "paired": pair is not None,
                     "improved": delta > _EPS,
-                    "verdict": _change_verdict(delta, math.hypot(se, prev[2])),
+                    "verdict": _change_verdict(delta, change_se),
                 }
             entry["stages"][name] = st
             prev = (name, score, se)
@@ -534,7 +561,8 @@ def _summary_md(
         for a, b in pairs:
             vs = st.get(b, {}).get("vs_previous")
             if vs is not None and vs["stage"] == a:
-                row.append(f"{vs['verdict']} ({vs['delta']:+.3f})")
+                how = "paired " if vs.get("paired") else ""
+                row.append(f"{vs['verdict']} ({vs['delta']:+.3f} ± {how}{vs['se']:.3f})")
             else:
                 row.append("–")
         lines.append("| " + " | ".join(row) + " |")
@@ -584,11 +612,16 @@ def write_report(
     stages: Mapping[str, Metrics],
     baseline: Metrics,
     history: Mapping[str, Sequence[Mapping[str, Any]]],
+    paired: Paired | None = None,
+    held_out: Sequence[HeldOut] = (),
     examples: Sequence[Prediction] | None = None,
     image_loader: Callable[[RoiSample], np.ndarray] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` under ``out_dir``.
+
+    ``stages`` are the main held-out set's metrics (``paired``: their paired differences);
+    ``held_out`` adds other sets, each with its summary table and scores plot.
 
     Returns the written files keyed by their path relative to ``out_dir`` (e.g.
     ``"plots/scores.png"``).
@@ -596,7 +629,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = sorted({*baseline, *(k for m in stages.values() for k in m)})
-    comparison = _comparison(keys, stages, baseline)
+    comparison = _comparison(keys, stages, baseline, paired)
     written: dict[str, Path] = {}
 
     def rel(path: Path) -> str:
@@ -605,6 +638,20 @@ def write_report(
     scores_png = _scores_plot(keys, stages, baseline, out / "plots" / "scores.png")
     if scores_png is not None:
         written[rel(scores_png)] = scores_png
+    others: list[dict[str, Any]] = []
+    for other in held_out:
+        path = out / "plots" / f"scores_{_safe_name(other.name)}.png"
+        png = _scores_plot(keys, other.stages, baseline, path)
+        if png is not None:
+            written[rel(png)] = png
+        others.append(
+            {
+                "name": other.name,
+                "stages": other.stages,
+                "comparison": _comparison(keys, other.stages, baseline, other.paired),
+                "plot": None if png is None else rel(png),
+            }
+        )
     history_pngs: dict[str, str] = {}
     for stage, rows in history.items():
         if rows:
@@ -639,6 +686,7 @@ def write_report(
         "baseline": baseline,
         "stages": stages,
         "comparison": comparison,
+        "held_out": others,
         "history": history,
         "examples": example_rows,
         "plots": sorted(written),
@@ -662,6 +710,11 @@ def write_report(
     md += [_summary_md(comparison, stages, baseline) if keys else "No tasks evaluated.", ""]
     if scores_png is not None:
         md += [f"![headline scores]({rel(scores_png)})", ""]
+    for other in others:
+        md += [f"## Held-out set: {other['name']}", ""]
+        md += [_summary_md(other["comparison"], other["stages"], baseline) if keys else "", ""]
+        if other["plot"] is not None:
+            md += [f"![headline scores, {other['name']}]({other['plot']})", ""]
     if keys:
         md += ["## Metrics per task", ""]
         for key in keys:

@@ -17,7 +17,9 @@ from smartpath.training.evaluate import (
     EMPTY_ANSWER,
     Prediction,
     constant_baseline,
+    paired_difference,
     predict,
+    sample_key,
     score_prediction,
     task_metrics,
 )
@@ -207,6 +209,23 @@ def test_score_is_the_mean_metric_reward(all_metrics) -> None:
             )
         assert all_metrics[key]["score"] == pytest.approx(float(np.mean(rewards))), key
         assert [score_prediction(p) for p in preds] == pytest.approx(rewards), key
+
+
+def test_paired_difference_is_the_mean_per_sample_gain_with_its_se() -> None:
+    before = classification_preds() + segmentation_preds()
+    after = [Prediction(p.sample, ok(p.sample.target)) for p in before]  # every answer right
+    paired = paired_difference(before, after)
+    for key in ("classification/roi", "segmentation/roi"):
+        group = [p for p in before if sample_key(p.sample) == key]
+        gains = [1.0 - score_prediction(p) for p in group]
+        assert paired[key]["n"] == len(group)
+        assert paired[key]["delta"] == pytest.approx(float(np.mean(gains)))
+        assert paired[key]["se"] == pytest.approx(np.std(gains, ddof=1) / math.sqrt(len(gains)))
+    assert paired_difference(before, before)["segmentation/roi"] == {
+        "delta": 0.0, "se": 0.0, "n": float(len(segmentation_preds()))
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="same samples"):
+        paired_difference(before, after[::-1])
 
 
 def test_perfect_predictions_score_one() -> None:

@@ -19,9 +19,14 @@ from smartpath.model.grammar import (
     parse_detections,
     parse_polygons,
 )
-from smartpath.training.evaluate import Prediction, constant_baseline, task_metrics
+from smartpath.training.evaluate import (
+    Prediction,
+    constant_baseline,
+    paired_difference,
+    task_metrics,
+)
 from smartpath.training.manifest import RoiSample
-from smartpath.training.report import write_report
+from smartpath.training.report import HeldOut, write_report
 from smartpath.training.synthetic.roi import make_roi_sample
 
 
@@ -127,6 +132,7 @@ def run() -> dict[str, Any]:
         "stages": {"sft": task_metrics(sft), "grpo": task_metrics(grpo)},
         "history": {"sft": sft_hist, "grpo": grpo_hist},
         "examples": [grpo[0], sft[4], grpo[6], sft[9], grpo[10]],
+        "predictions": {"sft": sft, "grpo": grpo, "weak": preds(0.0)},
     }
 
 
@@ -190,6 +196,10 @@ def test_verdicts(report, run) -> None:
         assert grpo["above_chance"] == (grpo["score"] > base)
         assert grpo["vs_previous"]["stage"] == "sft"
         assert grpo["vs_previous"]["delta"] == pytest.approx(grpo["score"] - sft["score"])
+        assert not grpo["vs_previous"]["paired"]  # no paired differences given: the unpaired SE
+        assert grpo["vs_previous"]["se"] == pytest.approx(
+            math.hypot(grpo["score_se"], sft["score_se"])
+        )
         assert entry["grpo_improved_on_sft"] == (grpo["score"] > sft["score"])
         assert "vs_previous" not in sft
     # GRPO's predictions are perfect: it beats SFT and chance everywhere
@@ -197,6 +207,38 @@ def test_verdicts(report, run) -> None:
     assert all(e["stages"]["grpo"]["above_chance"] for e in comp.values())
     assert comp["classification/roi"]["headline"] == "accuracy"
     assert comp["detection/roi"]["headline"] == "f1@0.5"
+
+
+def test_paired_verdicts_and_another_held_out_set(run, tmp_path: Path) -> None:
+    """GRPO vs SFT is judged by the paired SE when given; a second held-out set (GRPO as weak as
+    the weak predictions there) gets its own comparison, table and plot."""
+    p = run["predictions"]
+    paired = {"grpo": paired_difference(p["sft"], p["grpo"])}
+    shifted = HeldOut(
+        "stain-shifted",
+        {"sft": task_metrics(p["sft"]), "grpo": task_metrics(p["weak"])},
+        {"grpo": paired_difference(p["sft"], p["weak"])},
+    )
+    written = write_report(
+        tmp_path, title="Paired", stages=run["stages"], baseline=run["baseline"],
+        history={}, paired=paired, held_out=[shifted],
+    )  # fmt: skip
+    data = json.loads((tmp_path / "report.json").read_text())
+    for key, vs in ((k, e["stages"]["grpo"]["vs_previous"]) for k, e in data["comparison"].items()):
+        assert vs["paired"] and vs["se"] == pytest.approx(paired["grpo"][key]["se"])
+        assert vs["delta"] == pytest.approx(paired["grpo"][key]["delta"])
+    [other] = data["held_out"]
+    assert other["name"] == "stain-shifted" and other["plot"] in written
+    for key, entry in other["comparison"].items():
+        vs, pair = entry["stages"]["grpo"]["vs_previous"], shifted.paired["grpo"][key]
+        assert entry["stages"]["grpo"]["score"] == pytest.approx(
+            shifted.stages["grpo"][key]["score"]
+        )
+        assert vs["delta"] == pytest.approx(pair["delta"])
+        worse, better = vs["delta"] < -2 * pair["se"], vs["delta"] > 2 * pair["se"]
+        assert vs["verdict"] == ("worse" if worse else "improved" if better else "within noise")
+    md = (tmp_path / "report.md").read_text()
+    assert "## Held-out set: stain-shifted" in md and "± paired" in md
 
 
 def test_markdown(report, run) -> None:

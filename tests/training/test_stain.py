@@ -10,15 +10,19 @@ import pytest
 
 from smartpath.core.config.training import TrainingConfig
 from smartpath.model.grammar import Task
+from smartpath.model.tile_encoder import make_tile_encoder
 from smartpath.training.data import load_items
 from smartpath.training.manifest import read_manifest
 from smartpath.training.sft import step_batch
 from smartpath.training.stain import (
+    HED,
     LAB_B,
-    LAB_B_STRENGTH,
+    LAB_B_STAINING,
+    RestainedEncoder,
     compose,
     concentrations,
     jitter_stains,
+    random_staining,
     restain,
     restain_manifest,
 )
@@ -59,9 +63,40 @@ def test_restain_is_the_same_tissue_in_another_labs_stain(roi) -> None:
     want = concentrations(roi)
     got = concentrations(shifted, LAB_B)
     unsaturated = (shifted > 2).all(-1) & (shifted < 253).all(-1)
-    for stain, strength in enumerate(LAB_B_STRENGTH):
+    for stain, strength in enumerate(LAB_B_STAINING.scale[:2]):
         err = np.abs(got[..., stain] - strength * want[..., stain])[unsaturated]
         assert np.median(err) < 0.02, (stain, np.median(err))
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(a @ b, -1, 1))))
+
+
+def test_random_stainings_tilt_hue_and_cover_the_held_out_lab() -> None:
+    rng = np.random.default_rng(0)
+    draws = [random_staining(rng, 0.3) for _ in range(400)]
+    for d in draws:
+        assert np.allclose(np.linalg.norm(d.stains, axis=1), 1.0) and (d.stains >= 0).all()
+        assert np.allclose(d.stains[2], HED[2])  # the residual channel stays
+    tilt_h = np.array([_angle(d.stains[0], HED[0]) for d in draws])
+    tilt_e = np.array([_angle(d.stains[1], HED[1]) for d in draws])
+    assert 5 < np.median(tilt_h) < 20 and 5 < np.median(tilt_e) < 20
+    # The held-out lab is never drawn, but training's range reaches its hue and strengths.
+    assert (tilt_h > _angle(LAB_B[0], HED[0])).mean() > 0.1
+    assert (tilt_e > _angle(LAB_B[1], HED[1])).mean() > 0.01
+    scale = np.array([d.scale for d in draws])
+    assert scale[:, 0].max() > 1.25 and scale[:, 1].min() < 0.75
+    assert random_staining(np.random.default_rng(0), 0.0).scale.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_restained_encoder_encodes_the_restained_tiles(roi) -> None:
+    plain = make_tile_encoder("stain-stats-v1")
+    encoder = RestainedEncoder(plain, LAB_B_STAINING, "lab-b")
+    tiles = np.stack([roi[:96, :96], roi[96:192, 96:192]])
+    want = plain.encode(np.stack([restain(t) for t in tiles]))
+    assert np.allclose(encoder.encode(tiles), want)
+    assert not np.allclose(want, plain.encode(tiles))
+    assert encoder.name != plain.name and encoder.dim == plain.dim
 
 
 def test_restained_manifest_is_a_held_out_set(tmp_path: Path) -> None:
