@@ -35,8 +35,8 @@ from smartpath.training.manifest import RoiSample, WsiSample, read_manifest, wri
 # Rows: hematoxylin, eosin, DAB OD vectors (scikit-image's rgb_from_hed, Ruifrok & Johnston).
 HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 HED /= np.linalg.norm(HED, axis=1, keepdims=True)
-# Another lab: a bluer hematoxylin (11.6° from HED's) and a more orange eosin (19.3°), as
-# Macenko-style estimates of a different protocol give ...
+# Another lab's stain vectors: a bluer hematoxylin (11.6° from HED's) and a more orange eosin
+# (19.3°), as Macenko-style estimates of a different protocol give (LAB_B_STAINING below).
 LAB_B = np.array([[0.50, 0.76, 0.41], [0.03, 0.90, 0.43], [0.27, 0.57, 0.78]], dtype=np.float64)
 LAB_B /= np.linalg.norm(LAB_B, axis=1, keepdims=True)
 
@@ -77,8 +77,8 @@ class Staining:
 def random_staining(rng: np.random.Generator, sigma: float) -> Staining:
     """A random staining around :data:`HED`: each stain's concentration times ``U(1-σ, 1+σ)``
     plus ``U(-σ, σ)`` (Tellez et al.'s HED jitter), and the H and E vectors tilted by
-    ``N(0, σ/2)`` per component (about 12° at σ = 0.3), since labs differ in hue as well as in
-    strength."""
+    ``N(0, σ/2)`` per component (median tilt 10° and 7° at σ = 0.3), since labs differ in hue as
+    well as in strength."""
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     stains = HED.copy()
@@ -96,7 +96,8 @@ def jitter_stains(rgb: np.ndarray, rng: np.random.Generator, sigma: float) -> np
     return rgb if sigma == 0 else staining.apply(rgb)
 
 
-# ... and a stronger hematoxylin (x1.35) and a weaker eosin (x0.7).
+# The stain-shifted held-out sets' lab (never drawn in training): LAB_B's vectors with a
+# stronger hematoxylin (x1.35) and a weaker eosin (x0.7).
 LAB_B_STAINING = Staining(LAB_B, np.array([1.35, 0.7, 1.0]), np.zeros(3))
 
 
