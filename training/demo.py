@@ -262,15 +262,23 @@ def expert_usage(model: SmartPathModel, collator: Collator, items: Sequence[Item
 
 
 def evaluate_model(
-    model_uri: str, items: Sequence[Item], store: ObjectStore, *, max_new_tokens: int
-) -> tuple[dict[str, dict[str, float]], list, dict[str, list[float]]]:
-    """(per-task metrics, predictions, expert usage) of a checkpoint on ``items``."""
+    model_uri: str,
+    item_sets: Sequence[Sequence[Item]],
+    store: ObjectStore,
+    *,
+    max_new_tokens: int,
+) -> tuple[list[tuple[dict[str, dict[str, float]], list]], dict[str, list[float]]]:
+    """A checkpoint, loaded once, on each set of items: ((per-task metrics, predictions) per
+    set, expert usage on the first set)."""
     model = SmartPathModel.load(model_uri, store)
     collator = Collator(model.cfg, model.tokenizer, model.slide_tokens)
-    predictions = predict(
-        model, collator, items, batch_size=16, max_new_tokens=max_new_tokens, progress=True
-    )
-    return task_metrics(predictions), predictions, expert_usage(model, collator, items)
+    results = []
+    for items in item_sets:
+        predictions = predict(
+            model, collator, items, batch_size=16, max_new_tokens=max_new_tokens, progress=True
+        )
+        results.append((task_metrics(predictions), predictions))
+    return results, expert_usage(model, collator, item_sets[0])
 
 
 def _examples(predictions: Sequence[Any], per_key: int = 2) -> list[Any]:
@@ -285,19 +293,26 @@ def _examples(predictions: Sequence[Any], per_key: int = 2) -> list[Any]:
 
 
 def _evaluate_stages(
-    uris: dict[str, str], items: Sequence[Item], store: ObjectStore, max_new_tokens: int
-) -> tuple[dict[str, Any], dict[str, list], dict[str, Any], dict[str, Any]]:
-    """(metrics, predictions, expert usage, paired difference with the stage before) per stage."""
-    metrics, predictions, usage, paired = {}, {}, {}, {}
+    uris: dict[str, str],
+    item_sets: Sequence[Sequence[Item]],
+    store: ObjectStore,
+    max_new_tokens: int,
+) -> tuple[list[tuple[dict[str, Any], dict[str, list], dict[str, Any]]], dict[str, Any]]:
+    """Per set of items: (metrics, predictions, paired difference with the stage before) per
+    stage; and each stage's expert usage on the first set."""
+    per_set: list[tuple[dict[str, Any], dict[str, list], dict[str, Any]]] = [
+        ({}, {}, {}) for _ in item_sets
+    ]
+    usage: dict[str, Any] = {}
     previous = None
     for stage, uri in uris.items():
-        metrics[stage], predictions[stage], usage[stage] = evaluate_model(
-            uri, items, store, max_new_tokens=max_new_tokens
-        )
-        if previous is not None:
-            paired[stage] = paired_difference(predictions[previous], predictions[stage])
+        results, usage[stage] = evaluate_model(uri, item_sets, store, max_new_tokens=max_new_tokens)
+        for (metrics, predictions, paired), (m, p) in zip(per_set, results, strict=True):
+            metrics[stage], predictions[stage] = m, p
+            if previous is not None:
+                paired[stage] = paired_difference(predictions[previous], p)
         previous = stage
-    return metrics, predictions, usage, paired
+    return per_set, usage
 
 
 def reproduce_demo(
@@ -348,8 +363,9 @@ def reproduce_demo(
     train_samples = [s for m in data.held_out for s in read_manifest(m)]
     train_samples = [s for s in train_samples if s.split == t.data.train_split]
     baseline = constant_baseline(train_samples, [s for s, _ in eval_items], seed=SEED)
-    stages, predictions, usage, paired = _evaluate_stages(uris, eval_items, store, budget)
-    shifted, _, _, shifted_paired = _evaluate_stages(uris, shifted_items, store, budget)
+    (plain, shifted), usage = _evaluate_stages(uris, [eval_items, shifted_items], store, budget)
+    stages, predictions, paired = plain
+    shifted_stages, _, shifted_paired = shifted
     timings["eval_s"] = time.perf_counter() - tic
     history = {s: read_history(t.stage_dir(s), store) for s in uris}
     extra = {
@@ -371,7 +387,7 @@ def reproduce_demo(
         baseline=baseline,
         history=history,
         paired=paired,
-        held_out=[HeldOut("stain-shifted (another lab's H&E)", shifted, shifted_paired)],
+        held_out=[HeldOut("stain-shifted (another lab's H&E)", shifted_stages, shifted_paired)],
         examples=_examples(predictions["grpo"]),
         image_loader=lambda s: load_roi_image(s, data.held_out[0]),
         extra=extra,

@@ -282,9 +282,8 @@ def _group(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     return dict(sorted(groups.items()))
 
 
-def _by_key(
-    predictions: Iterable[Prediction],
-) -> dict[str, tuple[list[Prediction], tuple[dict[str, float], list[float]]]]:
+def _scored(predictions: Iterable[Prediction]) -> dict[str, tuple[dict[str, float], list[float]]]:
+    """(metrics, per-sample headline scores in input order) per ``task/scale`` key."""
     by_key: dict[str, list[Prediction]] = {}
     for p in predictions:
         by_key.setdefault(sample_key(p.sample), []).append(p)
@@ -293,13 +292,13 @@ def _by_key(
         samples = [p.sample for p in preds]
         targets = [parse_target(s) for s in samples]
         task = sample_task(samples[0])
-        out[key] = preds, _group_metrics(task, samples, [p.completion for p in preds], targets)
+        out[key] = _group_metrics(task, samples, [p.completion for p in preds], targets)
     return out
 
 
 def task_metrics(predictions: Iterable[Prediction]) -> dict[str, dict[str, float]]:
     """Metrics per ``task/scale`` key (see the module docstring for the definitions)."""
-    return {key: scored[0] for key, (_, scored) in _by_key(predictions).items()}
+    return {key: metrics for key, (metrics, _) in _scored(predictions).items()}
 
 
 def paired_difference(
@@ -310,10 +309,10 @@ def paired_difference(
     differences: tighter than the unpaired bound when both answer alike) and ``n``."""
     if [p.sample.id for p in before] != [p.sample.id for p in after]:
         raise ValueError("paired_difference needs predictions of the same samples, in order")
-    a, b = _by_key(before), _by_key(after)
+    a, b = _scored(before), _scored(after)
     out = {}
-    for key in a:
-        diff = np.asarray(b[key][1][1]) - np.asarray(a[key][1][1])
+    for key, (_, scores) in a.items():
+        diff = np.asarray(b[key][1]) - np.asarray(scores)
         out[key] = {"delta": _mean(diff), "se": _se(diff), "n": float(len(diff))}
     return out
 

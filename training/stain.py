@@ -188,18 +188,20 @@ def featurize_stained(
     subset = manifest.with_name(f"{manifest.stem}.{split}.jsonl")  # beside it: refs stay valid
     write_manifest(samples, subset)
     out: list[RoiSample | WsiSample] = []
-    for name, staining in stainings:
-        featured = featurize_manifest(
-            subset,
-            encoder=RestainedEncoder(base, staining, name),
-            out_manifest=Path(out_manifest).with_suffix(f".{name}.jsonl"),
-            progress=progress,
-        )
-        renamed = read_manifest(str(featured))
-        if len(stainings) > 1:
-            renamed = [s.model_copy(update={"id": f"{s.id}~{name}"}) for s in renamed]
-        out += renamed
-        featured.unlink()
-    subset.unlink()
+    try:
+        for name, staining in stainings:
+            featured = featurize_manifest(
+                subset,
+                encoder=RestainedEncoder(base, staining, name),
+                out_manifest=Path(out_manifest).with_suffix(f".{name}.jsonl"),
+                progress=progress,
+            )
+            renamed = read_manifest(str(featured))
+            if len(stainings) > 1:
+                renamed = [s.model_copy(update={"id": f"{s.id}~{name}"}) for s in renamed]
+            out += renamed
+            featured.unlink()
+    finally:
+        subset.unlink()
     write_manifest(out, out_manifest)
     return Path(out_manifest)

@@ -65,8 +65,8 @@ def test_evaluate_model_and_expert_usage(items, tmp_path: Path) -> None:
     model = SmartPathModel(cfg, base, tokenizer)
     model.save(tmp_path / "m")
     store = make_store(StorageConfig(local_root=tmp_path / "storage"))
-    metrics, predictions, usage = evaluate_model(
-        str(tmp_path / "m"), items, store, max_new_tokens=8
+    [(metrics, predictions)], usage = evaluate_model(
+        str(tmp_path / "m"), [items], store, max_new_tokens=8
     )
     assert set(metrics) == {"classification/roi", "detection/roi", "segmentation/roi", "vqa/roi"}
     assert all(m["n"] == 4 for m in metrics.values())
