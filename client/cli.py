@@ -337,6 +337,7 @@ def cmd_train_submit(args: argparse.Namespace, config: SmartPathConfig) -> int:
         PodResources,
         RayJobSpec,
         build_rayjob,
+        job_name,
         submit_rayjob,
         to_yaml,
         validate_rayjob,
@@ -344,7 +345,7 @@ def cmd_train_submit(args: argparse.Namespace, config: SmartPathConfig) -> int:
 
     fields = {
         "kind": args.kind,
-        "name": args.name or f"smartpath-{args.kind}",
+        "name": args.name or job_name("smartpath", args.kind, config.training.name),
         "namespace": args.namespace,
         "image": args.image,
         "workers": args.workers,
@@ -491,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = train_sub.add_parser("submit", help="create a RayJob for SFT or GRPO")
     submit.add_argument("kind", choices=["sft", "grpo"])
     submit.add_argument("--image", required=True, help="image holding smartpath")
-    submit.add_argument("--name", help="RayJob name (default smartpath-<kind>)")
+    submit.add_argument(
+        "--name", help="RayJob name (default smartpath-<kind>-<training.name>: one RayJob per run)"
+    )
     submit.add_argument("--namespace", default="default")
     submit.add_argument("--workers", type=int, default=2)
     submit.add_argument("--cpus", default="2", help="CPUs per worker (a Kubernetes quantity)")

@@ -52,6 +52,7 @@ _QUANTITY = re.compile(
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _ENTRY_MODULE = {"sft": "smartpath.training.sft", "grpo": "smartpath.training.grpo"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 def cut_name(name: str, limit: int = RAYJOB_NAME_MAX) -> str:
@@ -60,6 +61,17 @@ def cut_name(name: str, limit: int = RAYJOB_NAME_MAX) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
     return f"{name[: limit - 7].rstrip('-')}-{digest}"
+
+
+def run_slug(run: str) -> str:
+    """A run name (``training.name``) as a DNS label part: dots and underscores become dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
+
+
+def job_name(prefix: str, kind: str, run: str) -> str:
+    """``<prefix>-<kind>-<run>``, cut to a RayJob name: one RayJob per run, since KubeRay never
+    re-runs a finished RayJob (the chart's ``smartpath.rayJobName`` builds the same name)."""
+    return cut_name(f"{prefix}-{kind}-{run_slug(run)}")
 
 
 def _quantity(value: str | int | float) -> str:
@@ -203,23 +215,23 @@ def _pod_template(
             {"name": "dashboard", "containerPort": 8265},
             {"name": "client", "containerPort": 10001},
         ]
-    return {
-        "metadata": {"labels": dict(labels)},
-        "spec": {
-            "containers": [ctr],
-            "volumes": [
-                {
-                    "name": "smartpath-config",
-                    "configMap": {
-                        "name": spec.config_map,
-                        "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
-                    },
+    pod: dict[str, Any] = {
+        "containers": [ctr],
+        "volumes": [
+            {
+                "name": "smartpath-config",
+                "configMap": {
+                    "name": spec.config_map,
+                    "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
                 },
-                # Ray's object store and NCCL use /dev/shm; the container default is 64 MiB.
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            ],
-        },
+            },
+            # Ray's object store and NCCL use /dev/shm; the container default is 64 MiB.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
     }
+    if res.gpus > 0:  # GPU nodes are usually tainted so that only GPU pods land there
+        pod["tolerations"] = [GPU_TOLERATION]
+    return {"metadata": {"labels": dict(labels)}, "spec": pod}
 
 
 def build_rayjob(spec: RayJobSpec) -> dict[str, Any]:
@@ -239,9 +251,9 @@ def build_rayjob(spec: RayJobSpec) -> dict[str, Any]:
         "rayClusterSpec": {
             "rayVersion": RAY_VERSION,
             "headGroupSpec": {
-                # Not num-cpus=0: Ray Train's trainer/controller actor wants a CPU, and on
-                # CPU-only workers fully booked by training it would have nowhere to run.
-                "rayStartParams": {},
+                # No CPUs for Ray tasks, so Train workers always land on the worker pods; Ray
+                # Train's controller actor asks for none and runs next to the driver on the head.
+                "rayStartParams": {"num-cpus": "0"},
                 "template": _pod_template(spec, "ray-head", spec.head, labels, head=True),
             },
             "workerGroupSpecs": [

@@ -27,8 +27,11 @@ import importlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,19 @@ CRD_KINDS = {
     "InferenceService": ("serving.kserve.io_inferenceservices.yaml", "v1beta1"),
 }
 # Rendered kinds with no schema available offline (checked structurally only).
-UNVALIDATED_KINDS = {"ServiceMonitor"}
+UNVALIDATED_KINDS: set[str] = set()
+# Prometheus Operator kinds (no CRD in ../shared/k8s/crds), validated against strict hand-written
+# JSON schemas (tests/deploy/schemas) by test_chart_monitoring.py: kind -> (schema, apiVersion).
+MONITORING_KINDS = {
+    "PodMonitor": ("podmonitor.json", "monitoring.coreos.com/v1"),
+    "PrometheusRule": ("prometheusrule.json", "monitoring.coreos.com/v1"),
+}
+# Custom resources with no CRD in ../shared/k8s/crds, validated against strict hand-written JSON
+# schemas (tests/deploy/schemas) by test_chart_network.py: kind -> (schema file, apiVersion).
+SCHEMA_KINDS = {
+    "GRPCRoute": ("grpcroute.json", "gateway.networking.k8s.io/v1"),
+    "Gateway": ("gateway.json", "gateway.networking.k8s.io/v1"),
+}
 
 # Distinctive secret values: none may appear outside a Secret (plain or base64).
 SECRET_VALUES = {
@@ -191,6 +206,14 @@ def ray_pods(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return pods
 
 
+def serve_service(objs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(name, gRPC port) of the gRPC API's Service: KubeRay's "<RayService>-serve-svc", made
+    from the RayService's spec.serveService."""
+    (rayservice,) = of_kind(objs, "RayService")
+    (port,) = rayservice["spec"]["serveService"]["spec"]["ports"]
+    return f"{rayservice['metadata']['name']}-serve-svc", port
+
+
 def storage_secret_refs(obj: dict[str, Any]) -> dict[str, str]:
     """Secret name of every SMARTPATH_STORAGE__* credential of an object's SmartPath containers,
     by "<where> <variable>" (KubeRay's submitter and the autoscaler carry none)."""
@@ -256,6 +279,8 @@ def test_should_render_only_kinds_this_test_validates(objects: list[dict[str, An
         assert (
             kind in CRD_KINDS
             or kind in UNVALIDATED_KINDS
+            or kind in SCHEMA_KINDS
+            or kind in MONITORING_KINDS
             or obj["apiVersion"]
             in (
                 "v1",
@@ -270,7 +295,7 @@ def test_should_render_only_kinds_this_test_validates(objects: list[dict[str, An
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 def test_should_render_valid_core_objects(objects: list[dict[str, Any]], k8s_version: str) -> None:
     for obj in objects:
-        if obj["kind"] in CRD_KINDS or obj["kind"] in UNVALIDATED_KINDS:
+        if obj["kind"] in (*CRD_KINDS, *UNVALIDATED_KINDS, *SCHEMA_KINDS, *MONITORING_KINDS):
             continue
         try:
             kubernetes_validate.validate(obj, k8s_version, strict=True)
@@ -327,22 +352,6 @@ def test_should_render_custom_resources_valid_for_their_crds(
         assert not errors, f"{_name(obj)}: " + "; ".join(
             f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
         )
-
-
-def test_should_render_service_monitor_for_the_metrics_service(helm: Path) -> None:
-    objs = render(helm, "-f", str(CHART / "ci" / "cpu-values.yaml"))
-    (monitor,) = of_kind(objs, "ServiceMonitor")
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
-    selected = [
-        s
-        for s in services.values()
-        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
-    ]
-    assert len(selected) == 1 and selected[0]["spec"]["clusterIP"] == "None"
-    (port,) = selected[0]["spec"]["ports"]
-    assert port["name"] == monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert port["port"] == 8080
 
 
 # ---- agreement with the project -----------------------------------------------------------------
@@ -627,7 +636,9 @@ def test_should_fit_names_within_kubernetes_limits(helm: Path) -> None:
         "--set",
         "kserve.enabled=true,ingress.enabled=true,auth.enabled=true",
         "--set",
-        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.dashboard.enabled=true",
         release=release,
     )
     names = set()
@@ -642,34 +653,45 @@ def test_should_fit_names_within_kubernetes_limits(helm: Path) -> None:
         for key, value in obj["metadata"].get("labels", {}).items():
             assert len(value) <= 63, f"{_name(obj)} label {key}={value}"
     suffixes = {name.rsplit("-", 1)[-1] for _, name in names}
-    assert {"sft", "grpo", "grpc", "minio", "config"} <= suffixes, suffixes
+    assert {"minio", "config"} <= suffixes, suffixes
+    # The RayJobs: "<fullname>-<kind>-<run>" cut with a hash, as `smartpath train submit` cuts.
+    from smartpath.training.rayjob import job_name
+
+    fullname = f"{release}-smartpath"
+    jobs = {n for kind, n in names if kind == "RayJob"}
+    assert jobs == {job_name(fullname, k, "pathology-run-1") for k in ("sft", "grpo")}
+    assert len(serve_service(objs)[0]) <= 63
 
 
 def test_should_expose_grpc_on_the_serve_proxy_port(helm: Path) -> None:
     objs = render(helm, "-f", str(CHART / "ci" / "tls-auth-values.yaml"))
     grpc_port = serve_config_of(objs)["grpc_options"]["port"]
-    (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-grpc")]
-    (port,) = service["spec"]["ports"]
+    # No Service of the chart's own: KubeRay's serve Service carries gRPC (KubeRay >= 1.6 adds
+    # every head container port named "serve-*"); the chart names its appProtocol.
+    assert not [s for s in of_kind(objs, "Service") if "ray.io/serve" in s["spec"]["selector"]]
+    name, port = serve_service(objs)
+    assert name == "smartpath-serve-svc"
     assert port == {
-        "name": "grpc",
+        "name": "serve-grpc",
         "port": 9000,
-        "targetPort": "grpc",
+        "targetPort": grpc_port,
         "protocol": "TCP",
         "appProtocol": "grpc",
     }
-    assert service["spec"]["selector"]["ray.io/serve"] == "true"
     (rayservice,) = of_kind(objs, "RayService")
     for where, ctr, pod in containers(rayservice):
         if "autoscaler" in where or ctr in pod.get("initContainers", []):
             continue
         ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-        assert ports["grpc"] == grpc_port, where
+        assert ports["serve-grpc"] == grpc_port, where
+        # "serve" stays Serve's HTTP port: KubeRay's readiness probe on workers checks it.
+        assert ports["serve"] == serve_config_of(objs)["http_options"]["port"], where
     (ingress,) = of_kind(objs, "Ingress")
     annotations = ingress["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
     assert ingress["spec"]["tls"][0]["secretName"] == "smartpath-example-org-tls"
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": service["metadata"]["name"], "port": {"name": "grpc"}}
+    assert backend == {"name": name, "port": {"name": "serve-grpc"}}
     # Auth: the tokens Secret is mounted where config.serve.auth_token_file points.
     token_file = serve_config_of(objs)["applications"][0]["args"]["config"]["serve"][
         "auth_token_file"
@@ -684,7 +706,7 @@ def test_should_expose_grpc_on_the_serve_proxy_port(helm: Path) -> None:
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert test_pod["metadata"]["labels"]["smartpath.io/client"] == "true"
     target = test_pod["spec"]["containers"][0]["command"][-1]
-    assert target == f"{service['metadata']['name']}.{NAMESPACE}.svc:9000"
+    assert target == f"{name}.{NAMESPACE}.svc:9000"
     assert "grpc_health.v1" in test_pod["spec"]["containers"][0]["command"][2]
 
 
@@ -968,14 +990,11 @@ def _public_and_internal_services() -> tuple[str, list[str]]:
 def ingress_routes(objs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(path, pathType) of every route of the one Ingress, checking each goes to the gRPC port."""
     (ingress,) = of_kind(objs, "Ingress")
-    (service,) = [s for s in of_kind(objs, "Service") if s["metadata"]["name"].endswith("-grpc")]
+    name, _ = serve_service(objs)
     routes = []
     for rule in ingress["spec"]["rules"]:
         for path in rule["http"]["paths"]:
-            assert path["backend"]["service"] == {
-                "name": service["metadata"]["name"],
-                "port": {"name": "grpc"},
-            }
+            assert path["backend"]["service"] == {"name": name, "port": {"name": "serve-grpc"}}
             routes.append((path["path"], path["pathType"]))
     return routes
 
@@ -1549,3 +1568,253 @@ def test_should_cap_grpc_messages_on_every_ray_node(helm: Path) -> None:
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == "33554432", group
     default = ray_pods(render(helm))["head"]["containers"][0]["env"]
     assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(64 << 20)} in default
+
+
+# ---- operations: upgrades, drains, training runs, HA, scheduling ---------------------------------
+
+
+def _ray_clusters(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Ray cluster specs by object: the RayService's rayClusterConfig, each RayJob's
+    rayClusterSpec."""
+    return {
+        _name(o): o["spec"]["rayClusterConfig" if o["kind"] == "RayService" else "rayClusterSpec"]
+        for o in objs
+        if o["kind"] in ("RayService", "RayJob")
+    }
+
+
+def test_should_keep_release_labels_out_of_the_ray_cluster_spec(helm: Path, tmp_path: Path) -> None:
+    """KubeRay hashes rayClusterConfig (pod templates included) to decide on a new cluster: a
+    chart release or commonLabels must not change it, or every upgrade starts a whole cluster."""
+    training = ("-f", str(CHART / "ci" / "training-values.yaml"), "--set", "image.tag=1.0.0")
+    before = render(helm, *training)
+    # The same values from a chart with another version and appVersion, plus commonLabels.
+    bumped = tmp_path / "smartpath"
+    shutil.copytree(CHART, bumped)
+    chart_yaml = yaml.safe_load((bumped / "Chart.yaml").read_text())
+    chart_yaml.update(version="9.9.9", appVersion="9.9.9")
+    (bumped / "Chart.yaml").write_text(yaml.safe_dump(chart_yaml))
+    proc = subprocess.run(
+        [str(helm), "template", RELEASE, str(bumped), "--namespace", NAMESPACE, *training,
+         "--set", "commonLabels.team=pathology"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    after = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert _ray_clusters(after) == _ray_clusters(before)
+    assert len(_ray_clusters(before)) == 3
+    # The objects themselves still carry the release labels (KubeRay copies them to the
+    # RayCluster, outside the hash).
+    (service,) = of_kind(after, "RayService")
+    assert service["metadata"]["labels"]["helm.sh/chart"] == "smartpath-9.9.9"
+    assert service["metadata"]["labels"]["team"] == "pathology"
+    for name, cluster in _ray_clusters(after).items():
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            labels = group["template"]["metadata"]["labels"]
+            assert not {"helm.sh/chart", "app.kubernetes.io/version", "team"} & set(labels), name
+            assert labels["smartpath.io/ray"] == "true", name
+
+
+def test_should_run_ray_under_tini_with_kuberays_command(helm: Path, tmp_path: Path) -> None:
+    """KubeRay would run `ray start` under a bash PID 1 that never passes SIGTERM on; the chart
+    keeps its own command (overwrite-container-cmd) and runs KubeRay's generated one under tini."""
+    objs = render(helm, "-f", str(CHART / "ci" / "training-values.yaml"))
+    commands = set()
+    for obj in objs:
+        if obj["kind"] not in ("RayService", "RayJob"):
+            continue
+        assert obj["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+        for where, pod in pod_specs(obj):
+            if "submitter" not in where:
+                commands.add(tuple(pod["containers"][0]["command"]))
+    (command,) = commands
+    assert command[:3] == ("tini", "-g", "--")
+    # The rest runs KubeRay's command as bash would, then is replaced by it (exec): the signal
+    # tini forwards reaches `ray start` itself. A stand-in `ray start` with a quoted argument
+    # reports its pid, argv and open-file limit, then waits for SIGTERM.
+    marker = tmp_path / "started"
+    probe = (
+        "import os, resource, signal, sys, time; "
+        "open(sys.argv[1], 'w').write(repr((os.getpid(), sys.argv[2], "
+        "resource.getrlimit(resource.RLIMIT_NOFILE)[0]))); "
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(60)"
+    )
+    generated = f'{sys.executable} -c "{probe}" {marker} \'{{"CPU": 0}}\''
+    env = {
+        **os.environ,
+        "KUBERAY_GEN_RAY_START_CMD": generated,
+        "RAY_START_ULIMIT_OPEN_FILES": "1024",
+    }
+    proc = subprocess.Popen(list(command[3:]), env=env)
+    try:
+        for _ in range(200):
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.05)
+        pid, argument, nofile = eval(marker.read_text())
+        assert pid == proc.pid  # exec: no shell left between tini and Ray
+        assert argument == '{"CPU": 0}'  # KubeRay's quoting survives
+        assert nofile == 1024
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143
+    finally:
+        proc.kill()
+    # Without KubeRay's variable the container fails at once instead of idling.
+    failed = subprocess.run(list(command[3:]), env={"PATH": os.environ["PATH"]}, timeout=10)
+    assert failed.returncode != 0
+
+
+def test_should_drain_serving_workers_before_they_stop(helm: Path) -> None:
+    from smartpath.services import drain
+
+    objs = render(helm, "--set", "drain.timeoutSeconds=130,drain.terminationGracePeriodSeconds=160")
+    http_port = serve_config_of(objs)["http_options"]["port"]
+    pods = ray_pods(objs)
+    for group in ("cpu",):
+        pod = pods[group]
+        assert pod["terminationGracePeriodSeconds"] == 160
+        hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:3] == ["python", "-m", drain.__name__]
+        # The hook's own parser accepts what the chart renders.
+        args = dict(zip(hook[3::2], hook[4::2], strict=True))
+        assert args == {
+            "--timeout-s": "130",
+            "--health-url": f"http://127.0.0.1:{http_port}/-/healthz",
+        }
+    # The head serves no calls (num-cpus 0, out of the serve Service): nothing to drain.
+    assert "lifecycle" not in pods["head"]["containers"][0]
+    off = ray_pods(render(helm, "--set", "drain.enabled=false"))["cpu"]
+    assert "lifecycle" not in off["containers"][0] and "terminationGracePeriodSeconds" not in off
+    # Training pods are not drained (a killed worker resumes from its checkpoint).
+    for job in of_kind(render(helm, "-f", str(CHART / "ci" / "training-values.yaml")), "RayJob"):
+        for where, pod in pod_specs(job):
+            assert "lifecycle" not in pod["containers"][0], where
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        (
+            "drain.timeoutSeconds=150,drain.terminationGracePeriodSeconds=150",
+            "must exceed drain.timeoutSeconds",
+        ),
+        ("drain.timeoutSeconds=60", "less than config.serve.deadline_s=120"),
+        ("training.enabled=true,training.shutdownAfterJobFinishes=false", "/training"),
+        ("gcsFaultTolerance.enabled=true", "/gcsFaultTolerance/redisAddress"),
+        ("gcsFaultTolerance.enabled=true,gcsFaultTolerance.redisAddress=redis", "pattern"),
+        ("workers.cpu.priorityClassName=High_Priority", "/workers/cpu/priorityClassName"),
+    ],
+)
+def test_should_refuse_bad_operations_values(helm: Path, setting: str, error: str) -> None:
+    assert error in render_fails(helm, "--set", setting)
+
+
+def test_should_run_each_training_run_as_its_own_rayjob(helm: Path) -> None:
+    from smartpath.training.rayjob import job_name
+
+    training = ("-f", str(CHART / "ci" / "training-values.yaml"))
+    first = {j["metadata"]["name"] for j in of_kind(render(helm, *training), "RayJob")}
+    again = render(helm, *training, "--set", "training.config.name=pathology-run-2")
+    second = {j["metadata"]["name"] for j in of_kind(again, "RayJob")}
+    assert first == {job_name("smartpath", k, "pathology-run-1") for k in ("sft", "grpo")}
+    assert second == {"smartpath-sft-pathology-run-2", "smartpath-grpo-pathology-run-2"}
+    for job in of_kind(again, "RayJob"):
+        assert job["metadata"]["labels"]["smartpath.io/run"] == "pathology-run-2"
+        cluster = job["spec"]["rayClusterSpec"]
+        # Train workers land on worker pods only; the controller needs no CPU on the head.
+        assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+        assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    # A kept cluster (debugging) renders no TTL, which KubeRay would refuse.
+    kept = render(
+        helm, *training, "--set", "training.shutdownAfterJobFinishes=false",
+        "--set", "training.ttlSecondsAfterFinished=0",
+    )  # fmt: skip
+    for job in of_kind(kept, "RayJob"):
+        assert job["spec"]["shutdownAfterJobFinishes"] is False
+        assert "ttlSecondsAfterFinished" not in job["spec"]
+
+
+def test_should_tolerate_gpu_taints_wherever_gpus_are_requested(helm: Path) -> None:
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    objs = render(helm, "-f", str(CHART / "ci" / "operations-values.yaml"))
+    checked = 0
+    for obj in objs:
+        for where, pod in pod_specs(obj):
+            gpus = [
+                c["resources"].get("limits", {}).get("nvidia.com/gpu")
+                for c in pod.get("containers", [])
+            ]
+            if any(gpus):
+                assert pod["tolerations"].count(gpu_toleration) == 1, where
+                checked += 1
+            elif "tolerations" in pod:
+                assert gpu_toleration not in pod["tolerations"], where
+    assert checked == 3  # two RayJobs' GPU workers and the KServe predictor
+    # A toleration the operator gives for that taint is kept as it is, not doubled.
+    own = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}
+    objs = render(
+        helm, "-f", str(CHART / "ci" / "operations-values.yaml"),
+        "--set-json", f"kserve.tolerations=[{json.dumps(own)}]",
+    )  # fmt: skip
+    (isvc,) = of_kind(objs, "InferenceService")
+    assert isvc["spec"]["predictor"]["tolerations"] == [own]
+
+
+def test_should_render_operations_values_where_they_belong(helm: Path) -> None:
+    values = yaml.safe_load((CHART / "ci" / "operations-values.yaml").read_text())
+    objs = render(helm, "-f", str(CHART / "ci" / "operations-values.yaml"))
+    (rayservice,) = of_kind(objs, "RayService")
+    ft = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft == {
+        "redisAddress": values["gcsFaultTolerance"]["redisAddress"],
+        "redisPassword": {
+            "valueFrom": {"secretKeyRef": {"name": "smartpath-redis", "key": "redis-password"}}
+        },
+    }
+    # The CRD the chart is validated against has these fields (so the check above means
+    # something to KubeRay, not only to this test).
+    cluster_schema = crd_validator("RayService").schema["properties"]["spec"]["properties"][
+        "rayClusterConfig"
+    ]["properties"]
+    assert {"redisAddress", "redisPassword"} <= set(
+        cluster_schema["gcsFaultToleranceOptions"]["properties"]
+    )
+    pods = ray_pods(objs)
+    assert pods["head"]["priorityClassName"] == pods["cpu"]["priorityClassName"]
+    assert (
+        pods["cpu"]["topologySpreadConstraints"]
+        == values["workers"]["cpu"]["topologySpreadConstraints"]
+    )
+    for job in of_kind(objs, "RayJob"):
+        for where, pod in pod_specs(job):
+            if "submitter" not in where:
+                assert pod["priorityClassName"] == "smartpath-training", where
+    # The private CA and envFrom reach every SmartPath container that talks to storage.
+    app_containers = 0
+    for obj in objs:
+        for where, ctr, pod in containers(obj):
+            if "SMARTPATH_STORAGE__ENDPOINT" not in {e["name"] for e in ctr.get("env", [])}:
+                continue
+            app_containers += 1
+            assert ctr["envFrom"] == values["envFrom"], where
+            assert {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca.crt"} in ctr["env"]
+            assert values["extraVolumeMounts"][0] in ctr["volumeMounts"], where
+            assert values["extraVolumes"][0] in pod["volumes"], where
+    assert app_containers == 2 + 2 * 2 + 1  # head + cpu; two RayJobs' head + workers; KServe
+
+
+def test_should_make_no_secret_when_every_credential_comes_from_an_existing_secret(
+    helm: Path,
+) -> None:
+    """GitOps tools render without a cluster to look up, so a generated secret would change on
+    every sync: with existing Secrets (the GitOps path) the chart renders none."""
+    objs = render(helm, "-f", str(CHART / "ci" / "operations-values.yaml"))
+    assert of_kind(objs, "Secret") == []
+    # The bundled MinIO with every existingSecret given: none either.
+    bundled = render(
+        helm, "--set", "auth.enabled=true,auth.existingSecret=tokens,training.enabled=true",
+        "--set", "minio.auth.existingSecret=root,storage.serving.existingSecret=serving",
+        "--set", "storage.training.existingSecret=training",
+    )  # fmt: skip
+    assert of_kind(bundled, "Secret") == []
+    assert of_kind(render(helm, "--set", "auth.enabled=true"), "Secret")  # else they are made

@@ -4,7 +4,9 @@ There is no Docker engine on the project's machines, so nothing here builds an i
 Dockerfiles are parsed (a small line parser: ``\\`` continuations, comments, exec/shell form) and
 held to what ``make`` does: torch first with pyproject's pin, then ``pip install .`` (non-editable,
 ``DS_BUILD_OPS=0``, so pyproject.toml stays the one package list), then ``pip check``; a runtime
-stage that runs as a numeric non-root user on a read-only root filesystem. ``.dockerignore`` is
+stage that runs as a numeric non-root user on a read-only root filesystem, on a current base that
+is upgraded at build time and with no compiler (DeepSpeed's CPU op is prebuilt in the builder).
+``.dockerignore`` is
 evaluated with Docker's own matching rules against the files the package needs, and skaffold.yaml
 against the Dockerfiles and the Helm chart (the chart checks skip while charts/smartpath/Chart.yaml
 is missing).
@@ -31,6 +33,21 @@ CHART = ROOT / "charts" / "smartpath"
 VENV = "/opt/venv"
 WRITABLE = ("/tmp", "/tmp/ray", "/home/smartpath/.smartpath", "/home/smartpath/.cache")
 OCI_LABELS = ("title", "description", "source", "licenses", "version")
+# The base image: python:3.11.<patch>-slim-<Debian release>, optionally @sha256:<digest>. The newest
+# 3.11 patch release in late 2026 is 3.11.17; trixie is Debian's stable release (bookworm left the
+# Security Team's support in mid-2026). A base older than this, or on another release, fails.
+BASE_IMAGE = re.compile(
+    r"python:3\.11\.(?P<patch>\d+)-slim-(?P<debian>[a-z]+)(@sha256:[0-9a-f]{64})?"
+)
+MIN_PYTHON_311_PATCH = 17
+DEBIAN_RELEASES = ("trixie",)
+# Debian packages that are (or pull in) a C/C++ compiler, versioned (g++-14) and cross ones too.
+COMPILER_PACKAGE = re.compile(
+    r"(gcc|g\+\+|cpp|c\+\+|clang|clang\+\+|llvm|build-essential|tcc|gfortran)"
+    r"(-\d+(\.\d+)?)?(-[a-z0-9_]+(-[a-z0-9_]+)*-linux-gnu\w*)?"
+)
+# The images' build platforms (skaffold.yaml): the CUDA image takes torch's x86-64 CUDA wheels.
+PLATFORMS = {"smartpath": ["linux/amd64"], "smartpath-cuda": ["linux/amd64"]}
 
 
 # ---- pyproject ----------------------------------------------------------------------------------
@@ -295,6 +312,25 @@ def test_base_images_are_pinned_python_311(rel: str) -> None:
         assert name.endswith("python") and tag.startswith("3.11."), ref
 
 
+def test_both_dockerfiles_use_one_current_base() -> None:
+    bases = {}
+    for rel in DOCKERFILES:
+        df = parse_dockerfile(rel)
+        base = df.global_args.get("PYTHON_IMAGE", "")
+        assert base, f"{rel}: no ARG PYTHON_IMAGE before the first FROM"
+        for stage in df.stages:
+            assert stage.base == base, f"{rel} {stage.name}: FROM {stage.base}, not {base}"
+        bases[rel] = base
+    assert len(set(bases.values())) == 1, f"the images are built on different bases: {bases}"
+    base = bases[DOCKERFILES[0]]
+    match = BASE_IMAGE.fullmatch(base.removeprefix("docker.io/library/"))
+    assert match, f"{base}: not python:3.11.<patch>-slim-<Debian release>"
+    assert int(match["patch"]) >= MIN_PYTHON_311_PATCH, (
+        f"{base} is older than Python 3.11.{MIN_PYTHON_311_PATCH}"
+    )
+    assert match["debian"] in DEBIAN_RELEASES, f"{base}: Debian {match['debian']}"
+
+
 @dockerfiles
 def test_torch_is_installed_first_with_pyprojects_pin(rel: str) -> None:
     builder = parse_dockerfile(rel).stage("builder")
@@ -416,7 +452,131 @@ def test_runtime_has_the_tools_kuberay_needs(rel: str) -> None:
         for words in simple_commands(run_script(inst)):
             if words[:2] == ["apt-get", "install"]:
                 packages |= {w for w in words[2:] if not w.startswith("-")}
-    assert {"bash", "wget", "procps"} <= packages, packages
+    # tini: PID 1 of every Ray pod (the chart's smartpath.rayCommand forwards SIGTERM through it).
+    assert {"bash", "wget", "procps", "tini"} <= packages, packages
+
+
+def apt_runs(stage: Stage) -> list[tuple[Instruction, list[list[str]]]]:
+    """RUN instructions that call apt-get (or apt), each with its simple commands; assignments in
+    front of a command (DEBIAN_FRONTEND=noninteractive apt-get ...) are dropped."""
+    runs = []
+    for inst in stage.all("RUN"):
+        commands = []
+        for words in simple_commands(run_script(inst)):
+            while words and re.fullmatch(r"\w+=.*", words[0]):
+                words = words[1:]
+            if words and words[0] == "apt":
+                words = ["apt-get", *words[1:]]
+            commands.append(words)
+        if any(c[:1] == ["apt-get"] for c in commands):
+            runs.append((inst, commands))
+    return runs
+
+
+def apt_installed(stage: Stage) -> set[str]:
+    """Package names that the stage's apt-get install commands name (without =version, :arch)."""
+    return {
+        re.split(r"[=:]", word)[0]
+        for _, commands in apt_runs(stage)
+        for words in commands
+        if words[:2] == ["apt-get", "install"]
+        for word in words[2:]
+        if not word.startswith("-")
+    }
+
+
+@dockerfiles
+def test_apt_upgrades_wherever_packages_are_installed(rel: str) -> None:
+    """Each RUN that installs Debian packages first upgrades the base's own: Debian's security fixes
+    published after the base tag was built land at build time. The runtime stage must have one."""
+    df = parse_dockerfile(rel)
+    assert apt_runs(df.stage("runtime")), "the runtime stage installs its tools with apt-get"
+    for stage in df.stages:
+        for inst, commands in apt_runs(stage):
+            where = f"{stage.name}, line {inst.line}"
+            verbs = [c[1] if len(c) > 1 else "" for c in commands if c[:1] == ["apt-get"]]
+            if "install" not in verbs:
+                continue
+            assert "update" in verbs and "upgrade" in verbs, f"{where}: update and upgrade first"
+            assert verbs.index("update") < verbs.index("upgrade") < verbs.index("install"), where
+            for words in commands:
+                if words[:2] == ["apt-get", "upgrade"]:
+                    yes = {"-y", "--yes", "--assume-yes"} & set(words) or any(
+                        re.fullmatch(r"-[a-z]*y[a-z]*", w) for w in words[2:]
+                    )
+                    assert yes, f"{where}: apt-get upgrade without -y waits for an answer"
+                if words[:2] == ["apt-get", "install"]:
+                    assert "--no-install-recommends" in words, f"{where}: {words}"
+            assert commands[-1][:2] == ["rm", "-rf"] and "/var/lib/apt/lists/*" in commands[-1], (
+                f"{where}: the apt lists are removed in the same layer"
+            )
+
+
+@pytest.mark.parametrize(
+    ("package", "compiler"),
+    [
+        ("g++", True), ("gcc", True), ("gcc-14", True), ("g++-14-x86-64-linux-gnu", True),
+        ("clang", True), ("clang-19", True), ("cpp", True), ("build-essential", True),
+        ("bash", False), ("tini", False), ("libgomp1", False), ("libstdc++6", False),
+        ("procps", False), ("wget", False),
+    ],
+)  # fmt: skip
+def test_compiler_package_pattern(package: str, compiler: bool) -> None:
+    assert bool(COMPILER_PACKAGE.fullmatch(package)) is compiler
+
+
+@dockerfiles
+def test_no_compiler_in_the_runtime_stage(rel: str) -> None:
+    """Serving, Ray and CPU training run without a compiler: DeepSpeed's shared-memory op, the one
+    thing that JIT-compiled at run time, is built in the builder (next test)."""
+    compilers = sorted(
+        p for p in apt_installed(parse_dockerfile(rel).final) if COMPILER_PACKAGE.fullmatch(p)
+    )
+    assert not compilers, f"the runtime stage installs {compilers}"
+
+
+@dockerfiles
+def test_builder_prebuilds_deepspeeds_cpu_comm_op(rel: str) -> None:
+    """On CPU, DeepSpeed's process group backend loads its shared-memory op whenever it starts and,
+    unless DeepSpeed was installed with it, JIT-compiles it with the system compiler (which the
+    runtime stage lacks). So the builder reinstalls DeepSpeed from its sdist with the op built."""
+    builder = parse_dockerfile(rel).stage("builder")
+    assert {p for p in apt_installed(builder) if COMPILER_PACKAGE.fullmatch(p)}, (
+        "the builder needs a C++ compiler to build the op"
+    )
+    installs = [p for p in pip_installs(builder) if p.env.get("DS_BUILD_SHM_COMM") == "1"]
+    assert len(installs) == 1, f"one pip install with DS_BUILD_SHM_COMM=1, got {installs}"
+    (install,) = installs
+    where = f"line {install.line}"
+    assert install.env.get("DS_ACCELERATOR") == "cpu", f"{where}: the op is the CPU accelerator's"
+    assert install.env.get("DS_BUILD_OPS") == "0", f"{where}: only that op, the rest stays JIT"
+    assert [canonicalize_name(Requirement(t).name) for t in install.targets] == ["deepspeed"]
+    assert str(Requirement(install.targets[0]).specifier) == str(pins()["deepspeed"].specifier)
+    no_binary = ",".join(install.options.get("--no-binary", [])).split(",")
+    assert "deepspeed" in no_binary or ":all:" in no_binary, f"{where}: a wheel has no op built in"
+    for option in ("--force-reinstall", "--no-deps", "--no-build-isolation"):
+        assert option in install.options, f"{where}: {option}"
+    assert install.line > project_install(builder).line, "after the project's install"
+    smoke = " ".join(run_script(i) for i in builder.all("RUN") if i.line > install.line)
+    assert "ShareMemCommBuilder" in smoke and "absolute_name()" in smoke, (
+        "the builder checks that the op loads as the installed module, not a JIT build"
+    )
+
+
+def test_installed_deepspeed_builds_that_op_as_the_images_assume() -> None:
+    """The pinned DeepSpeed: its CPU backend loads the op, DS_BUILD_SHM_COMM selects it, and it is
+    compiled without -march=native (the image's op must run on any x86-64 node)."""
+    import importlib
+    import inspect
+
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    backend = importlib.import_module("deepspeed.comm.torch")
+    assert "build_shm_op()" in inspect.getsource(backend.TorchBackend.__init__)
+    assert "ShareMemCommBuilder" in inspect.getsource(backend.build_shm_op)
+    assert ShareMemCommBuilder.BUILD_VAR == "DS_BUILD_SHM_COMM"
+    args = ShareMemCommBuilder().cxx_args()
+    assert not [a for a in args if a.startswith(("-march", "-mcpu", "-mtune"))], args
 
 
 @dockerfiles
@@ -609,6 +769,23 @@ def test_skaffold_uses_buildkit_where_the_dockerfiles_need_it() -> None:
     if uses_mounts:
         for name, scope in scopes().items():
             assert scope["build"].get("local", {}).get("useBuildkit") is True, name
+
+
+def test_every_skaffold_artifact_names_its_build_platforms() -> None:
+    """Every artifact of every profile, dev included (it builds the artifacts it inherits), is
+    built for the platforms the images are made for, never for whatever the machine or cluster
+    happens to be."""
+    seen = set()
+    for name, scope in scopes().items():
+        build = scope["build"]
+        for artifact in build.get("artifacts", []):
+            image = artifact["image"]
+            platforms = artifact.get("platforms", build.get("platforms"))
+            assert platforms, f"{name}: {image} has no build platforms"
+            assert platforms == PLATFORMS[image], f"{name}: {image} is built for {platforms}"
+            seen.add(image)
+    assert seen == set(PLATFORMS), seen
+    assert PLATFORMS["smartpath-cuda"] == ["linux/amd64"]
 
 
 def test_skaffold_helm_release_sets_the_built_image() -> None:

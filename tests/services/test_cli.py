@@ -65,6 +65,7 @@ def test_train_submit_dry_run_prints_a_valid_rayjob(capsys: pytest.CaptureFixtur
     job = yaml.safe_load(capsys.readouterr().out)
     validate_rayjob(job)
     assert job["kind"] == "RayJob" and "smartpath.training.grpo" in job["spec"]["entrypoint"]
+    assert job["metadata"]["name"] == "smartpath-grpo-smartpath"  # one RayJob per run name
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 2
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]

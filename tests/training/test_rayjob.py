@@ -105,6 +105,22 @@ def test_gpu_limits_only_when_gpus_requested() -> None:
     assert "nvidia.com/gpu" not in gpu_head["resources"]["limits"]  # head has gpus=0
     assert worker_group(cpu)["groupName"] == "cpu-workers"
     assert worker_group(gpu)["groupName"] == "gpu-workers"
+    # Tainted GPU nodes: GPU workers tolerate the taint, CPU pods do not ask to land there.
+    assert worker_group(gpu)["template"]["spec"]["tolerations"] == [rayjob.GPU_TOLERATION]
+    assert "tolerations" not in worker_group(cpu)["template"]["spec"]
+    head = gpu["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert "tolerations" not in head["template"]["spec"]
+    # Train workers never land on the head: it offers Ray no CPUs.
+    assert head["rayStartParams"] == {"num-cpus": "0"}
+
+
+def test_one_rayjob_name_per_run() -> None:
+    assert rayjob.job_name("smartpath", "sft", "run_1.b") == "smartpath-sft-run-1-b"
+    long = rayjob.job_name("pathology-prod-eu-west-1-smartpath", "grpo", "nightly-2026.12.07")
+    assert len(long) <= rayjob.RAYJOB_NAME_MAX and long.startswith("pathology-prod-eu-west-1")
+    other = rayjob.job_name("pathology-prod-eu-west-1-smartpath", "grpo", "nightly-2026.12.08")
+    assert other != long  # the hash keeps cut names of different runs apart
+    validate_rayjob(build_rayjob(make_spec(name=long)))
 
 
 def test_env_secret_refs_and_config_mount_on_every_container() -> None:

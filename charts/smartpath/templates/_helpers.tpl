@@ -46,14 +46,37 @@ webhook/controller refuse RayService names over 63 - 16 = 47 (utils.MaxRayServic
 {{- end }}
 
 {{/*
-smartpath.rayJobName: "<fullname>-<kind>" for a training RayJob (dict "root" $ "kind" "sft"),
-cut to 47 characters for the same reason as the RayService (utils.MaxRayJobNameLength: KubeRay
-adds a 6-character suffix for the RayCluster, whose Services add up to 10 more); the kind always
-survives the cut, as in training/rayjob.py.
+smartpath.runSlug: the run name (training.config.name, `^[a-z0-9][a-z0-9._-]*$`) as a DNS label
+part: dots and underscores become dashes (smartpath.training.rayjob.run_slug).
+*/}}
+{{- define "smartpath.runSlug" -}}
+{{- $run := (.Values.training.config | default dict).name | default "smartpath" }}
+{{- regexReplaceAll "[^a-z0-9-]+" (lower (toString $run)) "-" | trimAll "-" }}
+{{- end }}
+
+{{/*
+smartpath.rayJobName: "<fullname>-<kind>-<run>" for a training RayJob (dict "root" $ "kind" "sft"),
+<run> from smartpath.runSlug, so each run is a RayJob of its own. KubeRay refuses RayJob names
+over 47 characters (utils.MaxRayJobNameLength: it adds a 6-character suffix for the RayCluster,
+whose Services add up to 10 more); a longer name is cut to 40 and ends in "-" and the first 6 hex
+digits of its SHA-256, so cut names stay distinct (smartpath.training.rayjob.cut_name).
 */}}
 {{- define "smartpath.rayJobName" -}}
-{{- $max := sub 46 (len .kind) | int }}
-{{- printf "%s-%s" (include "smartpath.fullname" .root | trunc $max | trimSuffix "-") .kind }}
+{{- $name := printf "%s-%s-%s" (include "smartpath.fullname" .root) .kind (include "smartpath.runSlug" .root) }}
+{{- if le (len $name) 47 }}
+{{- $name }}
+{{- else }}
+{{- printf "%s-%s" (regexReplaceAll "-+$" ($name | trunc 40) "") (sha256sum $name | trunc 6) }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.grpcServiceName: the Service clients dial for the gRPC API: KubeRay's serve Service of
+the RayService, "<RayService>-serve-svc" (spec.serveService; KubeRay >= 1.6 adds every container
+port named "serve" or "serve-*" to it and switches it to a new cluster atomically on upgrades).
+*/}}
+{{- define "smartpath.grpcServiceName" -}}
+{{- printf "%s-serve-svc" (include "smartpath.rayServiceName" .) }}
 {{- end }}
 
 {{/*
@@ -412,36 +435,52 @@ gateway
 {{- end }}
 
 {{/*
-smartpath.ingress.paths: the path prefixes the Ingress routes, as a JSON list. gRPC calls are
-POST /<package>.<Service>/<Method>, so one prefix per service: the public service and
-grpc.health.v1.Health always; ingress.exposeInternalServices (full gRPC names of the other
-services) and server reflection (ingress.exposeReflection) on request. Fails on a name that is no
+smartpath.exposedGrpcServices: the full names of the gRPC services routed from outside the
+cluster, as a JSON list: the one definition the Ingress (smartpath.ingress.paths) and the Gateway
+API GRPCRoute (templates/grpcroute.yaml) share (dict "root" $ "key" "ingress"|"gateway": the
+values section holding exposeInternalServices and exposeReflection). The public service and
+grpc.health.v1.Health always; <key>.exposeInternalServices (full gRPC names of the other
+services) and server reflection (<key>.exposeReflection) on request. Fails on a name that is no
 internal service (values.schema.json refuses those too).
 */}}
-{{- define "smartpath.ingress.paths" -}}
-{{- $public := include "smartpath.publicApp" . }}
+{{- define "smartpath.exposedGrpcServices" -}}
+{{- $v := get .root.Values .key }}
+{{- $public := include "smartpath.publicApp" .root }}
 {{- $internal := dict }}
-{{- $paths := list }}
-{{- range $s := include "smartpath.services" . | fromJsonArray }}
+{{- $names := list }}
+{{- range $s := include "smartpath.services" .root | fromJsonArray }}
 {{- if eq $s.app $public }}
-{{- $paths = append $paths (printf "/%s/" $s.grpcService) }}
+{{- $names = append $names $s.grpcService }}
 {{- else }}
 {{- $_ := set $internal $s.grpcService true }}
 {{- end }}
 {{- end }}
-{{- $paths = append $paths "/grpc.health.v1.Health/" }}
-{{- range $name := .Values.ingress.exposeInternalServices }}
+{{- $names = append $names "grpc.health.v1.Health" }}
+{{- range $name := $v.exposeInternalServices }}
 {{- if not (hasKey $internal $name) }}
-{{- fail (printf "ingress.exposeInternalServices: %q is not an internal SmartPath gRPC service (one of %s; %s is always exposed)" $name (keys $internal | sortAlpha | join ", ") (first $paths | trimAll "/")) }}
+{{- fail (printf "%s.exposeInternalServices: %q is not an internal SmartPath gRPC service (one of %s; %s is always exposed)" $.key $name (keys $internal | sortAlpha | join ", ") (first $names)) }}
 {{- end }}
-{{- $paths = append $paths (printf "/%s/" $name) }}
+{{- $names = append $names $name }}
 {{- end }}
-{{- if .Values.ingress.exposeReflection }}
+{{- if $v.exposeReflection }}
 {{- /* Serve's proxy registers v1alpha; v1 is routed too for clients that try it first (they
   fall back to v1alpha on UNIMPLEMENTED). */}}
-{{- $paths = concat $paths (list "/grpc.reflection.v1.ServerReflection/" "/grpc.reflection.v1alpha.ServerReflection/") }}
+{{- $names = concat $names (list "grpc.reflection.v1.ServerReflection" "grpc.reflection.v1alpha.ServerReflection") }}
 {{- end }}
-{{- $paths | uniq | toJson }}
+{{- $names | uniq | toJson }}
+{{- end }}
+
+{{/*
+smartpath.ingress.paths: the path prefixes the Ingress routes, as a JSON list. gRPC calls are
+POST /<package>.<Service>/<Method>, so one prefix per service of smartpath.exposedGrpcServices
+(ingress.exposeInternalServices, ingress.exposeReflection).
+*/}}
+{{- define "smartpath.ingress.paths" -}}
+{{- $paths := list }}
+{{- range $name := include "smartpath.exposedGrpcServices" (dict "root" . "key" "ingress") | fromJsonArray }}
+{{- $paths = append $paths (printf "/%s/" $name) }}
+{{- end }}
+{{- $paths | toJson }}
 {{- end }}
 
 {{/*
@@ -552,8 +591,8 @@ that never appear in the RayService or a ConfigMap. HOME and the cache folders a
 {{/*
 smartpath.volumes: volumes of a SmartPath pod (dict "root" $ "configMap" NAME "auth" BOOL
 "modelCache" BOOL): the config file, the tokens file (auth), an emptyDir at each writable path of
-the read-only image, and the model cache (modelCache: an emptyDir, or modelCache.existingClaim).
-"ray-logs" is KubeRay's own name for /tmp/ray: the autoscaler sidecar KubeRay adds to the head
+the read-only image, the model cache (modelCache: an emptyDir, or modelCache.existingClaim) and
+extraVolumes. "ray-logs" is KubeRay's own name for /tmp/ray: the autoscaler sidecar KubeRay adds to the head
 then mounts this same volume (it shares Ray's logs) instead of a second one.
 */}}
 {{- define "smartpath.volumes" -}}
@@ -604,11 +643,15 @@ then mounts this same volume (it shares Ray's logs) instead of a second one.
     {{- with $v.shm.sizeLimit }}
     sizeLimit: {{ . }}
     {{- end }}
+{{- with .root.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
 smartpath.volumeMounts: mounts matching smartpath.volumes (dict "root" $ "auth" BOOL "modelCache"
-BOOL). The model cache is mounted inside ~/.smartpath (see smartpath.modelCache.initContainer).
+BOOL), plus extraVolumeMounts. The model cache is mounted inside ~/.smartpath (see
+smartpath.modelCache.initContainer).
 */}}
 {{- define "smartpath.volumeMounts" -}}
 - name: config
@@ -633,6 +676,9 @@ BOOL). The model cache is mounted inside ~/.smartpath (see smartpath.modelCache.
 {{- end }}
 - name: dshm
   mountPath: /dev/shm
+{{- with .root.Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -742,19 +788,70 @@ smartpath.rayStartParams: a rayStartParams map with every value quoted (the CRD 
 {{- end }}
 
 {{/*
+smartpath.tolerations: a pod's tolerations (dict "tolerations" LIST "gpus" N): the given ones, plus
+the `nvidia.com/gpu` NoSchedule taint's when the pod requests GPUs and no given toleration
+already covers that key (GPU nodes are usually tainted so that only GPU pods land there).
+*/}}
+{{- define "smartpath.tolerations" -}}
+{{- $tolerations := .tolerations | default list }}
+{{- if gt (int .gpus) 0 }}
+{{- $covered := false }}
+{{- range $tolerations }}
+{{- if or (eq (.key | default "") "nvidia.com/gpu") (and (not .key) (eq (.operator | default "") "Exists")) }}
+{{- $covered = true }}
+{{- end }}
+{{- end }}
+{{- if not $covered }}
+{{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
+{{- end }}
+{{- end }}
+{{- with $tolerations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+smartpath.rayCommand: the Ray container's command. The Ray cluster carries
+`ray.io/overwrite-container-cmd: "true"`, so KubeRay leaves the command alone and hands its
+generated `ray start … --block` over in $KUBERAY_GEN_RAY_START_CMD. tini runs as PID 1 and
+forwards SIGTERM to the process group (-g); bash raises the open-file limit as KubeRay would and
+then execs `ray start` (eval keeps KubeRay's quoting), so the signal reaches Ray at once instead
+of stopping at a bash PID 1 that ignores it until the grace period ends in SIGKILL.
+*/}}
+{{- define "smartpath.rayCommand" -}}
+- tini
+- -g
+- --
+- bash
+- -c
+- 'ulimit -n "${RAY_START_ULIMIT_OPEN_FILES:-65536}"; eval "exec ${KUBERAY_GEN_RAY_START_CMD:?KubeRay did not set KUBERAY_GEN_RAY_START_CMD}"'
+{{- end }}
+
+{{/*
 smartpath.rayPodTemplate: the pod template of a Ray head or worker (dict "root" $ "component" C
 "container" NAME "head" BOOL "resources" MAP "gpus" N "ports" LIST "group" MAP-with-scheduling
 "configMap" NAME "auth" BOOL "storageRole" "serving"|"training", and optionally "ephemeralStorage"
-QTY "modelCache" BOOL). Container 0 is the Ray container (KubeRay adds `ray start` as its command).
-The head mounts the ServiceAccount token when the autoscaler sidecar runs (it patches the
-RayCluster); other pods do not need the Kubernetes API. Every pod of one Ray cluster carries its
-component label (serving, training-sft, training-grpo): the NetworkPolicies scope Ray's ports by it.
+QTY "modelCache" BOOL "drain" BOOL). Container 0 is the Ray container (smartpath.rayCommand runs
+KubeRay's `ray start`). The head mounts the ServiceAccount token when the autoscaler sidecar runs
+(it patches the RayCluster); other pods do not need the Kubernetes API. Every pod of one Ray
+cluster carries its component label (serving, training-sft, training-grpo): the NetworkPolicies
+scope Ray's ports by it.
+
+The pod labels are only the selector labels, the component and the group's podLabels: no
+helm.sh/chart, app.kubernetes.io/version or commonLabels. KubeRay hashes the whole Ray cluster
+spec (pod templates included) to decide whether a RayService needs a new cluster, so a label that
+changes with every chart release would start a whole new Ray cluster, GPUs included, on each
+`helm upgrade` (see README, "Upgrades").
+
+"drain" (serving workers): a preStop hook (`python -m smartpath.services.drain`) asks Ray to drain
+the node and waits until its Serve proxy has stopped, within drain.timeoutSeconds, and the pod
+gets drain.terminationGracePeriodSeconds to do it.
 */}}
 {{- define "smartpath.rayPodTemplate" -}}
 {{- $root := .root -}}
 metadata:
   labels:
-    {{- include "smartpath.componentLabels" (dict "root" $root "component" .component) | nindent 4 }}
+    {{- include "smartpath.componentSelectorLabels" (dict "root" $root "component" .component) | nindent 4 }}
     smartpath.io/ray: "true"
     {{- with .group.podLabels }}
     {{- toYaml . | nindent 4 }}
@@ -766,6 +863,12 @@ metadata:
 spec:
   serviceAccountName: {{ include "smartpath.serviceAccountName" $root }}
   automountServiceAccountToken: {{ if and .head $root.Values.ray.enableInTreeAutoscaling }}true{{ else }}false{{ end }}
+  {{- with .group.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- if .drain }}
+  terminationGracePeriodSeconds: {{ $root.Values.drain.terminationGracePeriodSeconds }}
+  {{- end }}
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
   {{- with $root.Values.imagePullSecrets }}
@@ -776,12 +879,16 @@ spec:
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .group.tolerations }}
+  {{- with include "smartpath.tolerations" (dict "tolerations" .group.tolerations "gpus" .gpus) }}
   tolerations:
-    {{- toYaml . | nindent 4 }}
+    {{- . | nindent 4 }}
   {{- end }}
   {{- with .group.affinity }}
   affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.topologySpreadConstraints }}
+  topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- if .modelCache }}
@@ -792,12 +899,31 @@ spec:
     - name: {{ .container }}
       image: {{ include "smartpath.image" $root }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command:
+        {{- include "smartpath.rayCommand" $root | nindent 8 }}
       {{- with .ports }}
       ports:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       env:
         {{- include "smartpath.env" (dict "root" $root "role" (required "smartpath.rayPodTemplate needs storageRole" .storageRole)) | nindent 8 }}
+      {{- with $root.Values.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- if .drain }}
+      lifecycle:
+        preStop:
+          exec:
+            command:
+              - python
+              - -m
+              - smartpath.services.drain
+              - --timeout-s
+              - {{ $root.Values.drain.timeoutSeconds | quote }}
+              - --health-url
+              - {{ printf "http://127.0.0.1:%v/-/healthz" $root.Values.config.serve.http_port | quote }}
+      {{- end }}
       resources:
         {{- include "smartpath.resources" (dict "resources" .resources "gpus" .gpus "ephemeralStorage" .ephemeralStorage) | nindent 8 }}
       securityContext:
@@ -835,6 +961,16 @@ smartpath.validate: combinations values.schema.json cannot express; fails the re
 {{- $need := include "smartpath.podDiskBytes" (dict "root" $ "modelCache" $pod.modelCache) | float64 }}
 {{- if lt (include "smartpath.quantityBytes" $pod.size | float64) $need }}
 {{- fail (printf "%s=%v is less than the %.2fGi of emptyDirs its pod mounts (volumes.tmp/rayTmp/home/cache.sizeLimit%s): raise it or lower those sizes" $pod.key $pod.size (divf $need 1073741824) (ternary " + modelCache.sizeLimit" "" (and $pod.modelCache (not $.Values.modelCache.existingClaim)))) }}
+{{- end }}
+{{- end }}
+{{- with .Values.drain }}
+{{- if .enabled }}
+{{- if le (int .terminationGracePeriodSeconds) (int .timeoutSeconds) }}
+{{- fail (printf "drain.terminationGracePeriodSeconds=%v must exceed drain.timeoutSeconds=%v: the kubelet kills the pod when the grace period ends, preStop hook included" .terminationGracePeriodSeconds .timeoutSeconds) }}
+{{- end }}
+{{- if lt (float64 .timeoutSeconds) (float64 ($serve.deadline_s | default 0)) }}
+{{- fail (printf "drain.timeoutSeconds=%v is less than config.serve.deadline_s=%v: an analysis in flight when its pod is drained could not finish" .timeoutSeconds $serve.deadline_s) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if not (or .Values.workers.cpu.enabled .Values.workers.gpu.enabled) }}

@@ -4,7 +4,11 @@ smartpath.rayjob: a training RayJob (dict "root" $ "kind" "sft"|"grpo"), the man
 `python -m smartpath.training.<kind> --config /etc/smartpath/config.yaml` in K8sJobMode, storage
 env from the training role's Secret (its own MinIO user, not the root account), the training
 config from a ConfigMap at /etc/smartpath, a fixed worker group (replicas = min = max), and the
-cluster deleted ttlSecondsAfterFinished after the job ends.
+cluster deleted ttlSecondsAfterFinished after the job ends (only with shutdownAfterJobFinishes:
+KubeRay refuses a TTL without it). The job's name carries the run name (training.config.name),
+so a new run is a new RayJob: KubeRay never re-runs a finished one, whatever its spec says.
+The head has num-cpus 0, so Train workers (and their CPUs) always land on the worker pods; Ray
+Train's controller actor asks for no CPU and runs next to the driver on the head.
 */}}
 {{- define "smartpath.rayjob" -}}
 {{- $root := .root -}}
@@ -18,11 +22,17 @@ metadata:
   name: {{ include "smartpath.rayJobName" (dict "root" $root "kind" .kind) }}
   labels:
     {{- include "smartpath.componentLabels" (dict "root" $root "component" $component) | nindent 4 }}
+    smartpath.io/run: {{ include "smartpath.runSlug" $root | quote }}
+  annotations:
+    # KubeRay keeps the Ray containers' command (smartpath.rayCommand: tini, then its `ray start`).
+    ray.io/overwrite-container-cmd: "true"
 spec:
   entrypoint: python -m smartpath.training.{{ .kind }} --config /etc/smartpath/config.yaml
   submissionMode: K8sJobMode
   shutdownAfterJobFinishes: {{ $t.shutdownAfterJobFinishes }}
+  {{- if $t.shutdownAfterJobFinishes }}
   ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+  {{- end }}
   {{- with $t.activeDeadlineSeconds }}
   activeDeadlineSeconds: {{ . }}
   {{- end }}
@@ -73,14 +83,15 @@ spec:
       mode: token
     {{- end }}
     headGroupSpec:
-      # Not num-cpus 0: Ray Train's controller actor wants a CPU (as in training/rayjob.py).
-      rayStartParams: {}
+      # No CPUs for Ray tasks: Train workers must not land on the head (as in training/rayjob.py).
+      rayStartParams:
+        num-cpus: "0"
       template:
         {{- include "smartpath.rayPodTemplate" (dict
           "root" $root "component" $component "container" "ray-head" "head" false
           "resources" $t.head.resources "gpus" 0
           "ports" (list (dict "name" "gcs-server" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "metrics" "containerPort" 8080))
-          "group" (dict) "configMap" $config "auth" false "storageRole" "training") | nindent 8 }}
+          "group" (dict "priorityClassName" $t.priorityClassName) "configMap" $config "auth" false "storageRole" "training") | nindent 8 }}
     workerGroupSpecs:
       - groupName: {{ $workerGroup }}
         replicas: {{ $t.workers.replicas }}
@@ -92,5 +103,6 @@ spec:
             "root" $root "component" $component "container" "ray-worker" "head" false
             "resources" $t.workers.resources "gpus" $t.workers.gpus
             "ports" (list (dict "name" "metrics" "containerPort" 8080))
-            "group" $t.workers "configMap" $config "auth" false "storageRole" "training") | nindent 10 }}
+            "group" (merge (dict "priorityClassName" $t.priorityClassName) $t.workers) "configMap" $config
+            "auth" false "storageRole" "training") | nindent 10 }}
 {{- end }}
