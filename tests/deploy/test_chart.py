@@ -1818,3 +1818,27 @@ def test_should_make_no_secret_when_every_credential_comes_from_an_existing_secr
     )  # fmt: skip
     assert of_kind(bundled, "Secret") == []
     assert of_kind(render(helm, "--set", "auth.enabled=true"), "Secret")  # else they are made
+
+
+def test_should_let_the_gcs_reach_redis_under_default_deny_egress(helm: Path) -> None:
+    ops = ("-f", str(CHART / "ci" / "operations-values.yaml"))
+    redis = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "redis"}}}]
+    objs = render(
+        helm, *ops, "--set", "networkPolicy.egress.enabled=true",
+        "--set-json", f"networkPolicy.egress.redisTo={json.dumps(redis)}",
+    )  # fmt: skip
+    policies = {p["metadata"]["name"]: p for p in of_kind(objs, "NetworkPolicy")}
+    rules = policies["smartpath-ray-serving-egress"]["spec"]["egress"]
+    assert {"ports": [{"port": 6379, "protocol": "TCP"}], "to": redis} in rules
+    for name in ("smartpath-ray-training-sft-egress", "smartpath-ray-training-grpo-egress"):
+        assert not [r for r in policies[name]["spec"]["egress"] if r.get("to") == redis], name
+    # Without GCS fault tolerance, no Redis rule.
+    plain = render(helm, "--set", "networkPolicy.egress.enabled=true")
+    (serving,) = [
+        p
+        for p in of_kind(plain, "NetworkPolicy")
+        if p["metadata"]["name"].endswith("serving-egress")
+    ]
+    assert all(
+        r.get("ports") != [{"port": 6379, "protocol": "TCP"}] for r in serving["spec"]["egress"]
+    )
