@@ -3,15 +3,17 @@ that made them, and their file format (safetensors, or ``.npz`` made elsewhere).
 
 They are what the slide aggregator reads, what the encoder service caches in object storage
 and what WSI training samples reference. Files: safetensors (tensors ``features`` float32
-(N, D) and ``coords`` int64 (N, 2); the strings ``mpp``, ``tile_size_px``, ``encoder`` and
-``format`` as metadata), written atomically. ``.npz`` files with arrays ``features`` and
-``coords`` (optional ``mpp``, ``tile_size_px``, ``encoder``) are read too; a missing ``mpp``
-means 1.0 µm/px (``SlideInput``'s default). torch is imported only by
+(N, D) and ``coords`` int64 (N, 2); the strings ``mpp``, ``tile_size_px``, ``encoder``,
+``format`` and ``sha256`` (of the two arrays, checked on read) as metadata), written
+atomically. ``.npz`` files with arrays ``features`` and ``coords`` (optional ``mpp``,
+``tile_size_px``, ``encoder``) are read too; a missing ``mpp`` means 1.0 µm/px
+(``SlideInput``'s default). torch is imported only by
 :meth:`SlideFeatures.to_slide_input`, so reading features stays a light numpy job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -112,22 +114,31 @@ def _positive(name: str, value: object) -> float:
 # Files
 
 
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the features' and coordinates' bytes, as stored."""
+    digest = hashlib.sha256()
+    for name in ("features", "coords"):
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return digest.hexdigest()
+
+
 def features_bytes(feats: SlideFeatures) -> bytes:
-    """``feats`` as the bytes of a ``.safetensors`` feature file (see :func:`load_features`)."""
+    """``feats`` as the bytes of a ``.safetensors`` feature file (see :func:`load_features`),
+    with the SHA-256 of its arrays in the metadata, so that a damaged copy is never read as
+    features."""
+    tensors = {
+        "features": np.ascontiguousarray(feats.features, dtype=np.float32),
+        "coords": np.ascontiguousarray(feats.coords, dtype=np.int64),
+    }
     metadata = {
         "format": FORMAT,
         "mpp": repr(float(feats.mpp)),
         "encoder": feats.encoder,
+        "sha256": _digest(tensors),
     }
     if feats.tile_size_px is not None:
         metadata["tile_size_px"] = repr(float(feats.tile_size_px))
-    return st_save(
-        {
-            "features": np.ascontiguousarray(feats.features, dtype=np.float32),
-            "coords": np.ascontiguousarray(feats.coords, dtype=np.int64),
-        },
-        metadata=metadata,
-    )
+    return st_save(tensors, metadata=metadata)
 
 
 def save_features(dest: str | Path, feats: SlideFeatures) -> Path:
@@ -180,6 +191,9 @@ def _from_safetensors(data: bytes) -> SlideFeatures:
     except (SafetensorError, ValueError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(f"not a readable safetensors file ({e})") from None
     _require(tensors, "safetensors")
+    # Files written before the checksum existed have none; every file this code writes has one.
+    if "sha256" in metadata and metadata["sha256"] != _digest(tensors):
+        raise ValueError("checksum mismatch: the file is damaged")
     return SlideFeatures(
         features=tensors["features"],
         coords=tensors["coords"],

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from smartpath.core.config import SmartPathConfig
-from smartpath.core.errors import ResourceExhaustedError, SmartPathError
+from smartpath.core.errors import ResourceExhaustedError, SmartPathError, UnavailableError
 from smartpath.services.auth import ANONYMOUS, AuditLog, TokenCheck
 from smartpath.services.contracts import SERVICE_OF_APP
 
@@ -160,10 +160,32 @@ def _redact(details: str) -> str:
     return re.sub(r"'[^']*'", "'…'", details)
 
 
+LOST_REPLICA = "a service replica was lost; retry"
+
+
+def _replica_lost() -> tuple[type[BaseException], ...]:
+    """Ray's and Serve's errors for a replica (or its worker process, or its node) that died or
+    cannot be reached: the callee is gone, not wrong, so the call may succeed when retried."""
+    from ray import exceptions as ray_errors
+    from ray.serve import exceptions as serve_errors
+
+    return (
+        ray_errors.RayActorError,  # ActorDiedError, ActorUnavailableError
+        ray_errors.WorkerCrashedError,
+        ray_errors.NodeDiedError,
+        ray_errors.LocalRayletDiedError,
+        ray_errors.ObjectLostError,  # a result held by a lost worker
+        ray_errors.OutOfMemoryError,  # Ray killed the worker to save its node
+        serve_errors.DeploymentUnavailableError,
+        serve_errors.ReplicaUnavailableError,
+    )
+
+
 def domain_error(error: BaseException) -> BaseException:
     """The error a caller should see: errors from other replicas arrive wrapped in Ray's
-    RayTaskError (whose text holds the remote stack trace), and a full deployment queue is
-    Serve's BackPressureError."""
+    RayTaskError (whose text holds the remote stack trace), a full deployment queue is Serve's
+    BackPressureError, and a lost replica (killed, crashed, its node gone) is UNAVAILABLE: a
+    retry reaches the replica Serve starts in its place."""
     from ray.exceptions import RayTaskError
     from ray.serve.exceptions import BackPressureError
 
@@ -171,6 +193,9 @@ def domain_error(error: BaseException) -> BaseException:
         error = error.cause
     if isinstance(error, BackPressureError):
         return ResourceExhaustedError("the service is at capacity; retry with backoff")
+    if isinstance(error, _replica_lost()):
+        logger.warning("a replica was lost mid-call: %s", type(error).__name__)
+        return UnavailableError(LOST_REPLICA)
     return error
 
 
@@ -315,14 +340,46 @@ def _application_statuses() -> dict[str, str]:
     return {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()}
 
 
+def map_lost_replicas_in_proxy() -> None:
+    """Make Serve's gRPC proxy answer UNAVAILABLE, not INTERNAL, when the replica holding a call
+    is lost (the gateway SIGKILLed mid-call, its node gone).
+
+    Serve's proxy turns any Ray error into INTERNAL with the error's text, which names actors,
+    processes and node addresses. A lost replica is no bug: a retry reaches the replica Serve
+    starts in its place, and the caller should hear so. Serve has no hook for this, so the
+    proxy's status function (``ray.serve._private.proxy.get_grpc_response_status``, private) is
+    wrapped in the proxy process; tests/services/test_faults.py checks the target still exists.
+    Idempotent.
+    """
+    from ray.serve._private import proxy
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    original = proxy.get_grpc_response_status
+    if getattr(original, "smartpath_wrapped", False):
+        return
+
+    def status(exc: BaseException, request_timeout_s: float | None, request_id: str) -> Any:
+        if isinstance(exc, _replica_lost()):
+            logger.warning("rpc %s: a replica was lost: %s", request_id, type(exc).__name__)
+            return ResponseStatus(
+                code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=LOST_REPLICA
+            )
+        return original(exc, request_timeout_s, request_id)
+
+    status.smartpath_wrapped = True  # type: ignore[attr-defined]
+    proxy.get_grpc_response_status = status
+
+
 def add_health_servicer(_servicer: Any, server: Any) -> None:
     """Register ``grpc.health.v1.Health`` on Serve's gRPC proxy (a grpc_servicer_functions entry).
 
     Serve passes a placeholder servicer; the real one runs in the proxy as a passthrough
-    service, so it answers without ``application`` metadata.
+    service, so it answers without ``application`` metadata. Being the one SmartPath code that
+    runs in the proxy, it also installs :func:`map_lost_replicas_in_proxy`.
     """
     from grpc_health.v1 import health_pb2_grpc
 
+    map_lost_replicas_in_proxy()
     if hasattr(server, "add_passthrough_service"):
         server.add_passthrough_service(health.SERVICE_NAME)
     health_pb2_grpc.add_HealthServicer_to_server(ServeHealthServicer(), server)

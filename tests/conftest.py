@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,9 +61,27 @@ def openslide_fixtures() -> Path:
     return FIXTURES
 
 
+@dataclass(frozen=True)
+class MotoServer:
+    """A running moto_server: its host:port, and a way to make it stop answering for a while."""
+
+    endpoint: str
+    process: subprocess.Popen
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The server hangs (SIGSTOP): connections open, nothing answers, as a storage outage
+        looks to clients; it answers again (SIGCONT) on leaving the block."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """Run a real S3 API server (moto_server) on 127.0.0.1; yields its host:port."""
+def moto_server() -> Iterator[MotoServer]:
+    """Run a real S3 API server (moto_server) on 127.0.0.1."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -78,17 +98,23 @@ def moto_server() -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail("moto_server did not start within 30 s")
                 time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield MotoServer(f"127.0.0.1:{port}", proc)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
+def s3_server() -> Iterator[MotoServer]:
+    """The session's S3 server."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: MotoServer) -> str:
     """The session's S3 server, as host:port."""
-    with moto_server() as endpoint:
-        yield endpoint
+    return s3_server.endpoint
 
 
 @pytest.fixture

@@ -61,7 +61,8 @@ class AuthServer:
 @pytest.fixture(scope="module")
 def auth_server() -> Iterator[AuthServer]:
     """A moto_server of its own that enforces IAM authentication and authorization."""
-    with moto_server() as endpoint:
+    with moto_server() as moto:
+        endpoint = moto.endpoint
         url = f"http://{endpoint}"
         iam = boto3.client(
             "iam",

@@ -1,0 +1,213 @@
+"""Faults under load, over real gRPC against the live Serve stack: a replica SIGKILLed mid-call
+ends the calls it held with UNAVAILABLE (a lost replica is not a bug: retrying reaches the one
+Serve starts in its place), never INTERNAL; no call hangs; Serve replaces the replica and calls
+succeed again."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from smartpath.core.config import SmartPathConfig
+from smartpath.core.errors import UnavailableError
+from smartpath.core.storage import ObjectRef, make_store
+from smartpath.model.slide_features import load_features
+from smartpath.services.grpc_util import LOST_REPLICA, domain_error, map_lost_replicas_in_proxy
+from smartpath.training.synthetic.slides import SyntheticSlide
+from smartpath.v1 import common_pb2, pathology_pb2, pathology_pb2_grpc
+from tests.conftest import MotoServer
+from tests.services.conftest import API_TOKEN
+
+AUTH = (("application", "gateway"), ("authorization", f"Bearer {API_TOKEN}"))
+CALL_TIMEOUT_S = 60
+RECOVERY_LIMIT_S = 90
+
+
+def test_lost_replicas_are_unavailable_not_internal() -> None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    lost = [
+        ActorDiedError(),
+        ActorUnavailableError("node unreachable", None),
+        DeploymentUnavailableError("decoder"),
+        # A lost replica seen through another replica: Ray wraps it in a RayTaskError.
+        RayTaskError("Decode", "traceback", ActorDiedError()),
+    ]
+    for error in lost:
+        mapped = domain_error(error)
+        assert isinstance(mapped, UnavailableError), type(error).__name__
+        assert "retry" in str(mapped) and "Actor" not in str(mapped)
+    assert not isinstance(domain_error(ValueError("a bug")), UnavailableError)
+
+
+def test_the_proxy_answers_unavailable_for_a_lost_replica() -> None:
+    """The proxy-side mapping wraps Serve's (private) status function, which must still exist
+    with the signature the wrapper calls."""
+    import inspect
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve._private import proxy
+
+    assert list(inspect.signature(proxy.get_grpc_response_status).parameters) == [
+        "exc",
+        "request_timeout_s",
+        "request_id",
+    ]
+    map_lost_replicas_in_proxy()
+    map_lost_replicas_in_proxy()  # idempotent: wraps once
+    status = proxy.get_grpc_response_status
+    lost = status(ActorDiedError(), None, "req-1")
+    assert (lost.code, lost.message) == (grpc.StatusCode.UNAVAILABLE, LOST_REPLICA)
+    # Everything else is Serve's own answer.
+    assert status(TimeoutError(), 5.0, "req-2").code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass
+class _Call:
+    start: float
+    end: float
+    code: grpc.StatusCode
+
+
+def _png(seed: int) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _replica(app: str) -> tuple[str, str]:
+    """(name, namespace) of the one replica actor of a Serve application."""
+    import ray
+
+    (replica,) = [
+        (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#")
+    ]
+    return replica
+
+
+@pytest.mark.parametrize("app", ["decoder", "encoder", "gateway"])
+def test_a_replica_killed_under_load_ends_calls_unavailable_and_is_replaced(
+    grpc_channel: grpc.Channel, app: str
+) -> None:
+    import ray
+
+    stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
+    request = pathology_pb2.AnalyzeRegionRequest(
+        image=_png(7), question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
+    )
+    stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)  # warm
+    calls: list[_Call] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            calls.append(_Call(start, time.monotonic(), code))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # calls in flight at every stage
+    name, namespace = _replica(app)
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)  # SIGKILL, no cleanup
+    # Load goes on until a call that started after the kill succeeds: the replacement serves.
+    recovered_at = None
+    while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
+        done = [c for c in calls if c.start > killed_at and c.code == grpc.StatusCode.OK]
+        if done:
+            recovered_at = min(c.end for c in done)
+            break
+        time.sleep(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=CALL_TIMEOUT_S + 5)
+    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    assert recovered_at is not None, f"no call succeeded within {RECOVERY_LIMIT_S} s of the kill"
+    codes = {c.code for c in calls}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert all(c.end - c.start < CALL_TIMEOUT_S for c in calls)
+    assert _replica(app)[0] != name  # Serve started another replica
+    lost = sum(c.code == grpc.StatusCode.UNAVAILABLE for c in calls)
+    print(
+        f"{app}: {len(calls)} calls, {lost} UNAVAILABLE, "
+        f"recovered {recovered_at - killed_at:.1f} s after the kill"
+    )
+
+
+def test_a_storage_outage_mid_analysis_ends_unavailable_and_leaves_nothing_broken(
+    grpc_channel: grpc.Channel,
+    serve_instance: SmartPathConfig,
+    s3_server: MotoServer,
+    synthetic_svs: SyntheticSlide,
+    tmp_path: Path,
+) -> None:
+    """Storage stops answering for 10 s while a slide is analysed: the call ends UNAVAILABLE
+    (or completes, if the slide was read before), within its deadline; afterwards the same
+    slide analyses without restarting anything, and the feature cache holds no broken entry."""
+    store = make_store(serve_instance.storage)
+    store.ensure_bucket("faults")
+    # New content, so neither the slide cache nor the feature cache has it.
+    copy = tmp_path / f"outage-{uuid.uuid4().hex}.svs"
+    copy.write_bytes(synthetic_svs.path.read_bytes() + uuid.uuid4().bytes)
+    ref = ObjectRef("faults", copy.name)
+    store.upload(copy, ref)
+    stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
+    request = pathology_pb2.AnalyzeSlideRequest(
+        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"),
+        question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION),
+    )
+    outcome: dict[str, object] = {}
+
+    def analyse_slide() -> pathology_pb2.Analysis:
+        *_, last = stub.AnalyzeSlide(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
+        return last.analysis
+
+    def analyse() -> None:
+        start = time.monotonic()
+        try:
+            analyse_slide()
+            outcome["code"] = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            outcome["code"], outcome["details"] = exc.code(), exc.details()
+        outcome["seconds"] = time.monotonic() - start
+
+    caller = threading.Thread(target=analyse, daemon=True)
+    with s3_server.down():
+        caller.start()
+        time.sleep(10)
+    caller.join(timeout=CALL_TIMEOUT_S + 5)
+    assert not caller.is_alive(), "the call hung"
+    assert outcome["code"] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK), outcome
+    if outcome["code"] == grpc.StatusCode.UNAVAILABLE:
+        assert serve_instance.storage.endpoint not in str(outcome["details"])
+    # Storage is back: the same slide analyses, nothing restarted.
+    start = time.monotonic()
+    assert analyse_slide().label
+    bucket = serve_instance.model.features_bucket
+    entries = list(store.list(bucket))
+    assert entries  # the recovered call cached its features
+    for info in entries:  # every entry loads whole and its checksum holds
+        load_features(store.get_bytes(ObjectRef(bucket, info.key)))
+    print(
+        f"storage outage: first call {outcome['code'].name} after {outcome['seconds']:.1f} s; "
+        f"recovered call {time.monotonic() - start:.1f} s"
+    )
