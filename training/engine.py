@@ -31,7 +31,9 @@ Design decisions:
   client state) into a temp folder and reports it to Ray Train, which merges the ranks' files
   into one checkpoint under ``{run}/{stage}/`` in the run's storage (local folder or S3).
   A worker failure makes Ray Train restart the whole group (``FailureConfig``) and each rank
-  reloads the latest checkpoint: steps before it are not redone, steps after it are.
+  reloads the latest checkpoint: steps before it are not redone, steps after it are. The
+  checkpoint carries the SHA-256 of the trainable parameters and of the optimizer's and lr
+  schedule's state (all ranks); a resume whose restored state hashes otherwise fails.
 - Trust (:mod:`smartpath.training.checkpoint_trust`): DeepSpeed's checkpoint files are pickles.
   Each checkpoint carries ``smartpath-checkpoint-sums.json`` (sha256 and size of every file,
   written last); resume verifies it before anything is unpickled and fails the run on a
@@ -50,6 +52,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -75,6 +78,7 @@ from smartpath.model.devices import resolve_dtype
 from smartpath.model.experts import ExpertRouting, MixtureLoRALinear, expert_modules
 from smartpath.model.mllm import SmartPathModel
 from smartpath.training.checkpoint_trust import (
+    CheckpointIntegrityError,
     file_sums,
     merge_sums,
     use_weights_only_loading,
@@ -194,6 +198,25 @@ def _routed(
             module.routing = r
 
 
+def _update_digest(digest: Any, value: Any) -> None:
+    """Feed ``value`` into ``digest``: tensors by dtype, shape and bytes; mappings by sorted key;
+    sequences in order; numbers and strings by repr. Anything else (DeepSpeed's loss scaler,
+    fragment address tables) is not state a resume must reproduce and is left out."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(str(key).encode())
+            _update_digest(digest, value[key])
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _update_digest(digest, item)
+    elif isinstance(value, bool | int | float | str) or value is None:
+        digest.update(repr(value).encode())
+
+
 def enable_gradient_checkpointing(model: SmartPathModel) -> None:
     """Turn on the base's non-reentrant activation checkpointing (every decoder block of the LM
     and every block of the vision tower).
@@ -302,13 +325,36 @@ class DeepSpeedRun:
         with tempfile.TemporaryDirectory(prefix="smartpath-restore-") as folder:
             return self.load(checkpoint.to_directory(folder))
 
+    def state_digest(self) -> str:
+        """SHA-256 of the state a resume must give back: the trainable parameters and the
+        optimizer's and the lr schedule's state, over every rank (a collective when
+        distributed: under ZeRO each rank holds its own partition of the optimizer state)."""
+        import torch.distributed as dist
+
+        digest = hashlib.sha256()
+        for value in (self.params, self.optimizer.state_dict(), self.scheduler.state_dict()):
+            _update_digest(digest, value)
+        local = digest.hexdigest()
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return local
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+
     def load(self, folder: str | Path) -> tuple[int, list[dict[str, float]]]:
         """Verify the checkpoint in ``folder`` against its sha256 manifest (CheckpointIntegrityError
-        before anything is unpickled), then load it: (first step to run, history so far)."""
+        before anything is unpickled), then load it: (first step to run, history so far).
+        The restored parameters and optimizer state must be the saved ones, tensor for tensor
+        (their digest against the one saved with them), or CheckpointIntegrityError."""
         verify_checkpoint(folder)
         _, client = self.engine.load_checkpoint(
             str(folder), tag=CHECKPOINT_TAG, load_module_strict=False
         )
+        saved = client.get("state_digest")
+        if saved is not None and self.state_digest() != saved:
+            raise CheckpointIntegrityError(
+                "the restored parameters or optimizer state differ from the checkpoint's"
+            )
         step = int(client["step"])
         self.resumes = int(client.get("resumes", 0)) + 1
         logger.info("resumed from the checkpoint at step %d", step)
@@ -319,10 +365,16 @@ class DeepSpeedRun:
         every rank calls it); rank 0 then writes the sha256 manifest of every rank's files."""
         import torch.distributed as dist
 
+        state_digest = self.state_digest()
         self.engine.save_checkpoint(
             str(folder),
             tag=CHECKPOINT_TAG,
-            client_state={"step": step, "history": history, "resumes": self.resumes},
+            client_state={
+                "step": step,
+                "history": history,
+                "resumes": self.resumes,
+                "state_digest": state_digest,
+            },
             exclude_frozen_parameters=True,
         )
         sums = file_sums(folder)

@@ -211,3 +211,70 @@ def test_a_storage_outage_mid_analysis_ends_unavailable_and_leaves_nothing_broke
         f"storage outage: first call {outcome['code'].name} after {outcome['seconds']:.1f} s; "
         f"recovered call {time.monotonic() - start:.1f} s"
     )
+
+
+def test_200_clients_mixing_region_and_slide_calls_all_get_an_answer(
+    grpc_channel: grpc.Channel,
+    serve_instance: SmartPathConfig,
+    synthetic_svs: SyntheticSlide,
+) -> None:
+    """Load far above the session's queues (gateway: 8 ongoing, 8 queued): every call ends OK,
+    RESOURCE_EXHAUSTED (back off, retry) or DEADLINE_EXCEEDED, none hangs, and both kinds of
+    call keep being served."""
+    store = make_store(serve_instance.storage)
+    store.ensure_bucket("faults")
+    ref = ObjectRef("faults", "load.svs")
+    store.upload(synthetic_svs.path, ref)
+    stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
+    classify = pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
+    slide = pathology_pb2.AnalyzeSlideRequest(
+        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"), question=classify
+    )
+    region = pathology_pb2.AnalyzeRegionRequest(image=_png(11), question=classify)
+    *_, warm = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S)
+    assert warm.analysis.label  # features cached: slide calls now cost a decode, as in use
+    timeout_s, duration_s = 20.0, 15.0
+    calls: dict[str, list[_Call]] = {"region": [], "slide": []}
+    stop = threading.Event()
+
+    def client(kind: str) -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                if kind == "region":
+                    stub.AnalyzeRegion(region, metadata=AUTH, timeout=timeout_s)
+                else:
+                    *_, last = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=timeout_s)
+                    assert last.analysis.label
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            calls[kind].append(_Call(start, time.monotonic(), code))
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                time.sleep(0.5)  # what the status asks of a client
+
+    threads = [
+        threading.Thread(target=client, args=("region" if i % 2 else "slide",), daemon=True)
+        for i in range(200)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(duration_s)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=timeout_s + 10)
+    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    allowed = {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+    for kind, done in calls.items():
+        codes = {c.code for c in done}
+        assert codes <= allowed, (kind, codes)
+        ok = sorted(c.end - c.start for c in done if c.code == grpc.StatusCode.OK)
+        assert ok, f"no {kind} call was served under load"
+        assert max(c.end - c.start for c in done) < timeout_s + 5
+        counts = {code.name: sum(c.code == code for c in done) for code in codes}
+        p50, p99 = ok[len(ok) // 2], ok[min(len(ok) - 1, int(len(ok) * 0.99))]
+        print(f"{kind}: {counts}; OK latency p50 {p50:.2f} s, p99 {p99:.2f} s")

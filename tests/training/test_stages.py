@@ -279,3 +279,75 @@ def test_deepspeed_bf16_run_trains_only_the_trainable_parameters(tmp_path: Path)
     assert result["master"] == ["torch.float32"]
     assert result["master_numel"] >= result["trainable_numel"]
     assert result["frozen_same"] and result["moved"] > 0
+
+
+RESUME_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from smartpath.core.config.model import ModelConfig
+from smartpath.core.config.training import DistributedConfig, OptimConfig
+from smartpath.model.base import base_from_config
+from smartpath.model.mllm import MultimodalBatch, SmartPathModel
+from smartpath.training.checkpoint_trust import CheckpointIntegrityError
+from smartpath.training.engine import DeepSpeedRun, trainable_parameters
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = ModelConfig(preset="tiny", aggregator={"feature_dim": 32})
+base, tokenizer = base_from_config(cfg, dtype=torch.float32)
+model = SmartPathModel(cfg, base, tokenizer)
+params = trainable_parameters(model, train_base=False)
+run = DeepSpeedRun(model, params, OptimConfig(lr=1e-2, warmup_steps=1), DistributedConfig(),
+                   batch_size=2, total_steps=8, device=torch.device("cpu"))
+ids = torch.randint(10, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+batch = MultimodalBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        task_ids=torch.tensor([0, 1]), scale_ids=torch.tensor([0, 0]))
+
+def step():
+    run.engine.train()
+    run.backward(run.engine(batch).logits.float().log_softmax(-1)[..., 5].mean().neg())
+    run.engine.step()
+
+def snapshot():
+    moments = [t.clone() for s in run.optimizer.optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t)]
+    return [p.detach().clone() for p in params], moments
+
+for _ in range(2):
+    step()
+saved, digest = snapshot(), run.state_digest()
+run.save(sys.argv[1], step=2, history=[])
+step()
+moved = run.state_digest() != digest
+first, _ = run.load(sys.argv[1])
+restored = snapshot()
+same = all(torch.equal(a, b) for a, b in zip(saved[0] + saved[1], restored[0] + restored[1]))
+# A resume that brings back the weights but not the optimizer's moments is refused.
+step()
+real = run.engine.load_checkpoint  # patched on this instance only
+run.engine.load_checkpoint = lambda *a, **k: real(*a, **k, load_optimizer_states=False)
+try:
+    run.load(sys.argv[1])
+    refused = False
+except CheckpointIntegrityError:
+    refused = True
+print(json.dumps({"first": first, "moved": moved, "same": same, "refused": refused,
+                  "n_moments": len(saved[1])}))
+"""
+
+
+def test_a_resume_restores_parameters_and_optimizer_state_tensor_for_tensor(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "ckpt")],
+        env=deepspeed_process_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["first"] == 2 and result["moved"]  # a step after the save changed the state
+    assert result["n_moments"] > 0
+    assert result["same"]  # every parameter and Adam moment equals the saved one
+    assert result["refused"]  # weights alone (stale moments) fail the state digest
