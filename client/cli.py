@@ -20,8 +20,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,13 +99,20 @@ def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
 
     _setup_environment()
     serving.start(config)
+    # After Ray's start: its driver installs a crash handler for SIGTERM (a stack dump, then
+    # abort) that this replaces.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     serving.deploy(config)
     print(f"SmartPath serving gRPC on port {config.serve.grpc_port}; Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
+    while not stop.wait(1.0):
+        pass
+    # Serve's graceful shutdown: every replica finishes the calls it holds (at most
+    # serve.deadline_s, its graceful_shutdown_timeout_s) before Ray stops.
+    print("SmartPath stopping: calls in flight finish first", flush=True)
+    serving.shutdown()
+    return 0
 
 
 def _csv(value: str | None) -> list[str]:

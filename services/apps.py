@@ -45,6 +45,9 @@ def deployment_options(config: SmartPathConfig, app: str) -> dict[str, Any]:
             "target_ongoing_requests": d.autoscaling.target_ongoing_requests,
         },
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        # A replica being replaced (redeploy, scale-down, its node drained) finishes the calls
+        # it holds; none outlives the server-side deadline (Serve's default cut: 20 s).
+        "graceful_shutdown_timeout_s": config.serve.deadline_s,
     }
 
 

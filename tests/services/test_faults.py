@@ -6,6 +6,10 @@ succeed again."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from smartpath.core.config import SmartPathConfig
@@ -24,7 +29,7 @@ from smartpath.model.slide_features import load_features
 from smartpath.services.grpc_util import LOST_REPLICA, domain_error, map_lost_replicas_in_proxy
 from smartpath.training.synthetic.slides import SyntheticSlide
 from smartpath.v1 import common_pb2, pathology_pb2, pathology_pb2_grpc
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, free_port
 from tests.services.conftest import API_TOKEN
 
 AUTH = (("application", "gateway"), ("authorization", f"Bearer {API_TOKEN}"))
@@ -278,3 +283,137 @@ def test_200_clients_mixing_region_and_slide_calls_all_get_an_answer(
         counts = {code.name: sum(c.code == code for c in done) for code in codes}
         p50, p99 = ok[len(ok) // 2], ok[min(len(ok) - 1, int(len(ok) * 0.99))]
         print(f"{kind}: {counts}; OK latency p50 {p50:.2f} s, p99 {p99:.2f} s")
+
+
+def test_a_redeploy_under_load_finishes_the_calls_in_flight(
+    grpc_channel: grpc.Channel, serve_instance: SmartPathConfig
+) -> None:
+    """A Serve redeploy that replaces the gateway's replica (new actor options) while calls run:
+    every call ends OK (the old replica finishes what it holds, graceful_shutdown_timeout_s =
+    serve.deadline_s; new calls wait for or reach the new one) or UNAVAILABLE, none hangs."""
+    from smartpath.services import serving
+
+    stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
+    request = pathology_pb2.AnalyzeRegionRequest(
+        image=_png(13), question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
+    )
+    calls: list[_Call] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            calls.append(_Call(start, time.monotonic(), code))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    before = _replica("gateway")[0]
+    gateway = serve_instance.serve.gateway
+    bumped = serve_instance.model_copy(deep=True)
+    bumped.serve.gateway = gateway.model_copy(update={"num_cpus": gateway.num_cpus + 0.05})
+    redeployed_at = time.monotonic()
+    try:
+        serving.deploy(bumped)  # returns once the new replica runs
+        done_at = time.monotonic()
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=CALL_TIMEOUT_S + 5)
+        serving.deploy(serve_instance)  # the session's own options again
+    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    assert _replica("gateway")[0] != before  # the replica was replaced, twice
+    spanning = [c for c in calls if c.start < redeployed_at < c.end]
+    codes = {c.code for c in calls}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert [c for c in calls if c.start > done_at and c.code == grpc.StatusCode.OK]
+    lost = sum(c.code != grpc.StatusCode.OK for c in calls)
+    print(
+        f"redeploy: {len(calls)} calls, {len(spanning)} in flight at the redeploy, "
+        f"{lost} not OK; rollout {done_at - redeployed_at:.1f} s"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SMARTPATH_SLOW"), reason="set SMARTPATH_SLOW=1")
+def test_sigterm_to_smartpath_serve_lets_calls_in_flight_finish(tmp_path: Path) -> None:
+    """`smartpath serve` in a process of its own (its own Ray), SIGTERM with calls in flight:
+    they end OK, calls after the signal end OK or UNAVAILABLE (never hang or vanish), and the
+    process exits 0 within the grace period."""
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    small = {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    serve = {app: small for app in ("tiler", "encoder", "router", "decoder", "gateway")}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"local_root": str(tmp_path / "storage")},
+                "slide_cache": {"dir": str(tmp_path / "cache")},
+                "serve": {"grpc_port": port, "http_port": free_port(), **serve},
+            }
+        )
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "smartpath.client.cli", "--config", str(config), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pathology_pb2_grpc.PathologyStub(channel)
+        request = pathology_pb2.AnalyzeRegionRequest(
+            image=_png(17), question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
+        )
+        metadata = (("application", "gateway"),)
+        deadline = time.monotonic() + 240
+        while True:  # ready when a call succeeds
+            try:
+                stub.AnalyzeRegion(request, metadata=metadata, timeout=30)
+                break
+            except grpc.RpcError:
+                assert server.poll() is None and time.monotonic() < deadline, "no start"
+                time.sleep(1)
+        calls: list[_Call] = []
+
+        def call() -> None:
+            start = time.monotonic()
+            try:
+                stub.AnalyzeRegion(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            calls.append(_Call(start, time.monotonic(), code))
+
+        in_flight = [threading.Thread(target=call) for _ in range(6)]
+        for thread in in_flight:
+            thread.start()
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        after = [threading.Thread(target=call) for _ in range(3)]
+        for thread in after:
+            thread.start()
+            time.sleep(0.5)
+        for thread in in_flight + after:
+            thread.join(timeout=CALL_TIMEOUT_S + 5)
+        assert server.wait(timeout=180) == 0
+        exited = time.monotonic() - signalled
+        channel.close()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    first = [c for c in calls if c.start < signalled]
+    assert len(first) == 6 and {c.code for c in first} == {grpc.StatusCode.OK}, first
+    late = {c.code for c in calls if c.start >= signalled}
+    assert late <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, late
+    print(
+        f"SIGTERM: in flight all OK; after it {sorted(c.name for c in late)}; exit {exited:.1f} s"
+    )

@@ -499,7 +499,7 @@ each service's servicer, then the health servicer on the proxy itself.
 smartpath.serveConfig: the RayService's serveConfigV2, the document `smartpath serve
 --print-config` prints (smartpath.services.apps.serve_config): gRPC options, and per application
 (callees before callers) its builder import path, args {config: <the tree>} and the deployment's
-options from config.serve.<app>. JSON (valid YAML), for the reason given at smartpath.config.
+options from config.serve.<app> (and a graceful shutdown as long as config.serve.deadline_s). JSON (valid YAML), for the reason given at smartpath.config.
 */}}
 {{- define "smartpath.serveConfig" -}}
 {{- $cfg := include "smartpath.config" . | fromJson }}
@@ -519,7 +519,8 @@ options from config.serve.<app>. JSON (valid YAML), for the reason given at smar
     "target_ongoing_requests" (required (printf "config.serve.%s.autoscaling.target_ongoing_requests is required" $app) $scale.target_ongoing_requests))
   "ray_actor_options" (dict
     "num_cpus" (required (printf "config.serve.%s.num_cpus is required" $app) $d.num_cpus)
-    "num_gpus" (required (printf "config.serve.%s.num_gpus is required" $app) $d.num_gpus)) }}
+    "num_gpus" (required (printf "config.serve.%s.num_gpus is required" $app) $d.num_gpus))
+  "graceful_shutdown_timeout_s" (required "config.serve.deadline_s is required" $serve.deadline_s) }}
 {{- $apps = append $apps (dict
   "name" $app
   "route_prefix" (printf "/%s" $app)
