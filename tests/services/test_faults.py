@@ -417,3 +417,72 @@ def test_sigterm_to_smartpath_serve_lets_calls_in_flight_finish(tmp_path: Path) 
     print(
         f"SIGTERM: in flight all OK; after it {sorted(c.name for c in late)}; exit {exited:.1f} s"
     )
+
+
+def _replica_rss() -> dict[tuple[int, str], int]:
+    """Resident memory (bytes) of each Serve replica process on this machine, by (pid, app)."""
+    import psutil
+
+    rss = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::ServeReplica:"):
+            app = cmdline[0].split(":")[3]  # "ray::ServeReplica:<app>:<deployment>[.<method>]"
+            rss[(proc.info["pid"], app)] = proc.info["memory_info"].rss
+    return rss
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SMARTPATH_SLOW"), reason="set SMARTPATH_SLOW=1")
+def test_a_soak_grows_no_replica_by_5_percent(
+    grpc_channel: grpc.Channel, serve_instance: SmartPathConfig, synthetic_svs: SyntheticSlide
+) -> None:
+    """Mixed region and slide load for ``SMARTPATH_SOAK_S`` seconds (600) after a warm-up: each
+    replica's resident memory grows by less than 5%."""
+    soak_s = float(os.environ.get("SMARTPATH_SOAK_S", "600"))
+    store = make_store(serve_instance.storage)
+    store.ensure_bucket("faults")
+    ref = ObjectRef("faults", "soak.svs")
+    store.upload(synthetic_svs.path, ref)
+    stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
+    classify = pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
+    slide = pathology_pb2.AnalyzeSlideRequest(
+        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"), question=classify
+    )
+    errors: list[grpc.StatusCode] = []
+    counts = {"region": 0, "slide": 0}
+    stop = threading.Event()
+
+    def client(kind: str, seed: int) -> None:
+        region = pathology_pb2.AnalyzeRegionRequest(image=_png(seed), question=classify)
+        while not stop.is_set():
+            try:
+                if kind == "region":
+                    stub.AnalyzeRegion(region, metadata=AUTH, timeout=CALL_TIMEOUT_S)
+                else:
+                    list(stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S))
+                counts[kind] += 1
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+    threads = [
+        threading.Thread(target=client, args=(kind, seed), daemon=True)
+        for seed, kind in enumerate(["region"] * 4 + ["slide"])
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(min(120.0, soak_s / 5))  # warm-up: caches, allocator pools, lazy imports
+    warm = _replica_rss()
+    time.sleep(soak_s)
+    after = _replica_rss()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=CALL_TIMEOUT_S + 5)
+    assert not errors, set(errors)
+    assert set(warm) == set(after) and len(warm) == 5, (warm, after)  # no replica restarted
+    growth = {name: after[name] / warm[name] - 1 for name in warm}
+    print(
+        f"soak {soak_s:.0f} s, {counts} calls; RSS growth "
+        + ", ".join(f"{app} {g:+.1%}" for (_, app), g in sorted(growth.items()))
+    )
+    assert all(g < 0.05 for g in growth.values()), growth
