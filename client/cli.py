@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
     # Serve's graceful shutdown: every replica finishes the calls it holds (at most
     # serve.deadline_s, its graceful_shutdown_timeout_s) before Ray stops.
     print("SmartPath stopping: calls in flight finish first", flush=True)
-    serving.shutdown()
+    serving.drain_and_shutdown()
     return 0
 
 

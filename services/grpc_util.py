@@ -340,23 +340,31 @@ def _application_statuses() -> dict[str, str]:
     return {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()}
 
 
-def map_lost_replicas_in_proxy() -> None:
-    """Make Serve's gRPC proxy answer UNAVAILABLE, not INTERNAL, when the replica holding a call
-    is lost (the gateway SIGKILLed mid-call, its node gone).
+NOT_RUNNING = "the SmartPath service is not running here (starting or stopping); retry"
 
-    Serve's proxy turns any Ray error into INTERNAL with the error's text, which names actors,
-    processes and node addresses. A lost replica is no bug: a retry reaches the replica Serve
-    starts in its place, and the caller should hear so. Serve has no hook for this, so the
-    proxy's status function (``ray.serve._private.proxy.get_grpc_response_status``, private) is
-    wrapped in the proxy process; tests/services/test_faults.py checks the target still exists.
-    Idempotent.
+
+def install_proxy_status_mapping() -> None:
+    """Make Serve's gRPC proxy answer UNAVAILABLE where the service is briefly not there, not
+    INTERNAL or NOT_FOUND, so that clients retry:
+
+    - the replica holding a call was lost (the gateway SIGKILLed mid-call, its node gone):
+      Serve's proxy turns any Ray error into INTERNAL with the error's text, which names actors,
+      processes and node addresses; a retry reaches the replica Serve starts in its place;
+    - a call names one of the SmartPath applications while it is not deployed (before it
+      starts, or while ``smartpath serve`` stops): Serve answers NOT_FOUND, which tells a
+      client its request is wrong. Unknown application names stay NOT_FOUND.
+
+    Serve has no hook for either, so two of the proxy's private functions are wrapped, in the
+    proxy process (``proxy.get_grpc_response_status`` and ``gRPCProxy.not_found_response``);
+    tests/services/test_faults.py checks that both still exist as called here. Idempotent.
     """
     from ray.serve._private import proxy
     from ray.serve._private.proxy_request_response import ResponseStatus
 
-    original = proxy.get_grpc_response_status
-    if getattr(original, "smartpath_wrapped", False):
+    status_of = proxy.get_grpc_response_status
+    if getattr(status_of, "smartpath_wrapped", False):
         return
+    not_found = proxy.gRPCProxy.not_found_response
 
     def status(exc: BaseException, request_timeout_s: float | None, request_id: str) -> Any:
         if isinstance(exc, _replica_lost()):
@@ -364,10 +372,20 @@ def map_lost_replicas_in_proxy() -> None:
             return ResponseStatus(
                 code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=LOST_REPLICA
             )
-        return original(exc, request_timeout_s, request_id)
+        return status_of(exc, request_timeout_s, request_id)
+
+    async def not_deployed(self: Any, proxy_request: Any) -> AsyncIterator[Any]:
+        if getattr(proxy_request, "app_name", None) in SERVICE_OF_APP:
+            yield ResponseStatus(
+                code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=NOT_RUNNING
+            )
+            return
+        async for response in not_found(self, proxy_request):
+            yield response
 
     status.smartpath_wrapped = True  # type: ignore[attr-defined]
     proxy.get_grpc_response_status = status
+    proxy.gRPCProxy.not_found_response = not_deployed
 
 
 def add_health_servicer(_servicer: Any, server: Any) -> None:
@@ -375,11 +393,11 @@ def add_health_servicer(_servicer: Any, server: Any) -> None:
 
     Serve passes a placeholder servicer; the real one runs in the proxy as a passthrough
     service, so it answers without ``application`` metadata. Being the one SmartPath code that
-    runs in the proxy, it also installs :func:`map_lost_replicas_in_proxy`.
+    runs in the proxy, it also installs :func:`install_proxy_status_mapping`.
     """
     from grpc_health.v1 import health_pb2_grpc
 
-    map_lost_replicas_in_proxy()
+    install_proxy_status_mapping()
     if hasattr(server, "add_passthrough_service"):
         server.add_passthrough_service(health.SERVICE_NAME)
     health_pb2_grpc.add_HealthServicer_to_server(ServeHealthServicer(), server)

@@ -99,3 +99,14 @@ def shutdown() -> None:
     """Stop Serve and Ray (for the demo and tests)."""
     serve.shutdown()
     ray.shutdown()
+
+
+def drain_and_shutdown() -> None:
+    """Stop taking calls, let the calls in flight finish, then stop Serve and Ray.
+
+    The gateway (the only entry of client calls) goes first: its replicas finish the calls
+    they hold (graceful_shutdown_timeout_s = serve.deadline_s) while the services those calls
+    still need keep running; Serve's own shutdown stops every application at once, which
+    would fail a call in flight at the gateway that has yet to reach the decoder."""
+    serve.delete("gateway", _blocking=True)
+    shutdown()

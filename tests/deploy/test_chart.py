@@ -60,15 +60,13 @@ CRD_KINDS = {
 }
 # Rendered kinds with no schema available offline (checked structurally only).
 UNVALIDATED_KINDS: set[str] = set()
-# Prometheus Operator kinds (no CRD in ../shared/k8s/crds), validated against strict hand-written
-# JSON schemas (tests/deploy/schemas) by test_chart_monitoring.py: kind -> (schema, apiVersion).
-MONITORING_KINDS = {
+# Custom resources with no CRD in ../shared/k8s/crds (Prometheus Operator, Gateway API), validated
+# against strict hand-written JSON schemas (SCHEMAS) by test_chart_monitoring.py and
+# test_chart_network.py: kind -> (schema file, apiVersion).
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SCHEMA_KINDS = {
     "PodMonitor": ("podmonitor.json", "monitoring.coreos.com/v1"),
     "PrometheusRule": ("prometheusrule.json", "monitoring.coreos.com/v1"),
-}
-# Custom resources with no CRD in ../shared/k8s/crds, validated against strict hand-written JSON
-# schemas (tests/deploy/schemas) by test_chart_network.py: kind -> (schema file, apiVersion).
-SCHEMA_KINDS = {
     "GRPCRoute": ("grpcroute.json", "gateway.networking.k8s.io/v1"),
     "Gateway": ("gateway.json", "gateway.networking.k8s.io/v1"),
 }
@@ -152,6 +150,28 @@ def objects(helm: Path, variant: str) -> list[dict[str, Any]]:
 
 def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objs if o["kind"] == kind]
+
+
+@functools.cache
+def schema_validator(kind: str) -> jsonschema.Draft7Validator:
+    """The validator of a kind in SCHEMA_KINDS (its hand-written schema, itself checked)."""
+    schema = json.loads((SCHEMAS / SCHEMA_KINDS[kind][0]).read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def open_objects(node: Any, where: str = "$") -> list[str]:
+    """Places in a JSON schema where an object with properties is open to unknown fields."""
+    found = []
+    if isinstance(node, dict):
+        if "properties" in node and node.get("additionalProperties") is not False:
+            found.append(where)
+        for key, value in node.items():
+            found += open_objects(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += open_objects(value, f"{where}[{i}]")
+    return found
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -280,7 +300,6 @@ def test_should_render_only_kinds_this_test_validates(objects: list[dict[str, An
             kind in CRD_KINDS
             or kind in UNVALIDATED_KINDS
             or kind in SCHEMA_KINDS
-            or kind in MONITORING_KINDS
             or obj["apiVersion"]
             in (
                 "v1",
@@ -295,7 +314,7 @@ def test_should_render_only_kinds_this_test_validates(objects: list[dict[str, An
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 def test_should_render_valid_core_objects(objects: list[dict[str, Any]], k8s_version: str) -> None:
     for obj in objects:
-        if obj["kind"] in (*CRD_KINDS, *UNVALIDATED_KINDS, *SCHEMA_KINDS, *MONITORING_KINDS):
+        if obj["kind"] in (*CRD_KINDS, *UNVALIDATED_KINDS, *SCHEMA_KINDS):
             continue
         try:
             kubernetes_validate.validate(obj, k8s_version, strict=True)

@@ -25,27 +25,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
 from tests.deploy.test_chart import (  # noqa: F401  (helm, variant, objects: pytest fixtures)
     CHART,
-    MONITORING_KINDS,
     NAMESPACE,
     RELEASE,
     ROOT,
+    SCHEMA_KINDS,
+    SCHEMAS,
     _name,
     admitted,
     helm,
     objects,
     of_kind,
+    open_objects,
     pod_labels,
     pod_specs,
     render,
+    schema_validator,
     variant,
 )
 
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
+MONITORING_KINDS = {k: SCHEMA_KINDS[k] for k in ("PodMonitor", "PrometheusRule")}
 MONITORING_VALUES = CHART / "ci" / "monitoring-values.yaml"
 TRAINING_VALUES = CHART / "ci" / "training-values.yaml"
 ALL_ON = (
@@ -110,13 +112,6 @@ def rules_of(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---- schemas -------------------------------------------------------------------------------------
 
 
-@functools.cache
-def schema_validator(kind: str) -> jsonschema.Draft7Validator:
-    schema = json.loads((SCHEMAS / MONITORING_KINDS[kind][0]).read_text())
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
-
-
 def schema_errors(obj: dict[str, Any]) -> list[str]:
     errors = sorted(schema_validator(obj["kind"]).iter_errors(obj), key=lambda e: e.path)
     found = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
@@ -148,25 +143,11 @@ def test_should_render_every_monitoring_object_in_a_ci_variant(helm: Path) -> No
     assert not [c for c in of_kind(default, "ConfigMap") if "smartpath.json" in c.get("data", {})]
 
 
-def _closed(node: Any, where: str = "$") -> list[str]:
-    """Places in a JSON schema where an object with properties is open to unknown fields."""
-    found = []
-    if isinstance(node, dict):
-        if "properties" in node and node.get("additionalProperties") is not False:
-            found.append(where)
-        for key, value in node.items():
-            found += _closed(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found += _closed(value, f"{where}[{i}]")
-    return found
-
-
 @pytest.mark.parametrize("kind", sorted(MONITORING_KINDS))
 def test_should_keep_the_hand_written_schemas_strict(kind: str) -> None:
     schema = json.loads((SCHEMAS / MONITORING_KINDS[kind][0]).read_text())
     assert f"Prometheus Operator {OPERATOR_VERSION}" in schema["$comment"]
-    assert _closed(schema) == []
+    assert open_objects(schema) == []
 
 
 def _set(obj: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:

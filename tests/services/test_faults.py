@@ -5,6 +5,8 @@ succeed again."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import signal
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,12 @@ from smartpath.core.config import SmartPathConfig
 from smartpath.core.errors import UnavailableError
 from smartpath.core.storage import ObjectRef, make_store
 from smartpath.model.slide_features import load_features
-from smartpath.services.grpc_util import LOST_REPLICA, domain_error, map_lost_replicas_in_proxy
+from smartpath.services.grpc_util import (
+    LOST_REPLICA,
+    NOT_RUNNING,
+    domain_error,
+    install_proxy_status_mapping,
+)
 from smartpath.training.synthetic.slides import SyntheticSlide
 from smartpath.v1 import common_pb2, pathology_pb2, pathology_pb2_grpc
 from tests.conftest import MotoServer, free_port
@@ -55,10 +63,12 @@ def test_lost_replicas_are_unavailable_not_internal() -> None:
     assert not isinstance(domain_error(ValueError("a bug")), UnavailableError)
 
 
-def test_the_proxy_answers_unavailable_for_a_lost_replica() -> None:
-    """The proxy-side mapping wraps Serve's (private) status function, which must still exist
-    with the signature the wrapper calls."""
+def test_the_proxy_answers_unavailable_for_a_lost_replica_or_a_stopped_service() -> None:
+    """The proxy-side mapping wraps two of Serve's private functions, which must still exist
+    with the signatures the wrappers call."""
+    import asyncio
     import inspect
+    from types import SimpleNamespace
 
     from ray.exceptions import ActorDiedError
     from ray.serve._private import proxy
@@ -68,13 +78,26 @@ def test_the_proxy_answers_unavailable_for_a_lost_replica() -> None:
         "request_timeout_s",
         "request_id",
     ]
-    map_lost_replicas_in_proxy()
-    map_lost_replicas_in_proxy()  # idempotent: wraps once
+    assert list(inspect.signature(proxy.gRPCProxy.not_found_response).parameters) == [
+        "self",
+        "proxy_request",
+    ]
+    install_proxy_status_mapping()
+    install_proxy_status_mapping()  # idempotent: wraps once
     status = proxy.get_grpc_response_status
     lost = status(ActorDiedError(), None, "req-1")
     assert (lost.code, lost.message) == (grpc.StatusCode.UNAVAILABLE, LOST_REPLICA)
     # Everything else is Serve's own answer.
     assert status(TimeoutError(), 5.0, "req-2").code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def answer(app: str) -> object:
+        request = SimpleNamespace(app_name=app)
+        return [r async for r in proxy.gRPCProxy.not_found_response(None, request)][-1]
+
+    stopped = asyncio.run(answer("gateway"))  # ours, not deployed (starting or stopping)
+    assert (stopped.code, stopped.message) == (grpc.StatusCode.UNAVAILABLE, NOT_RUNNING)
+    assert asyncio.run(answer("no-such-app")).code == grpc.StatusCode.NOT_FOUND
+    assert asyncio.run(answer("")).code == grpc.StatusCode.NOT_FOUND
 
 
 @dataclass
@@ -82,6 +105,47 @@ class _Call:
     start: float
     end: float
     code: grpc.StatusCode
+
+
+def _timed(call: Callable[[], object]) -> _Call:
+    """Run one RPC; its start, end and status."""
+    start = time.monotonic()
+    try:
+        call()
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        code = exc.code()
+    return _Call(start, time.monotonic(), code)
+
+
+class _Load:
+    """``clients`` threads each making ``call`` over and over until the block ends (a client
+    backs off ``backoff_s`` after RESOURCE_EXHAUSTED, as that status asks); on leaving, every
+    thread must end within a call's deadline, or the test fails: a call hung."""
+
+    def __init__(self, call: Callable[[], object], clients: int, backoff_s: float = 0.0) -> None:
+        self.calls: list[_Call] = []
+        self._stop = threading.Event()
+
+        def client() -> None:
+            while not self._stop.is_set():
+                done = _timed(call)
+                self.calls.append(done)
+                if done.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    time.sleep(backoff_s)
+
+        self._threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=CALL_TIMEOUT_S + 5)
+        assert not any(t.is_alive() for t in self._threads), "a call hung past its deadline"
 
 
 def _png(seed: int) -> bytes:
@@ -114,38 +178,22 @@ def test_a_replica_killed_under_load_ends_calls_unavailable_and_is_replaced(
         image=_png(7), question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
     )
     stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)  # warm
-    calls: list[_Call] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-            calls.append(_Call(start, time.monotonic(), code))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)  # calls in flight at every stage
-    name, namespace = _replica(app)
-    killed_at = time.monotonic()
-    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)  # SIGKILL, no cleanup
-    # Load goes on until a call that started after the kill succeeds: the replacement serves.
-    recovered_at = None
-    while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
-        done = [c for c in calls if c.start > killed_at and c.code == grpc.StatusCode.OK]
-        if done:
-            recovered_at = min(c.end for c in done)
-            break
-        time.sleep(0.2)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=CALL_TIMEOUT_S + 5)
-    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    with _Load(
+        lambda: stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S), 6
+    ) as load:
+        time.sleep(2)  # calls in flight at every stage
+        name, namespace = _replica(app)
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)  # SIGKILL
+        # Load goes on until a call that started after the kill succeeds: the replacement.
+        recovered_at = None
+        while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
+            done = [c for c in load.calls if c.start > killed_at and c.code == grpc.StatusCode.OK]
+            if done:
+                recovered_at = min(c.end for c in done)
+                break
+            time.sleep(0.2)
+    calls = load.calls
     assert recovered_at is not None, f"no call succeeded within {RECOVERY_LIMIT_S} s of the kill"
     codes = {c.code for c in calls}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
@@ -238,43 +286,27 @@ def test_200_clients_mixing_region_and_slide_calls_all_get_an_answer(
     region = pathology_pb2.AnalyzeRegionRequest(image=_png(11), question=classify)
     *_, warm = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S)
     assert warm.analysis.label  # features cached: slide calls now cost a decode, as in use
-    timeout_s, duration_s = 20.0, 15.0
-    calls: dict[str, list[_Call]] = {"region": [], "slide": []}
-    stop = threading.Event()
+    timeout_s = 20.0
 
-    def client(kind: str) -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                if kind == "region":
-                    stub.AnalyzeRegion(region, metadata=AUTH, timeout=timeout_s)
-                else:
-                    *_, last = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=timeout_s)
-                    assert last.analysis.label
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-            calls[kind].append(_Call(start, time.monotonic(), code))
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                time.sleep(0.5)  # what the status asks of a client
+    def analyse_slide() -> None:
+        *_, last = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=timeout_s)
+        assert last.analysis.label
 
-    threads = [
-        threading.Thread(target=client, args=("region" if i % 2 else "slide",), daemon=True)
-        for i in range(200)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(duration_s)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=timeout_s + 10)
-    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    loads = {
+        "region": _Load(
+            lambda: stub.AnalyzeRegion(region, metadata=AUTH, timeout=timeout_s), 100, 0.5
+        ),
+        "slide": _Load(analyse_slide, 100, 0.5),
+    }
+    with loads["region"], loads["slide"]:
+        time.sleep(15)
     allowed = {
         grpc.StatusCode.OK,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
-    for kind, done in calls.items():
+    for kind, load in loads.items():
+        done = load.calls
         codes = {c.code for c in done}
         assert codes <= allowed, (kind, codes)
         ok = sorted(c.end - c.start for c in done if c.code == grpc.StatusCode.OK)
@@ -297,38 +329,22 @@ def test_a_redeploy_under_load_finishes_the_calls_in_flight(
     request = pathology_pb2.AnalyzeRegionRequest(
         image=_png(13), question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
     )
-    calls: list[_Call] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-            calls.append(_Call(start, time.monotonic(), code))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
     before = _replica("gateway")[0]
     gateway = serve_instance.serve.gateway
     bumped = serve_instance.model_copy(deep=True)
     bumped.serve.gateway = gateway.model_copy(update={"num_cpus": gateway.num_cpus + 0.05})
-    redeployed_at = time.monotonic()
     try:
-        serving.deploy(bumped)  # returns once the new replica runs
-        done_at = time.monotonic()
-        time.sleep(2)
+        with _Load(
+            lambda: stub.AnalyzeRegion(request, metadata=AUTH, timeout=CALL_TIMEOUT_S), 6
+        ) as load:
+            time.sleep(2)
+            redeployed_at = time.monotonic()
+            serving.deploy(bumped)  # returns once the new replica runs
+            done_at = time.monotonic()
+            time.sleep(2)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=CALL_TIMEOUT_S + 5)
         serving.deploy(serve_instance)  # the session's own options again
-    assert not any(t.is_alive() for t in threads), "a call hung past its deadline"
+    calls = load.calls
     assert _replica("gateway")[0] != before  # the replica was replaced, twice
     spanning = [c for c in calls if c.start < redeployed_at < c.end]
     codes = {c.code for c in calls}
@@ -449,36 +465,23 @@ def test_a_soak_grows_no_replica_by_5_percent(
     slide = pathology_pb2.AnalyzeSlideRequest(
         slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"), question=classify
     )
-    errors: list[grpc.StatusCode] = []
-    counts = {"region": 0, "slide": 0}
-    stop = threading.Event()
-
-    def client(kind: str, seed: int) -> None:
-        region = pathology_pb2.AnalyzeRegionRequest(image=_png(seed), question=classify)
-        while not stop.is_set():
-            try:
-                if kind == "region":
-                    stub.AnalyzeRegion(region, metadata=AUTH, timeout=CALL_TIMEOUT_S)
-                else:
-                    list(stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S))
-                counts[kind] += 1
-            except grpc.RpcError as exc:
-                errors.append(exc.code())
-
-    threads = [
-        threading.Thread(target=client, args=(kind, seed), daemon=True)
-        for seed, kind in enumerate(["region"] * 4 + ["slide"])
+    regions = [
+        pathology_pb2.AnalyzeRegionRequest(image=_png(seed), question=classify) for seed in range(4)
     ]
-    for thread in threads:
-        thread.start()
-    time.sleep(min(120.0, soak_s / 5))  # warm-up: caches, allocator pools, lazy imports
-    warm = _replica_rss()
-    time.sleep(soak_s)
-    after = _replica_rss()
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=CALL_TIMEOUT_S + 5)
-    assert not errors, set(errors)
+    loads = [
+        _Load(functools.partial(stub.AnalyzeRegion, r, metadata=AUTH, timeout=CALL_TIMEOUT_S), 1)
+        for r in regions
+    ] + [_Load(lambda: list(stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S)), 1)]
+    with contextlib.ExitStack() as stack:
+        for load in loads:
+            stack.enter_context(load)
+        time.sleep(min(120.0, soak_s / 5))  # warm-up: caches, allocator pools, lazy imports
+        warm = _replica_rss()
+        time.sleep(soak_s)
+        after = _replica_rss()
+    calls = [c for load in loads for c in load.calls]
+    assert {c.code for c in calls} == {grpc.StatusCode.OK}
+    counts = {"region": sum(len(load.calls) for load in loads[:4]), "slide": len(loads[4].calls)}
     assert set(warm) == set(after) and len(warm) == 5, (warm, after)  # no replica restarted
     growth = {name: after[name] / warm[name] - 1 for name in warm}
     print(
