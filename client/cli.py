@@ -108,8 +108,6 @@ def cmd_serve(args: argparse.Namespace, config: SmartPathConfig) -> int:
     print(f"SmartPath serving gRPC on port {config.serve.grpc_port}; Ctrl-C to stop", flush=True)
     while not stop.wait(1.0):
         pass
-    # Serve's graceful shutdown: every replica finishes the calls it holds (at most
-    # serve.deadline_s, its graceful_shutdown_timeout_s) before Ray stops.
     print("SmartPath stopping: calls in flight finish first", flush=True)
     serving.drain_and_shutdown()
     return 0

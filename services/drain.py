@@ -58,8 +58,6 @@ def _proxy_answers(health_url: str, timeout_s: float) -> bool:
         return True  # 503 "This node is being drained."
     except urllib.error.URLError as exc:
         return not isinstance(exc.reason, ConnectionRefusedError)
-    except ConnectionRefusedError:
-        return False
     except OSError:  # reset or timed out mid-answer: the proxy is still there
         return True
 
