@@ -450,6 +450,7 @@ def _replica_rss() -> dict[tuple[int, str], int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SMARTPATH_SLOW"), reason="set SMARTPATH_SLOW=1")
+@pytest.mark.timeout(float(os.environ.get("SMARTPATH_SOAK_S", "600")) * 1.2 + 300)
 def test_a_soak_grows_no_replica_by_5_percent(
     grpc_channel: grpc.Channel, serve_instance: SmartPathConfig, synthetic_svs: SyntheticSlide
 ) -> None:
