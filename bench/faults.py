@@ -50,6 +50,9 @@ import grpc
 import numpy as np
 from PIL import Image
 
+# bench/ is on sys.path when a benchmark runs as a script: the served-stack helpers it shares.
+from serving import free_port, log, setup_environment
+
 from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
 from smartpath.core.storage import ObjectRef, make_store
 from smartpath.training.synthetic.slides import write_synthetic_slide
@@ -59,16 +62,6 @@ GATEWAY = (("application", "gateway"),)
 CALL_TIMEOUT_S = 60.0
 ACTIONABLE = {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 S3_KEYS = ("bench-faults", "bench-faults-secret")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -252,8 +245,7 @@ def storage_outage(stub, config: SmartPathConfig, moto, tmp: Path, outage_s: flo
 
 
 def run(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    setup_environment()
     from smartpath.services import serving  # imports Ray: after the environment is set
 
     results: dict[str, dict] = {}

@@ -7,6 +7,7 @@ start-up costs seconds and the machine has two cores.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,21 @@ def deepspeed_process_env() -> dict[str, str]:
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
     }
+
+
+def run_deepspeed_script(script: str, *args: str, cwd: Path) -> dict:
+    """Run ``python -c script args`` as a one-rank DeepSpeed process on CPU; the JSON object
+    its last line of output prints."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=deepspeed_process_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=cwd,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -167,6 +167,21 @@ def _replica(app: str) -> tuple[str, str]:
     return replica
 
 
+def _slide_request(
+    config: SmartPathConfig, path: Path, key: str
+) -> pathology_pb2.AnalyzeSlideRequest:
+    """Upload ``path`` to the session's S3 as ``s3://faults/<key>``; a classification request
+    for it."""
+    store = make_store(config.storage)
+    store.ensure_bucket("faults")
+    ref = ObjectRef("faults", key)
+    store.upload(path, ref)
+    return pathology_pb2.AnalyzeSlideRequest(
+        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"),
+        question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION),
+    )
+
+
 @pytest.mark.parametrize("app", ["decoder", "encoder", "gateway"])
 def test_a_replica_killed_under_load_ends_calls_unavailable_and_is_replaced(
     grpc_channel: grpc.Channel, app: str
@@ -217,17 +232,11 @@ def test_a_storage_outage_mid_analysis_ends_unavailable_and_leaves_nothing_broke
     (or completes, if the slide was read before), within its deadline; afterwards the same
     slide analyses without restarting anything, and the feature cache holds no broken entry."""
     store = make_store(serve_instance.storage)
-    store.ensure_bucket("faults")
     # New content, so neither the slide cache nor the feature cache has it.
     copy = tmp_path / f"outage-{uuid.uuid4().hex}.svs"
     copy.write_bytes(synthetic_svs.path.read_bytes() + uuid.uuid4().bytes)
-    ref = ObjectRef("faults", copy.name)
-    store.upload(copy, ref)
+    request = _slide_request(serve_instance, copy, copy.name)
     stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
-    request = pathology_pb2.AnalyzeSlideRequest(
-        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"),
-        question=pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION),
-    )
     outcome: dict[str, object] = {}
 
     def analyse_slide() -> pathology_pb2.Analysis:
@@ -274,15 +283,9 @@ def test_200_clients_mixing_region_and_slide_calls_all_get_an_answer(
     """Load far above the session's queues (gateway: 8 ongoing, 8 queued): every call ends OK,
     RESOURCE_EXHAUSTED (back off, retry) or DEADLINE_EXCEEDED, none hangs, and both kinds of
     call keep being served."""
-    store = make_store(serve_instance.storage)
-    store.ensure_bucket("faults")
-    ref = ObjectRef("faults", "load.svs")
-    store.upload(synthetic_svs.path, ref)
+    slide = _slide_request(serve_instance, synthetic_svs.path, "load.svs")
     stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
-    classify = pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
-    slide = pathology_pb2.AnalyzeSlideRequest(
-        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"), question=classify
-    )
+    classify = slide.question
     region = pathology_pb2.AnalyzeRegionRequest(image=_png(11), question=classify)
     *_, warm = stub.AnalyzeSlide(slide, metadata=AUTH, timeout=CALL_TIMEOUT_S)
     assert warm.analysis.label  # features cached: slide calls now cost a decode, as in use
@@ -457,15 +460,9 @@ def test_a_soak_grows_no_replica_by_5_percent(
     """Mixed region and slide load for ``SMARTPATH_SOAK_S`` seconds (600) after a warm-up: each
     replica's resident memory grows by less than 5%."""
     soak_s = float(os.environ.get("SMARTPATH_SOAK_S", "600"))
-    store = make_store(serve_instance.storage)
-    store.ensure_bucket("faults")
-    ref = ObjectRef("faults", "soak.svs")
-    store.upload(synthetic_svs.path, ref)
+    slide = _slide_request(serve_instance, synthetic_svs.path, "soak.svs")
     stub = pathology_pb2_grpc.PathologyStub(grpc_channel)
-    classify = pathology_pb2.Question(task=common_pb2.TASK_CLASSIFICATION)
-    slide = pathology_pb2.AnalyzeSlideRequest(
-        slide=common_pb2.SlideRef(uri=f"s3://{ref.bucket}/{ref.key}"), question=classify
-    )
+    classify = slide.question
     regions = [
         pathology_pb2.AnalyzeRegionRequest(image=_png(seed), question=classify) for seed in range(4)
     ]

@@ -9,8 +9,6 @@ import hashlib
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from smartpath.training.checkpoint_trust import (
     write_manifest,
 )
 from smartpath.training.engine import CHECKPOINT_TAG, DeepSpeedRun
-from tests.conftest import deepspeed_process_env
+from tests.conftest import run_deepspeed_script
 
 MODEL_STATES = f"{CHECKPOINT_TAG}/mp_rank_00_model_states.pt"
 OPTIM_STATES = f"{CHECKPOINT_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -337,17 +335,7 @@ print(json.dumps(result))
 
 
 def test_real_deepspeed_checkpoint_is_verified_and_loaded_weights_only(tmp_path: Path) -> None:
-    env = deepspeed_process_env()
-    done = subprocess.run(
-        [sys.executable, "-c", DEEPSPEED_SCRIPT, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_deepspeed_script(DEEPSPEED_SCRIPT, str(tmp_path), cwd=tmp_path)
     # Save: the manifest lists every file DeepSpeed wrote, the pickles included.
     assert result["listed"] == result["on_disk"]
     assert {MODEL_STATES, "latest"} <= set(result["listed"])

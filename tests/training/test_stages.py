@@ -5,10 +5,7 @@ only (no Ray needed; DeepSpeed runs in a subprocess)."""
 
 from __future__ import annotations
 
-import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +36,7 @@ from smartpath.training.objectives import sft_loss
 from smartpath.training.rollout import completion_logprobs
 from smartpath.training.sft import SftStage
 from smartpath.training.synthetic.dataset import generate_roi_dataset
-from tests.conftest import deepspeed_process_env
+from tests.conftest import run_deepspeed_script
 from tests.model.tiny import randomise_experts
 
 
@@ -260,17 +257,7 @@ print(json.dumps({
 
 
 def test_deepspeed_bf16_run_trains_only_the_trainable_parameters(tmp_path: Path) -> None:
-    env = deepspeed_process_env()
-    done = subprocess.run(
-        [sys.executable, "-c", DEEPSPEED_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_deepspeed_script(DEEPSPEED_SCRIPT, cwd=tmp_path)
     # The frozen base was cast to bf16 with the trainable parts; ZeRO manages exactly the
     # trainable parameters, with an fp32 master copy; a step moves them and nothing else.
     assert result["dtypes"] == ["torch.bfloat16"] and result["run_dtype"] == "torch.bfloat16"
@@ -337,16 +324,7 @@ print(json.dumps({"first": first, "moved": moved, "same": same, "refused": refus
 def test_a_resume_restores_parameters_and_optimizer_state_tensor_for_tensor(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "ckpt")],
-        env=deepspeed_process_env(),
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_deepspeed_script(RESUME_SCRIPT, str(tmp_path / "ckpt"), cwd=tmp_path)
     assert result["first"] == 2 and result["moved"]  # a step after the save changed the state
     assert result["n_moments"] > 0
     assert result["same"]  # every parameter and Adam moment equals the saved one
