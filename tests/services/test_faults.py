@@ -182,7 +182,7 @@ def _slide_request(
     )
 
 
-@pytest.mark.parametrize("app", ["decoder", "encoder", "gateway"])
+@pytest.mark.parametrize("app", ["decoder", "encoder", "router", "gateway"])
 def test_a_replica_killed_under_load_ends_calls_unavailable_and_is_replaced(
     grpc_channel: grpc.Channel, app: str
 ) -> None:
