@@ -15,9 +15,12 @@ Every slide is a fresh copy of one synthetic slide (``--slide-px`` square, 0.25 
 the feature cache: every call plans, reads and encodes all tissue tiles. One warm-up slide per
 deployment is analysed first and not counted. ``slides_per_hour`` = slides / wall time from
 the first request to the last answer x 3600. ``replicas_2_vs_1`` compares the two pipelined
-runs, ``pipelined_vs_serial`` the two one-replica runs. Per-stage costs of the slide path
-(tissue plan, tile reading, encoding; measured in this process on one core) are reported for
-capacity planning.
+runs, ``pipelined_vs_serial`` the two one-replica runs. The CPU seconds each role (every Serve
+application's replicas, proxy and controller, Ray, the clients) spends per slide give each
+ratio's ceiling on this machine: two replicas cannot beat all cores at the two-replica run's
+CPU cost per slide, and pipelining cannot beat one encoder replica that never idles. Per-stage
+costs of the slide path (tissue plan, tile reading, encoding; measured in this process on one
+core) are reported for capacity planning.
 
 Prints progress to stderr, shuts Ray down, then prints one JSON line last on stdout.
 
@@ -255,6 +258,16 @@ def run(args: argparse.Namespace) -> dict:
         "replicas_2_vs_1": sph["two_replicas_pipelined"] / sph["one_replica_pipelined"],
         "pipelined_vs_serial": sph["one_replica_pipelined"] / sph["one_replica_serial"],
     }
+    # What this machine allows, from the CPU accounting: the two-replica run cannot beat all
+    # cores spent at its CPU cost per slide; pipelining one replica cannot beat that replica
+    # never idling.
+    all_roles_s = sum(results["two_replicas_pipelined"]["cpu_s_per_slide"].values())
+    encoder_s = results["one_replica_serial"]["cpu_s_per_slide"]["encoder"]
+    cpus = os.cpu_count() or 1
+    ceilings = {
+        "replicas_2_vs_1": cpus * 3600 / all_roles_s / sph["one_replica_pipelined"],
+        "pipelined_vs_serial": 3600 / encoder_s / sph["one_replica_serial"],
+    }
     return {
         "benchmark": "throughput",
         "quick": args.quick,
@@ -267,6 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "slides_per_hour": {name: round(v, 1) for name, v in sph.items()},
         **{k: round(v, 3) for k, v in ratios.items()},
+        "ceilings_on_this_machine": {k: round(v, 3) for k, v in ceilings.items()},
         "stage_costs_one_core": costs,
         "targets": {f"{k}_min": v for k, v in TARGETS.items()},
         **{f"meets_{k}": ratios[k] >= v for k, v in TARGETS.items()},
