@@ -43,6 +43,9 @@ def deployment_options(config: SmartPathConfig, app: str) -> dict[str, Any]:
             "min_replicas": d.autoscaling.min_replicas,
             "max_replicas": d.autoscaling.max_replicas,
             "target_ongoing_requests": d.autoscaling.target_ongoing_requests,
+            "upscale_delay_s": d.autoscaling.upscale_delay_s,
+            "downscale_delay_s": d.autoscaling.downscale_delay_s,
+            "look_back_period_s": d.autoscaling.look_back_period_s,
         },
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         # A replica being replaced (redeploy, scale-down, its node drained) finishes the calls

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from typing import Literal
 
 import ray
 from ray import serve
@@ -39,11 +40,19 @@ def proxy_environment(config: SmartPathConfig) -> dict[str, str]:
     return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.serve.max_message_bytes)}
 
 
-def start(config: SmartPathConfig, *, num_cpus: float | None = None) -> None:
+def start(
+    config: SmartPathConfig,
+    *,
+    num_cpus: float | None = None,
+    proxy_location: Literal["EveryNode", "HeadOnly"] | None = None,
+) -> None:
     """Join (or start locally) a Ray cluster and start Serve's HTTP and gRPC proxies.
 
     A local Ray gets at least the CPUs the replicas reserve (logical CPUs may exceed the
-    cores: the replicas mostly wait on each other) and the proxies' environment."""
+    cores: the replicas mostly wait on each other) and the proxies' environment. Proxies run
+    where the Serve config says (every node with a replica) unless ``proxy_location`` says
+    otherwise: ``HeadOnly`` where several Ray nodes share one host, whose gRPC port only one
+    proxy can bind."""
     if not ray.is_initialized():
         if config.serve.ray_address:
             ray.init(address=config.serve.ray_address, logging_level=logging.WARNING)
@@ -53,6 +62,7 @@ def start(config: SmartPathConfig, *, num_cpus: float | None = None) -> None:
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     schema = serve_config(config)
     serve.start(
+        proxy_location=proxy_location or schema["proxy_location"],
         http_options=schema["http_options"],
         grpc_options=gRPCOptions(**schema["grpc_options"]),
     )

@@ -126,6 +126,23 @@ class AutoscalingConfig(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0, description="Scale out above this load.")
+    # Defaults below are Serve's own (ray.serve.config.AutoscalingConfig).
+    upscale_delay_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds the load must call for more replicas before Serve adds them.",
+    )
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds the load must call for fewer replicas before Serve removes them.",
+    )
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="Window (seconds) over which Serve averages ongoing requests per replica; "
+        "keep it above Serve's metrics push interval (10 s).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

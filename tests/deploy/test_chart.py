@@ -412,6 +412,29 @@ def test_should_render_the_serve_config_smartpath_serve_builds(
     assert yaml.safe_load(configmap["data"]["config.yaml"]) == args[0]["config"]
 
 
+@pytest.mark.usefixtures("no_smartpath_env")
+def test_should_render_the_autoscaling_the_cluster_test_exercises(helm: Path) -> None:
+    """The autoscaling tests/services/test_autoscaling.py runs on a Ray cluster, set in the
+    values, reaches the serveConfigV2 key for key as Serve got it there."""
+    from smartpath.core.config import SmartPathConfig
+    from smartpath.services.apps import deployment_options
+    from tests.services.autoscaling_scenario import AUTOSCALED, AUTOSCALING
+
+    sets = [
+        a
+        for app in AUTOSCALED
+        for a in ("--set-json", f"config.serve.{app}.autoscaling={json.dumps(AUTOSCALING)}")
+    ]
+    rendered = serve_config_of(render(helm, *sets))
+    config = SmartPathConfig(**rendered["applications"][0]["args"]["config"])
+    for app in rendered["applications"]:
+        (deployment,) = app["deployments"]
+        served = deployment_options(config, app["name"])["autoscaling_config"]
+        assert deployment["autoscaling_config"] == served
+        if app["name"] in AUTOSCALED:
+            assert deployment["autoscaling_config"] == AUTOSCALING
+
+
 def test_should_keep_the_chart_table_of_services_equal_to_the_contracts() -> None:
     """The chart's one copy of the service table (``smartpath.services`` in _helpers.tpl) is
     ``smartpath.services.contracts.SERVICES``, entry for entry and in order."""

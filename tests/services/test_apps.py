@@ -35,6 +35,23 @@ def test_serve_config_is_a_valid_serve_schema_with_the_configured_options() -> N
     assert schema.grpc_options.port == 9000 and schema.grpc_options.enable_reflection
 
 
+def test_autoscaling_defaults_are_serves_own_and_every_knob_reaches_the_deployment() -> None:
+    from ray.serve.config import AutoscalingConfig as ServeAutoscaling
+
+    from smartpath.core.config import AutoscalingConfig
+    from smartpath.services import apps
+
+    knobs = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 11.0}
+    defaults = AutoscalingConfig()
+    assert {k: getattr(defaults, k) for k in knobs} == {
+        k: getattr(ServeAutoscaling(), k) for k in knobs
+    }
+    config = SmartPathConfig(serve={"encoder": {"autoscaling": knobs}})
+    app = apps.encoder(apps.config_args(config))
+    served = app._bound_deployment._deployment_config.autoscaling_config
+    assert {k: getattr(served, k) for k in knobs} == knobs
+
+
 def test_every_import_path_and_servicer_function_imports() -> None:
     document = serve_config(_config())
     paths = [a["import_path"] for a in document["applications"]]

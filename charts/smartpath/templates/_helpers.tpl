@@ -516,7 +516,10 @@ options from config.serve.<app> (and a graceful shutdown as long as config.serve
   "autoscaling_config" (dict
     "min_replicas" (required (printf "config.serve.%s.autoscaling.min_replicas is required" $app) $scale.min_replicas)
     "max_replicas" (required (printf "config.serve.%s.autoscaling.max_replicas is required" $app) $scale.max_replicas)
-    "target_ongoing_requests" (required (printf "config.serve.%s.autoscaling.target_ongoing_requests is required" $app) $scale.target_ongoing_requests))
+    "target_ongoing_requests" (required (printf "config.serve.%s.autoscaling.target_ongoing_requests is required" $app) $scale.target_ongoing_requests)
+    "upscale_delay_s" (required (printf "config.serve.%s.autoscaling.upscale_delay_s is required" $app) $scale.upscale_delay_s)
+    "downscale_delay_s" (required (printf "config.serve.%s.autoscaling.downscale_delay_s is required" $app) $scale.downscale_delay_s)
+    "look_back_period_s" (required (printf "config.serve.%s.autoscaling.look_back_period_s is required" $app) $scale.look_back_period_s))
   "ray_actor_options" (dict
     "num_cpus" (required (printf "config.serve.%s.num_cpus is required" $app) $d.num_cpus)
     "num_gpus" (required (printf "config.serve.%s.num_gpus is required" $app) $d.num_gpus))
