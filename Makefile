@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HELM := $(BIN)/helm
 
-.PHONY: demo test lint format protos bench-tiling bench-training bench-serving demo-model clean
+.PHONY: demo test lint format protos bench-tiling bench-training bench-serving bench-throughput demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-training: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python bench/serving.py
+
+bench-throughput: $(STAMP)
+	$(BIN)/python bench/throughput.py
 
 ## demo-model: reproduce the bundled demo model and reports/demo (about 35 minutes on 2 cores)
 demo-model: $(STAMP)
