@@ -59,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -272,10 +273,17 @@ def main() -> None:
     args = parser.parse_args()
     quick = {"requests": 1, "tiles_per_request": 16, "slide_px": 8192, "region_calls": 5}
     full = {"requests": 4, "tiles_per_request": 64, "slide_px": 16384, "region_calls": 20}
-    for key, value in (quick if args.quick else full).items():
+    run_and_print(run, args, quick if args.quick else full)
+
+
+def run_and_print(
+    run: Callable[[argparse.Namespace], dict], args: argparse.Namespace, defaults: dict
+) -> None:
+    """Fill the options ``args`` left unset from ``defaults``, run the benchmark and print its
+    result as the one JSON line on stdout."""
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-
     # Ray forwards its processes' output to this process's stdout: keep it on stderr, so
     # stdout carries only the JSON line.
     with contextlib.redirect_stdout(sys.stderr):

@@ -30,11 +30,8 @@ Prints progress to stderr, shuts Ray down, then prints one JSON line last on std
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -51,6 +48,7 @@ from serving import (
     bench_slide,
     log,
     make_config,
+    run_and_print,
     setup_environment,
     stage_ms,
     wait_ready,
@@ -202,14 +200,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="synthetic slide seed")
     args = parser.parse_args()
     defaults = {"slides": 4, "slide_px": 4096} if args.quick else {"slides": 8, "slide_px": 12288}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    # Ray forwards its processes' output to this process's stdout: keep it on stderr, so
-    # stdout carries only the JSON line.
-    with contextlib.redirect_stdout(sys.stderr):
-        result = run(args)
-    print(json.dumps(result))
+    run_and_print(run, args, defaults)
 
 
 def run(args: argparse.Namespace) -> dict:
