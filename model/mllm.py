@@ -14,11 +14,14 @@ Design decisions:
 - The router sees the task, the scale and the mean of the request's visual tokens; its top-k
   gate becomes the per-request ExpertRouting for the whole forward pass. Its load-balancing
   loss is returned, scaled, beside the LM loss.
+- Generation prefills from these embeddings: :meth:`SmartPathModel.generate_stream` decodes a
+  static batch; :meth:`SmartPathModel.decode_batch` + :meth:`SmartPathModel.join` serve
+  continuous batching (a group, prefilled with its images/slides, joins a running batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +37,7 @@ from smartpath.model.checkpoint import ExpertInfo, Manifest, load_checkpoint, sa
 from smartpath.model.constrained import Constraint, GrammarTokenizer
 from smartpath.model.devices import resolve_device, resolve_dtype
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts
-from smartpath.model.generation import generate_stream
+from smartpath.model.generation import DecodeBatch, generate_stream
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.image_position import ImagePositionEmbedding
 from smartpath.model.router import ExpertRouter, RouterOutput
@@ -377,15 +380,7 @@ class SmartPathModel(nn.Module):
         Visual placeholder tokens are never generated; ``cancelled`` drops requests early
         (see :func:`smartpath.model.generation.generate_stream`); ``constraints`` (one per
         request, None for free text) keep each completion within its task's grammar."""
-        mask = batch.attention_mask.bool()
-        if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
-            raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
-        embeds, positions, pooled = self.embed(batch)
-        if routing is None:
-            routing = self.route(batch, pooled).routing()
-        prompts = [row[m].tolist() for row, m in zip(batch.input_ids, mask, strict=True)]
-        vocab = self.tokenizer.get_vocab()
-        placeholders = [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
+        prompts, routing, embeds, positions, pad = self._prefill(batch, routing)
         yield from generate_stream(
             self.base,
             prompts,
@@ -396,11 +391,77 @@ class SmartPathModel(nn.Module):
             seed=seed,
             stop_token_ids=stop_token_ids,
             eos_token_id=eos_token_id,
-            pad_token_id=int(batch.input_ids[~mask].flatten()[0]) if (~mask).any() else 0,
-            suppress_token_ids=placeholders,
+            pad_token_id=pad,
+            suppress_token_ids=self._placeholder_ids(),
             prefill_embeds=embeds,
             prefill_positions=positions,
             cancelled=cancelled,
+            grammar=self.grammar.batch(constraints) if constraints else None,
+        )
+
+    def _placeholder_ids(self) -> list[int]:
+        vocab = self.tokenizer.get_vocab()
+        return [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
+
+    def _prefill(
+        self, batch: MultimodalBatch, routing: ExpertRouting | Sequence[ExpertRouting] | None
+    ) -> tuple[list[list[int]], Any, Tensor, Tensor, int]:
+        """(prompts without padding, routing, prefill embeds, M-RoPE positions, pad id)."""
+        mask = batch.attention_mask.bool()
+        if bool((mask[:, 1:].int() - mask[:, :-1].int() < 0).any()):
+            raise ValueError("generation needs left padding (attention_mask 0…0 1…1 per row)")
+        embeds, positions, pooled = self.embed(batch)
+        if routing is None:
+            routing = self.route(batch, pooled).routing()
+        prompts = [row[m].tolist() for row, m in zip(batch.input_ids, mask, strict=True)]
+        pad = int(batch.input_ids[~mask].flatten()[0]) if (~mask).any() else 0
+        return prompts, routing, embeds, positions, pad
+
+    def decode_batch(
+        self,
+        *,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        eos_token_id: int | None = None,
+    ) -> DecodeBatch:
+        """An empty running batch over the language model (continuous batching): requests join
+        it with :meth:`join`, then step it (see :class:`~smartpath.model.generation.DecodeBatch`);
+        visual placeholder tokens are never generated."""
+        self._part("language")
+        return DecodeBatch(
+            self.base,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            eos_token_id=eos_token_id,
+            pad_token_id=int(self.tokenizer.pad_token_id or 0),
+            suppress_token_ids=self._placeholder_ids(),
+        )
+
+    @torch.no_grad()
+    def join(
+        self,
+        running: DecodeBatch,
+        keys: Sequence[Hashable],
+        batch: MultimodalBatch,
+        *,
+        max_new_tokens: int | Sequence[int],
+        temperature: float | Sequence[float] = 0.0,
+        routing: ExpertRouting | Sequence[ExpertRouting] | None = None,
+        constraints: Sequence[Constraint | None] | None = None,
+    ) -> list[tuple[Hashable, int]]:
+        """Prefill a left-padded group of requests (image/slide inputs in place) and merge it
+        into ``running``; returns each request's first token as ``(key, token)``."""
+        prompts, routing, embeds, positions, _ = self._prefill(batch, routing)
+        return running.add(
+            keys,
+            prompts,
+            routing,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            prefill_embeds=embeds,
+            prefill_positions=positions,
             grammar=self.grammar.batch(constraints) if constraints else None,
         )
 

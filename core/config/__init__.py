@@ -246,6 +246,12 @@ class DecoderDeploymentConfig(BatchingDeploymentConfig):
         description="Candidate labels scored per forward (classification); bounds the memory "
         "of scoring many labels.",
     )
+    scheduling: Literal["static", "continuous"] = Field(
+        "continuous",
+        description="continuous: waiting requests join the running batch at every step and "
+        "finished ones leave (iteration-level batching); static: a batch runs to its end "
+        "while new requests wait for the next one.",
+    )
 
 
 class ServeConfig(BaseModel):

@@ -5,17 +5,29 @@ Design decisions:
 
 - One model per replica runs one batch at a time. Requests wait in a bounded pending list;
   a full list refuses new requests with RESOURCE_EXHAUSTED instead of queueing without end.
-- A batch starts when ``max_batch_size`` requests wait or ``batch_wait_s`` after the first
-  one arrived (0, the default: at once when idle; requests arriving during a batch form the
-  next one). It holds at most ``max_batch_tokens`` prompt + new tokens (the KV cache it can
-  grow to); a request that alone exceeds the budget is refused with INVALID_ARGUMENT. Every
-  request keeps its own experts and gate weights (the model's batched
-  mixed-LoRA generation), its own ``max_new_tokens`` and its own deadline.
+- Scheduling is ``continuous`` (the default) or ``static``. Continuous: before every decode
+  step, the oldest waiting requests that fit are prefilled as a group and join the running
+  batch (``SmartPathModel.join`` → :class:`~smartpath.model.generation.DecodeBatch`);
+  finished, expired and abandoned requests leave it; a request's tokens are the same as
+  decoded alone (greedy). Static: a batch runs to its end and requests arriving meanwhile
+  form the next one. Either way a batch starts when ``max_batch_size`` requests wait or
+  ``batch_wait_s`` after the first one arrived (0, the default: at once when idle), and holds
+  at most ``max_batch_size`` requests and ``max_batch_tokens`` prompt + new tokens of its
+  running requests (the KV cache it can grow to); admission is in arrival order (the first
+  request that does not fit waits, and those after it). A request that alone exceeds the
+  budget is refused with INVALID_ARGUMENT. Every request keeps its own experts and gate
+  weights (the model's batched mixed-LoRA generation), its own ``max_new_tokens`` and its own
+  deadline; in continuous mode also its own temperature (static: the batch's highest).
+- Continuous mode's worker thread takes waiting requests itself between steps, so the pending
+  list is guarded by a lock. It runs while requests run or wait, then returns to the asyncio
+  worker, which wakes it again on the next arrival.
 - Generation runs in a worker thread; tokens reach each caller's asyncio queue as text deltas
   (byte-level BPE can end mid-character, so a delta waits until its text is complete).
 - A request whose deadline passed, or whose caller went away, leaves the batch at the next
-  step (``generate_stream(cancelled=…)``); the others continue unchanged.
-- Classification also gets per-label probabilities: teacher-forced forwards over the
+  step (static: ``generate_stream(cancelled=…)``; continuous: ``DecodeBatch.drop``); the
+  others continue unchanged.
+- Classification also gets per-label probabilities (continuous: as soon as the request
+  finishes, between two steps; static: after the batch): teacher-forced forwards over the
   candidate completions ``<think>{think}</think><answer>{label}</answer><|im_end|>``, softmaxed
   over their summed log-probabilities (the shared think prefix cancels out). Labels go
   ``label_chunk`` rows per forward, and only the completions' positions are projected onto the
@@ -26,9 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +54,7 @@ from smartpath.core.errors import (
     ResourceExhaustedError,
 )
 from smartpath.model.experts import ExpertRouting
+from smartpath.model.generation import DecodeBatch
 from smartpath.model.grammar import Scale, Task, format_completion, split_completion
 from smartpath.model.logprobs import sequence_logprobs
 from smartpath.model.mllm import MultimodalBatch, SmartPathModel
@@ -60,6 +75,8 @@ class _Job:
     finished: bool = False  # no more tokens for it (stopped, at its limit, gone or expired)
     answered: bool = False  # its final event or error was sent
     gone: bool = False  # the caller stopped listening
+    queue_s: float = 0.0  # waited before decoding started (continuous scheduling)
+    batch_size: int = 0  # running rows when it joined (continuous scheduling)
 
     def expired(self) -> bool:
         d = self.request.deadline
@@ -67,6 +84,9 @@ class _Job:
 
     def send(self, item: DecodeEvent | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+Scheduling = Literal["static", "continuous"]
 
 
 @dataclass
@@ -90,8 +110,12 @@ class BatchDecoder:
         max_batch_tokens: int = 65536,
         label_chunk: int = 16,
         stats: DecoderStats | None = None,
+        scheduling: Scheduling = "continuous",
     ) -> None:
+        if scheduling not in ("static", "continuous"):
+            raise ValueError(f"scheduling must be 'static' or 'continuous', got {scheduling!r}")
         self.model = model
+        self.scheduling = scheduling
         self.tokenizer = model.tokenizer
         self.default_labels = model.cfg.labels
         self.max_batch_size = max_batch_size
@@ -106,6 +130,7 @@ class BatchDecoder:
         self.hidden = model.hidden_size
         self.num_experts = int(model.cfg.experts.num_experts)
         self._pending: list[_Job] = []
+        self._lock = threading.Lock()  # _pending: the continuous worker thread takes from it
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -125,6 +150,7 @@ class BatchDecoder:
             max_batch_tokens=config.max_batch_tokens,
             label_chunk=config.label_chunk,
             stats=stats,
+            scheduling=config.scheduling,
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -172,13 +198,14 @@ class BatchDecoder:
                 f"{request.question.max_new_tokens}) but a decoder batch holds at most "
                 f"{self.max_batch_tokens} (serve.decoder.max_batch_tokens)"
             )
-        if len(self._pending) >= self.max_pending:
-            raise ResourceExhaustedError(
-                f"decoder queue is full ({self.max_pending} requests waiting); retry later"
-            )
         loop = asyncio.get_running_loop()
         job = _Job(request, ids, asyncio.Queue(), loop)
-        self._pending.append(job)
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                raise ResourceExhaustedError(
+                    f"decoder queue is full ({self.max_pending} requests waiting); retry later"
+                )
+            self._pending.append(job)
         self._ensure_worker()
         try:
             while True:
@@ -196,7 +223,7 @@ class BatchDecoder:
                     return
         finally:
             job.gone = True
-            with contextlib.suppress(ValueError):
+            with self._lock, contextlib.suppress(ValueError):
                 self._pending.remove(job)
 
     # -- batching loop -----------------------------------------------------------------------
@@ -215,23 +242,35 @@ class BatchDecoder:
             while self._pending:
                 if len(self._pending) < self.max_batch_size and self.batch_wait_s > 0:
                     await asyncio.sleep(self.batch_wait_s)
+                if self.scheduling == "continuous":
+                    await asyncio.to_thread(self._run_continuous)
+                    continue
                 batch = self._next_batch()
                 if batch:
                     await asyncio.to_thread(self._run_safely, batch)
 
-    def _next_batch(self) -> list[_Job]:
-        """Take the oldest waiting requests that fit the batch size and token budget."""
-        self._pending = [j for j in self._pending if not j.gone]
-        batch: list[_Job] = []
-        tokens = 0
-        for job in self._pending[: self.max_batch_size]:
-            cost = len(job.prompt_ids) + job.request.question.max_new_tokens
-            if batch and tokens + cost > self.max_batch_tokens:
-                break
-            batch.append(job)
-            tokens += cost
-        del self._pending[: len(batch)]
+    @staticmethod
+    def _cost(job: _Job) -> int:
+        return len(job.prompt_ids) + job.request.question.max_new_tokens
+
+    def _take(self, slots: int, tokens: int) -> list[_Job]:
+        """Take the oldest waiting requests that fit ``slots`` rows and ``tokens`` (prompt + new
+        tokens), in arrival order: the first that does not fit waits, and so do those after it."""
+        with self._lock:
+            self._pending = [j for j in self._pending if not (j.gone or j.expired())]
+            batch: list[_Job] = []
+            for job in self._pending[: max(slots, 0)]:
+                if self._cost(job) > tokens:
+                    break
+                batch.append(job)
+                tokens -= self._cost(job)
+            del self._pending[: len(batch)]
         return batch
+
+    def _next_batch(self) -> list[_Job]:
+        """Take the oldest waiting requests that fit the batch size and token budget (a request
+        alone always fits: :meth:`decode` refuses larger ones)."""
+        return self._take(self.max_batch_size, self.max_batch_tokens)
 
     def _run_safely(self, jobs: list[_Job]) -> None:
         try:
@@ -321,6 +360,100 @@ class BatchDecoder:
             if job.request.question.task == Task.CLASSIFICATION:
                 scores = self._label_scores(job)
                 self._finish(job, queue_s[i], len(jobs), scores)
+
+    # -- continuous batching (worker thread) -----------------------------------------------------
+    def _run_continuous(self) -> None:
+        """Decode until no request runs or waits: at every step, waiting requests that fit are
+        prefilled and join the running batch, finished, expired and abandoned ones leave."""
+        running = self.model.decode_batch(eos_token_id=self.eos_id)
+        rows: dict[int, _Job] = {}  # key in ``running`` → job
+        admitted: dict[int, _Job] = {}  # not answered yet (failed together on a bug)
+        keys = iter(range(1 << 62))
+        try:
+            while True:
+                gone = [k for k, j in rows.items() if j.gone or j.expired()]
+                for k in gone:
+                    rows.pop(k).finished = True
+                    admitted.pop(k)
+                running.drop(gone)
+                budget = self.max_batch_tokens - sum(self._cost(j) for j in rows.values())
+                group = self._take(self.max_batch_size - len(rows), budget)
+                if group:
+                    new = {next(keys): job for job in group}
+                    admitted.update(new)
+                    rows.update(new)
+                    self._join(running, new, len(rows))
+                    self._settle(running, rows, admitted)
+                if not rows:
+                    if group:
+                        continue  # all of them finished at their first token
+                    with self._lock:
+                        if not any(not j.gone for j in self._pending):
+                            return
+                    continue
+                start = time.monotonic()
+                tokens = running.step()
+                for key, token in tokens:
+                    self._accept(rows[key], token)
+                if self.stats.on_tokens is not None:
+                    self.stats.on_tokens(len(tokens), time.monotonic() - start)
+                self._settle(running, rows, admitted)
+        except BaseException as e:  # a bug must fail these requests, never the replica
+            for job in admitted.values():
+                if not job.answered:
+                    job.finished = job.answered = True
+                    job.send(e)
+
+    def _join(self, running: DecodeBatch, group: dict[int, _Job], size: int) -> None:
+        """Prefill ``group`` (with its images/slides and experts) into the running batch."""
+        now = time.monotonic()
+        for job in group.values():
+            job.queue_s, job.batch_size = now - job.enqueued, size
+            job.finished = job.request.question.max_new_tokens < 1  # nothing to generate
+        if self.stats.on_batch is not None:
+            self.stats.on_batch(size, [j.queue_s for j in group.values()])
+        group = {k: j for k, j in group.items() if not j.finished}
+        if not group:
+            return
+        jobs = list(group.values())
+        start = time.monotonic()
+        first = self.model.join(
+            running,
+            list(group),
+            self._batch([(j.prompt_ids, j.request) for j in jobs]),
+            max_new_tokens=[j.request.question.max_new_tokens for j in jobs],
+            temperature=[j.request.temperature for j in jobs],
+            routing=self._routing([j.request for j in jobs]),
+            constraints=[j.request.question.constraint(self.default_labels) for j in jobs],
+        )
+        for key, token in first:
+            self._accept(group[key], token)
+        if self.stats.on_tokens is not None:
+            self.stats.on_tokens(len(first), time.monotonic() - start)
+
+    def _accept(self, job: _Job, token: int) -> None:
+        """One generated token of ``job``: streamed as a text delta; marks it finished."""
+        job.ids.append(token)
+        delta = self._delta(job)
+        if delta:
+            job.send(DecodeEvent(text_delta=delta))
+        if token == self.eos_id or len(job.ids) >= job.request.question.max_new_tokens:
+            job.finished = True
+
+    def _settle(
+        self, running: DecodeBatch, rows: dict[int, _Job], admitted: dict[int, _Job]
+    ) -> None:
+        """Answer the requests that finished (label scores first for classification)."""
+        done = [k for k, j in rows.items() if j.finished]
+        running.drop(done)  # normally gone already: the batch stops rows at EOS or their limit
+        for key in done:
+            job = rows.pop(key)
+            if not (job.gone or job.expired()):
+                scores = None
+                if job.request.question.task == Task.CLASSIFICATION:
+                    scores = self._label_scores(job)
+                self._finish(job, job.queue_s, job.batch_size, scores)
+            admitted.pop(key)
 
     def _completion(self, job: _Job) -> str:
         ids = job.ids[:-1] if job.ids and job.ids[-1] == self.eos_id else job.ids

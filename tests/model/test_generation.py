@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from smartpath.model.experts import ExpertRouting, apply_routing, attach_experts, expert_modules
-from smartpath.model.generation import generate, generate_stream
+from smartpath.model.generation import DecodeBatch, generate, generate_stream
 from tests.model.tiny import VOCAB, randomise_experts, tiny_qwen
 
 NEW = 10
@@ -181,3 +181,112 @@ def test_cancelled_requests_leave_the_batch_and_others_are_unchanged(moe, prompt
         out[row].append(token)
     assert out[1] == full[1][:3]
     assert [out[i] for i in (0, 2, 3)] == [full[i] for i in (0, 2, 3)]
+
+
+# -- continuous batching: requests join a running batch and leave it at any step --------------
+
+
+def _continuous(model, arrivals, stop_token_ids=(), check=None) -> dict[int, list[int]]:
+    """Run a DecodeBatch where ``arrivals[step]`` = [(key, prompt, routing, max_new)] join
+    before that step's decode; ``check(batch)`` runs after every step."""
+    batch = DecodeBatch(model, stop_token_ids=stop_token_ids)
+    out: dict[int, list[int]] = {}
+    step = 0
+    while batch or any(s >= step for s in arrivals):
+        group = arrivals.get(step, [])
+        if group:
+            keys, ps, rs, limits = zip(*group, strict=True)
+            for key, token in batch.add(keys, ps, list(rs), max_new_tokens=list(limits)):
+                out.setdefault(key, []).append(token)
+        for key, token in batch.step():
+            out[key].append(token)
+        if check is not None:
+            check(batch, out)
+        step += 1
+    return out
+
+
+def test_requests_joining_a_running_batch_equal_each_alone(moe, prompts, routing) -> None:
+    free = generate(moe, prompts, routing, max_new_tokens=NEW)
+    stop = mid_stop_token(free)
+    limits = [NEW, 4, NEW - 2, 7]
+    alone = [
+        generate(moe, [p], routing.select([i]), max_new_tokens=limits[i], stop_token_ids=[stop])[0]
+        for i, p in enumerate(prompts)
+    ]
+    assert any(stop in a and len(a) < limits[i] for i, a in enumerate(alone))  # a mid-way stop
+    r = [routing.select([i]) for i in range(4)]
+    # Request 0 starts alone; 1 and 2 (different lengths) join together at step 2; 3 at step 5;
+    # a base-model request (routing None) joins at step 3.
+    arrivals = {
+        0: [(0, prompts[0], r[0], limits[0])],
+        2: [(1, prompts[1], r[1], limits[1]), (2, prompts[2], r[2], limits[2])],
+        3: [(9, prompts[3], None, 6)],
+        5: [(3, prompts[3], r[3], limits[3])],
+    }
+    out = _continuous(moe, arrivals, stop_token_ids=[stop])
+    assert [out[i] for i in range(4)] == alone
+    assert out[9] == generate(moe, [prompts[3]], None, max_new_tokens=6, stop_token_ids=[stop])[0]
+    assert out[9] != out[3]  # the experts matter, so routing really is per row
+    assert all(m.routing is None for m in expert_modules(moe).values())
+
+
+def test_rows_leaving_and_joining_keep_the_cache_bounded(moe, prompts, routing) -> None:
+    gen = torch.Generator().manual_seed(3)
+    arrivals: dict[int, list] = {}
+    lengths: dict[int, int] = {}
+    for key in range(20):  # a new request every 2 steps, each for 2..8 tokens
+        prompt = prompts[key % 4]
+        new = int(torch.randint(2, 9, (1,), generator=gen))
+        arrivals[2 * key] = [(key, prompt, routing.select([key % 4]), new)]
+        lengths[key] = len(prompt)
+    seen: list[tuple[int, int]] = []  # (rows, cache length) after every step
+
+    def check(batch: DecodeBatch, out: dict[int, list[int]]) -> None:
+        if batch:
+            longest = max(lengths[k] + len(out[k]) for k in batch.keys)
+            assert batch.cache_length <= longest
+        seen.append((len(batch), batch.cache_length))
+
+    out = _continuous(moe, arrivals, check=check)
+    assert max(rows for rows, _ in seen) >= 3  # rows overlapped
+    # The run lasted far longer than the cache ever grew: leading padding was trimmed.
+    assert len(seen) > 2 * max(length for _, length in seen)
+    for [(key, prompt, r, new)] in arrivals.values():
+        assert out[key] == generate(moe, [prompt], r, max_new_tokens=new)[0]
+
+
+def test_dropped_rows_leave_and_the_others_are_unchanged(moe, prompts, routing) -> None:
+    full = generate(moe, prompts, routing, max_new_tokens=NEW)
+    batch = DecodeBatch(moe)
+    out: dict[int, list[int]] = {i: [] for i in range(4)}
+    for key, token in batch.add(range(4), prompts, routing, max_new_tokens=NEW):
+        out[key].append(token)
+    for step in range(NEW - 1):
+        if step == 2:
+            batch.drop([1, 3])
+            assert batch.keys == [0, 2]
+        for key, token in batch.step():
+            out[key].append(token)
+    assert not batch
+    assert out[1] == full[1][:3] and out[3] == full[3][:3]
+    assert [out[0], out[2]] == [full[0], full[2]]
+    with pytest.raises(ValueError, match="unique"):
+        batch.add([0, 0], prompts[:2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        batch.add([0, 1], prompts[:2], max_new_tokens=[2, 0])
+    assert not batch  # a refused group leaves nothing behind
+
+
+def test_each_row_samples_at_its_own_temperature(moe, prompts, routing) -> None:
+    greedy = generate(moe, prompts, routing, max_new_tokens=NEW)
+    batch = DecodeBatch(moe, seed=5)
+    out: dict[int, list[int]] = {i: [] for i in range(4)}
+    temps = [0.0, 1.5, 0.0, 1.5]
+    for key, token in batch.add(range(4), prompts, routing, max_new_tokens=NEW, temperature=temps):
+        out[key].append(token)
+    while batch:
+        for key, token in batch.step():
+            out[key].append(token)
+    assert [out[0], out[2]] == [greedy[0], greedy[2]]  # greedy rows unaffected by sampled ones
+    assert [out[1], out[3]] != [greedy[1], greedy[3]]

@@ -18,6 +18,7 @@ from smartpath.core.errors import (
     ResourceExhaustedError,
 )
 from smartpath.model.experts import ExpertRouting
+from smartpath.model.generation import DecodeBatch
 from smartpath.model.grammar import Scale, Task
 from smartpath.model.mllm import MultimodalBatch, SmartPathModel
 from smartpath.model.prompts import PROMPT_STYLES
@@ -107,8 +108,12 @@ async def _collect(decoder: BatchDecoder, request: DecodeRequest):
     return events
 
 
-def test_batched_mixed_experts_equal_each_request_alone(model, visuals) -> None:
-    decoder = BatchDecoder(model, batch_wait_s=0.05)
+SCHEDULINGS = pytest.mark.parametrize("scheduling", ["static", "continuous"])
+
+
+@SCHEDULINGS
+def test_batched_mixed_experts_equal_each_request_alone(model, visuals, scheduling) -> None:
+    decoder = BatchDecoder(model, batch_wait_s=0.05, scheduling=scheduling)
     requests = _requests(visuals)
 
     async def run():
@@ -139,8 +144,9 @@ def test_label_scores_follow_the_models_likelihood(model, visuals) -> None:
         assert scores[answer] == max(scores.values())
 
 
-def test_past_deadline_is_deadline_exceeded_and_others_finish(model, visuals) -> None:
-    decoder = BatchDecoder(model, batch_wait_s=0.05)
+@SCHEDULINGS
+def test_past_deadline_is_deadline_exceeded_and_others_finish(model, visuals, scheduling) -> None:
+    decoder = BatchDecoder(model, batch_wait_s=0.05, scheduling=scheduling)
     late, ok, _ = _requests(visuals)
     late = replace(late, deadline=time.time() - 1)
 
@@ -156,8 +162,9 @@ def test_past_deadline_is_deadline_exceeded_and_others_finish(model, visuals) ->
     assert time.perf_counter() - started < 30
 
 
-def test_full_queue_is_resource_exhausted(model, visuals) -> None:
-    decoder = BatchDecoder(model, max_batch_size=1, max_pending=1)
+@SCHEDULINGS
+def test_full_queue_is_resource_exhausted(model, visuals, scheduling) -> None:
+    decoder = BatchDecoder(model, max_batch_size=1, max_pending=1, scheduling=scheduling)
     requests = _requests(visuals) * 2
 
     async def run():
@@ -172,8 +179,9 @@ def test_full_queue_is_resource_exhausted(model, visuals) -> None:
     assert all(r[-1].done for r in answered)
 
 
-def test_a_caller_that_goes_away_leaves_the_batch(model, visuals) -> None:
-    decoder = BatchDecoder(model, batch_wait_s=0.05)
+@SCHEDULINGS
+def test_a_caller_that_goes_away_leaves_the_batch(model, visuals, scheduling) -> None:
+    decoder = BatchDecoder(model, batch_wait_s=0.05, scheduling=scheduling)
     a, b, _ = _requests(visuals)
 
     async def run():
@@ -211,3 +219,71 @@ def test_requests_may_decode_free_text(model, visuals) -> None:
     free = [asyncio.run(_collect(decoder, r))[-1].text for r in requests]
     assert free == [_reference(model, decoder, r, constrained=False) for r in requests]
     assert free != [_reference(model, decoder, r) for r in _requests(visuals)]
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every decode step takes ≥ 40 ms more, so requests can arrive while a batch runs."""
+    step = DecodeBatch.step
+
+    def slow(self):
+        time.sleep(0.04)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow)
+
+
+async def _timed(decoder: BatchDecoder, request: DecodeRequest, log: list, name: str):
+    """Collect the events, logging (name, "first"/"done", time) as they arrive."""
+    events = []
+    async for event in decoder.decode(request):
+        if not events:
+            log.append((name, "first", time.perf_counter()))
+        events.append(event)
+    log.append((name, "done", time.perf_counter()))
+    return events
+
+
+@SCHEDULINGS
+def test_requests_arriving_during_a_batch_join_it_when_continuous(
+    model, visuals, scheduling, slow_steps
+) -> None:
+    """A request sent after a long one started gets its first token before the long one ends
+    (continuous), or only after it (static); both equal their decodes alone either way."""
+    decoder = BatchDecoder(model, scheduling=scheduling)
+    long, short, _ = _requests(visuals)  # classification: 10 tokens; the VQA answer: 6
+    log: list = []
+
+    async def run():
+        first = asyncio.ensure_future(_timed(decoder, long, log, "long"))
+        while not log:  # the long request is decoding
+            await asyncio.sleep(0.005)
+        return await asyncio.gather(first, _timed(decoder, short, log, "short"))
+
+    long_events, short_events = asyncio.run(run())
+    at = {(name, what): t for name, what, t in log}
+    assert long_events[-1].completion_tokens >= 8  # long enough to be joined mid-way
+    if scheduling == "continuous":
+        assert at["short", "first"] < at["long", "done"]
+        assert short_events[-1].batch_size == 2
+    else:
+        assert at["short", "first"] > at["long", "done"]
+    assert long_events[-1].text == _reference(model, decoder, long)
+    assert short_events[-1].text == _reference(model, decoder, short)
+    assert long_events[-1].label_scores  # classification is still scored
+
+
+def test_a_deadline_mid_decode_leaves_the_continuous_batch(model, visuals, slow_steps) -> None:
+    decoder = BatchDecoder(model, batch_wait_s=0.05)
+    long, short, _ = _requests(visuals)
+    short = replace(short, deadline=time.time() + 0.15)  # passes after a few steps
+
+    async def run():
+        return await asyncio.gather(
+            _collect(decoder, long), _collect(decoder, short), return_exceptions=True
+        )
+
+    long_result, short_result = asyncio.run(run())
+    assert isinstance(short_result, DeadlineExceededError)
+    assert long_result[-1].text == _reference(model, decoder, long)
+    assert long_result[-1].batch_size == 2  # they started together
