@@ -51,12 +51,13 @@ class DecoderService:
         )
         batch_size = metrics.Histogram(
             "smartpath_decoder_batch_size",
-            description="Requests decoded together.",
+            description="Requests decoded together (continuous: running rows when a group joins).",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         tokens = metrics.Counter("smartpath_decoder_tokens", description="Tokens generated.")
         tokens_per_s = metrics.Gauge(
-            "smartpath_decoder_tokens_per_second", description="Tokens/s of the last batch."
+            "smartpath_decoder_tokens_per_second",
+            description="Tokens/s of the last batch (continuous: of the last step or join).",
         )
 
         def on_batch(size: int, waits: list[float]) -> None:
