@@ -7,6 +7,7 @@ deployment through a handle) and in-process (talking to a local Tiler); both giv
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
@@ -31,7 +32,9 @@ async def encode_slide(
 ) -> AsyncIterator[SlideProgress | SlideEncoding]:
     """Yield progress while tiles are encoded, then the :class:`SlideEncoding`.
 
-    The slide is resolved once (one metadata lookup). The cache key is the tiler's plan key
+    The slide is resolved once (one metadata lookup). Storage reads and writes and the
+    aggregator run in worker threads, so a slow store or a big slide never stalls the other
+    requests of the replica's event loop. The cache key is the tiler's plan key
     for the slide's content and the model's slide tile spec, known without reading the
     slide, so a hit neither downloads nor tiles it.
     """
@@ -42,7 +45,7 @@ async def encode_slide(
     slide = await source.resolve(uri, mpp_override)
     key = await source.plan_key(slide, request)
     ref = cache.ref(slide.slide_id, encoder.tile_encoder.name, key)
-    features = cache.get(ref)
+    features = await asyncio.to_thread(cache.get, ref)
     hit = features is not None
     if features is None:
         plan, _ = await source.plan(slide, request)
@@ -65,8 +68,8 @@ async def encode_slide(
             tile_size_px=plan.geometry.footprint,
             encoder=encoder.tile_encoder.name,
         )
-        cache.put(ref, features)
-    visual, evidence = encoder.slide_tokens(features)
+        await asyncio.to_thread(cache.put, ref, features)
+    visual, evidence = await asyncio.to_thread(encoder.slide_tokens, features)
     yield SlideEncoding(
         visual=visual,
         evidence=evidence,
