@@ -75,8 +75,8 @@ class _Job:
     finished: bool = False  # no more tokens for it (stopped, at its limit, gone or expired)
     answered: bool = False  # its final event or error was sent
     gone: bool = False  # the caller stopped listening
-    queue_s: float = 0.0  # waited before decoding started (continuous scheduling)
-    batch_size: int = 0  # running rows when it joined (continuous scheduling)
+    queue_s: float = 0.0  # waited before decoding started
+    batch_size: int = 0  # requests in its batch when it started (continuous: after joining)
 
     def expired(self) -> bool:
         d = self.request.deadline
@@ -316,9 +316,10 @@ class BatchDecoder:
 
     def _run(self, jobs: list[_Job]) -> None:
         start = time.monotonic()
-        queue_s = [start - j.enqueued for j in jobs]
+        for job in jobs:
+            job.queue_s, job.batch_size = start - job.enqueued, len(jobs)
         if self.stats.on_batch is not None:
-            self.stats.on_batch(len(jobs), queue_s)
+            self.stats.on_batch(len(jobs), [j.queue_s for j in jobs])
         batch = self._batch([(j.prompt_ids, j.request) for j in jobs])
         limits = [j.request.question.max_new_tokens for j in jobs]
         temperature = max(j.request.temperature for j in jobs)
@@ -344,22 +345,16 @@ class BatchDecoder:
             job = jobs[i]
             if job.finished:
                 continue
-            job.ids.append(token)
-            delta = self._delta(job)
-            if delta:
-                job.send(DecodeEvent(text_delta=delta))
-            if token == self.eos_id or len(job.ids) >= limits[i]:
-                job.finished = True
-                if job.request.question.task != Task.CLASSIFICATION:
-                    self._finish(job, queue_s[i], len(jobs))
+            self._accept(job, token)
+            if job.finished and job.request.question.task != Task.CLASSIFICATION:
+                self._finish(job)
         if self.stats.on_tokens is not None:
             self.stats.on_tokens(produced, time.monotonic() - start)
-        for i, job in enumerate(jobs):
+        for job in jobs:
             if job.gone or job.expired():
                 continue
             if job.request.question.task == Task.CLASSIFICATION:
-                scores = self._label_scores(job)
-                self._finish(job, queue_s[i], len(jobs), scores)
+                self._finish(job, self._label_scores(job))
 
     # -- continuous batching (worker thread) -----------------------------------------------------
     def _run_continuous(self) -> None:
@@ -452,7 +447,7 @@ class BatchDecoder:
                 scores = None
                 if job.request.question.task == Task.CLASSIFICATION:
                     scores = self._label_scores(job)
-                self._finish(job, job.queue_s, job.batch_size, scores)
+                self._finish(job, scores)
             admitted.pop(key)
 
     def _completion(self, job: _Job) -> str:
@@ -466,13 +461,7 @@ class BatchDecoder:
         delta, job.text = text[len(job.text) :], text
         return delta
 
-    def _finish(
-        self,
-        job: _Job,
-        queue_s: float,
-        batch_size: int,
-        scores: list[tuple[str, float]] | None = None,
-    ) -> None:
+    def _finish(self, job: _Job, scores: list[tuple[str, float]] | None = None) -> None:
         text = self._completion(job)
         tail = text[len(job.text) :]
         stopped = bool(job.ids) and job.ids[-1] == self.eos_id
@@ -486,8 +475,8 @@ class BatchDecoder:
                 prompt_tokens=len(job.prompt_ids),
                 completion_tokens=len(job.ids),
                 label_scores=scores or [],
-                queue_s=queue_s,
-                batch_size=batch_size,
+                queue_s=job.queue_s,
+                batch_size=job.batch_size,
             )
         )
 
