@@ -1,6 +1,13 @@
 """The services seen through Ray Serve DeploymentHandles, with the same methods as their
-in-process counterparts in :mod:`smartpath.services.local` (numpy arrays travel through
-Ray's object store, not protobuf)."""
+in-process counterparts in :mod:`smartpath.services.local`.
+
+Arguments and results travel as Python objects (numpy arrays, never re-encoded as protobuf)
+by one of Serve's two transports, chosen per call by the size of its tensors: small calls
+(a route, a ROI's image and visual tokens) go straight to the replica over Serve's
+inter-deployment gRPC, which skips the object store's put and get (a few ms per hop); calls
+whose tensors exceed ``serve.inline_message_bytes`` pass them by reference through Ray's object
+store (zero-copy between processes on a node). Tile batches and slide encodings always go
+by reference."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from smartpath.core.config import SmartPathConfig
 from smartpath.core.slides.plan import TileGeometry, TilePlan
 from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.slide import SlideInfo
@@ -74,14 +82,21 @@ class TilerHandle:
 class HandleBackends:
     """The pipeline's backends in a Serve cluster (see ``gateway.pipeline.Backends``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: SmartPathConfig) -> None:
         self.tiler = TilerHandle(handle("tiler"))
         self.encoder = handle("encoder")
         self.router = handle("router")
         self.decoder = handle("decoder")
+        self.inline_bytes = config.serve.inline_message_bytes
+
+    def by_reference(self, nbytes: int) -> bool:
+        """Whether a call carrying ``nbytes`` of tensors passes them through the object store
+        (else inline, over direct gRPC)."""
+        return nbytes > self.inline_bytes
 
     async def encode_image(self, image: np.ndarray) -> VisualTokens:
-        return await self.encoder.encode_image.remote(image)
+        options = self.encoder.options(_by_reference=self.by_reference(image.nbytes))
+        return await options.encode_image.remote(image)
 
     def encode_slide(
         self, uri: str, mpp_override: float | None
@@ -89,13 +104,19 @@ class HandleBackends:
         return self.encoder.options(stream=True).encode_slide.remote(uri, mpp_override)
 
     async def route(self, task: Task, scale: Scale, pooled: np.ndarray) -> Route:
-        return await self.router.route.remote(task, scale, pooled)
+        options = self.router.options(_by_reference=self.by_reference(pooled.nbytes))
+        return await options.route.remote(task, scale, pooled)
+
+    def _decoder(self, request: DecodeRequest, expert_set: str, *, stream: bool) -> Any:
+        # Requests for the same expert set go to replicas that already hold it.
+        return self.decoder.options(
+            stream=stream,
+            multiplexed_model_id=expert_set,
+            _by_reference=self.by_reference(request.visual.tokens.nbytes),
+        )
 
     def decode(self, request: DecodeRequest, expert_set: str) -> AsyncIterator[DecodeEvent]:
-        # Requests for the same expert set go to replicas that already hold it.
-        options = self.decoder.options(stream=True, multiplexed_model_id=expert_set)
-        return options.decode.remote(request)
+        return self._decoder(request, expert_set, stream=True).decode.remote(request)
 
     async def complete(self, request: DecodeRequest, expert_set: str) -> DecodeEvent:
-        options = self.decoder.options(multiplexed_model_id=expert_set)
-        return await options.complete.remote(request)
+        return await self._decoder(request, expert_set, stream=False).complete.remote(request)

@@ -35,9 +35,15 @@ def required_cpus(config: SmartPathConfig) -> float:
 
 
 def proxy_environment(config: SmartPathConfig) -> dict[str, str]:
-    """Environment the Serve proxies read when their processes start: the Ray nodes' own
-    (set before a local Ray starts; the chart puts it on every Ray container)."""
-    return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.serve.max_message_bytes)}
+    """Environment Serve's proxies and replicas read when their processes start: the Ray
+    nodes' own (set before a local Ray starts; the chart puts it on every Ray container). One
+    message limit for the public gRPC proxy and for the replicas' inter-deployment gRPC (whose
+    own default, 4 MiB, would refuse a large result of an inline call)."""
+    limit = str(config.serve.max_message_bytes)
+    return {
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": limit,
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": limit,
+    }
 
 
 def start(

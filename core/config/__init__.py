@@ -277,6 +277,14 @@ class ServeConfig(BaseModel):
         "it); Ray's own default is 2 GiB. Set on the Ray nodes' environment, so it applies "
         "where Ray starts (here, or the chart's pods).",
     )
+    inline_message_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        lt=1 << 31,
+        description="Calls between replicas whose tensors are at most this size go straight to "
+        "the replica over Serve's gRPC (a few ms less per hop); larger ones pass their tensors "
+        "through Ray's object store (zero-copy on a node). 0: always the object store.",
+    )
     tiler: DeploymentConfig = Field(default_factory=DeploymentConfig)
     # Batching deployments take more concurrent requests than they batch, so batches fill.
     encoder: BatchingDeploymentConfig = Field(

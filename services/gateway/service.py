@@ -31,7 +31,7 @@ class PathologyService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = SmartPathConfig(**config)
         log_to_replica(self.config)
-        self.backends = HandleBackends()
+        self.backends = HandleBackends(self.config)
         self._pipeline: Pipeline | None = None
         self._info: ModelInfo | None = None
         self.record_rpc = RpcCounter("gateway")

@@ -1601,15 +1601,20 @@ def test_should_cap_grpc_messages_on_every_ray_node(helm: Path) -> None:
 
     from ray.serve._private import constants
 
-    # The variable Serve's proxies read for their gRPC server options (2 GiB when unset).
-    assert '"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"' in inspect.getsource(constants)
+    # The variables Serve's proxies and replicas read for their gRPC options (2 GiB and 4 MiB
+    # when unset).
+    limits = ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH")
+    for name in limits:
+        assert f'"{name}"' in inspect.getsource(constants)
     objs = render(helm, "--set", "config.serve.max_message_bytes=33554432")
     pods = ray_pods(objs)
     for group, pod in pods.items():
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == "33554432", group
+        for name in limits:
+            assert env[name] == "33554432", (group, name)
     default = ray_pods(render(helm))["head"]["containers"][0]["env"]
-    assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(64 << 20)} in default
+    for name in limits:
+        assert {"name": name, "value": str(64 << 20)} in default
 
 
 # ---- operations: upgrades, drains, training runs, HA, scheduling ---------------------------------

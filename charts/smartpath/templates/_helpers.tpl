@@ -560,8 +560,11 @@ that never appear in the RayService or a ConfigMap. HOME and the cache folders a
 {{- with .root -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
-# Serve's gRPC proxies read their message size limit from the node's environment.
+# Serve's gRPC proxies and replicas (inter-deployment gRPC) read their message size limits
+# from the node's environment (services/serving.py proxy_environment).
 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ $cfg.serve.max_message_bytes | int64 | toString | quote }}
+- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
   value: {{ $cfg.serve.max_message_bytes | int64 | toString | quote }}
 # Ray no longer sets CUDA_VISIBLE_DEVICES for workers given no GPU (ray-project/ray#54868), so a
 # replica with num_gpus 0 on a GPU worker would see the pod's GPUs and config.model.device "auto"
