@@ -49,6 +49,7 @@ __all__ = [
     "TileEncoder",
     "load_hf_tile_encoder",
     "make_tile_encoder",
+    "ruifrok_stains",
     "tile_encoder_for",
 ]
 
@@ -83,12 +84,17 @@ _RUIFROK_H = np.array([0.650, 0.704, 0.286])
 _RUIFROK_E = np.array([0.072, 0.990, 0.105])
 
 
-def _deconvolution_matrix() -> np.ndarray:
+def ruifrok_stains() -> np.ndarray:
+    """The unit OD vectors the encoder deconvolves with (3, 3) float64: rows H, E, residual."""
     h = _RUIFROK_H / np.linalg.norm(_RUIFROK_H)
     e = _RUIFROK_E / np.linalg.norm(_RUIFROK_E)
     r = np.cross(h, e)
     r /= np.linalg.norm(r)
-    return np.linalg.inv(np.stack([h, e, r])).astype(np.float32)  # OD (.., 3) @ M -> (H, E, R)
+    return np.stack([h, e, r])
+
+
+def _deconvolution_matrix() -> np.ndarray:
+    return np.linalg.inv(ruifrok_stains()).astype(np.float32)  # OD (.., 3) @ M -> (H, E, R)
 
 
 # Pixel classes, in OD (-log10 of transmitted light, glass ~0.02 per channel).

@@ -31,6 +31,8 @@ DTypeSpec = Literal["auto", "float32", "bfloat16", "float16"]
 """A parameter dtype, or "auto" (bfloat16 on CUDA, float32 on CPU; smartpath.model.devices)."""
 PromptStyle = Literal["full", "compact"]
 """Instruction prompts a model is trained and served with (see smartpath.model.prompts)."""
+StainNorm = Literal["macenko-v1"]
+"""Per-slide stain normalisation of tiles before the tile encoder (smartpath.model.stain_norm)."""
 
 LM_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Qwen2.5-VL-7B's M-RoPE split of the rotary half-dimension (64) into (temporal, height, width).
@@ -234,6 +236,11 @@ class SlideTiles(_Strict):
     mpp: float = Field(0.5, gt=0, description="Tile resolution, µm/px.")
     tile_size: int = Field(96, ge=16, le=1024, description="Tile edge at that resolution, px.")
     min_tissue: float = Field(0.3, ge=0, le=1, description="Tissue share a tile needs.")
+    stain_norm: StainNorm | None = Field(
+        None,
+        description="Per-slide stain normalisation of the tiles before the tile encoder "
+        "(smartpath.model.stain_norm); None: tiles as scanned. Part of the features' identity.",
+    )
 
 
 _LABEL_KEY = re.compile(r"^(classification|detection|segmentation|vqa)/(roi|wsi)$")

@@ -163,7 +163,12 @@ def test_the_model_facts_travel_in_the_manifest(
 ) -> None:
     facts = {
         "tile_encoder": "stain-stats-v1",
-        "slide_tiles": {"mpp": 1.0, "tile_size": 128, "min_tissue": 0.5},
+        "slide_tiles": {
+            "mpp": 1.0,
+            "tile_size": 128,
+            "min_tissue": 0.5,
+            "stain_norm": "macenko-v1",
+        },
         "labels": {"classification/roi": ["benign", "malignant"], "detection/roi": ["mitosis"]},
         "prompt_style": "compact",
     }
@@ -182,6 +187,7 @@ def test_a_manifest_written_before_the_model_facts_loads_with_defaults(manifest:
     model = parse_manifest(json.dumps(raw)).model
     assert model.tile_encoder == "stain-stats-v1" and model.labels == {}
     assert (model.slide_tiles.mpp, model.slide_tiles.tile_size) == (0.5, 96)
+    assert model.slide_tiles.stain_norm is None  # raw tiles, as the model was trained on
 
 
 @pytest.mark.parametrize(
