@@ -21,7 +21,10 @@ Design decisions:
 - Stain: every training ROI is shown in a random staining (``data.stain_jitter``: HED jitter
   plus a tilt of the stain vectors, ``training.stain``), and the training slides are featurised
   again in ``WSI_STAIN_COPIES`` random stainings (slides are featurised once, so their
-  augmentation is extra copies of their features).
+  augmentation is extra copies of their features). ``STAIN_NORM`` (off for now) would have the
+  model normalise each slide's stain before its tile encoder (``ModelConfig.slide_tiles``,
+  ``smartpath.model.stain_norm``): all its slide features, jittered and re-stained copies
+  included, are then made from normalised tiles.
 - GRPO draws 2 prompts per worker and step with 8 samples each (groups large enough that the
   continuous GIoU and Dice rewards differ within a group), for ``GRPO_STEPS`` steps, rollouts
   decoded within each task's answer grammar.
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 
 from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
+from smartpath.core.config.model import StainNorm
 from smartpath.core.storage import make_store
 from smartpath.core.storage.base import ObjectStore
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
@@ -105,6 +109,7 @@ WSI_SPLITS = (0.6, 0.1, 0.3)  # 162 train, 81 held out
 EVAL_PER_TASK = 80
 STAIN_JITTER = 0.3  # training ROIs' random staining (stain.random_staining's σ)
 WSI_STAIN_COPIES = 4  # training slides featurised again in this many random stainings
+STAIN_NORM: StainNorm | None = None  # the model's per-slide stain normalisation (issue 17)
 SFT_STEPS = 6000
 CURRICULUM_STEPS = 600
 GRPO_STEPS = 600
@@ -131,6 +136,7 @@ def generate_demo_data(
     wsi_slides: int,
     seed: int,
     prompt_style: PromptStyle = PROMPT_STYLE,
+    stain_norm: StainNorm | None = STAIN_NORM,
 ) -> DemoData:
     """Write (or reuse, when made with the same settings) the demo's ROI and featurised WSI
     manifests under ``root``."""
@@ -146,6 +152,7 @@ def generate_demo_data(
         "wsi_stain_copies": WSI_STAIN_COPIES,
         "stain_jitter": STAIN_JITTER,
         "prompt_style": prompt_style,
+        "stain_norm": stain_norm,
         "seed": seed,
     }
     roi, shifted_roi = roi_dir / "roi.jsonl", root / "roi-lab-b" / "roi.jsonl"
@@ -173,21 +180,29 @@ def generate_demo_data(
     wsi = generate_wsi_dataset(
         wsi_dir, wsi_slides, seed, splits=WSI_SPLITS, progress=True, prompt_style=prompt_style
     )
-    featurize_manifest(wsi, progress=True)
+    featurize_manifest(wsi, stain_norm=stain_norm, progress=True)
     rng = np.random.default_rng([seed, 0x57A1])
     copies = [  # named by their draw: the feature cache never serves another σ's copy
         (f"jitter{STAIN_JITTER:g}-{seed}-{k}", random_staining(rng, STAIN_JITTER))
         for k in range(WSI_STAIN_COPIES)
     ]
-    featurize_stained(wsi, copies, jittered, split="train")
-    featurize_stained(wsi, [("lab-b", LAB_B_STAINING)], shifted_wsi, split="test")
+    featurize_stained(wsi, copies, jittered, split="train", stain_norm=stain_norm)
+    featurize_stained(
+        wsi, [("lab-b", LAB_B_STAINING)], shifted_wsi, split="test", stain_norm=stain_norm
+    )
     generated_s = time.perf_counter() - tic
     stamp.write_text(json.dumps({"spec": spec, "generated_s": generated_s}))
     return DemoData(**manifests, generated_s=generated_s)
 
 
 def demo_config(
-    root: Path, manifests: Sequence[str], *, sft_steps: int, grpo_steps: int, seed: int = SEED
+    root: Path,
+    manifests: Sequence[str],
+    *,
+    sft_steps: int,
+    grpo_steps: int,
+    seed: int = SEED,
+    stain_norm: StainNorm | None = STAIN_NORM,
 ) -> SmartPathConfig:
     """The demo's SmartPath config: local storage under ``root``, 2 CPU workers, training
     seeded with ``seed``."""
@@ -203,6 +218,7 @@ def demo_config(
                 "prompt_style": PROMPT_STYLE,
                 "labels": label_taxonomy(),
                 "aggregator": {"feature_dim": 32, "num_tokens": 8, "num_heads": 4},
+                "slide_tiles": {"stain_norm": stain_norm},
                 "experts": {"num_experts": 4, "top_k": 2, "rank": 8},
                 "router": {"hidden_size": 64},
                 "dtype": "float32",  # a CPU model: the same numbers on any machine
@@ -323,6 +339,7 @@ def reproduce_demo(
     sft_steps: int = SFT_STEPS,
     grpo_steps: int = GRPO_STEPS,
     seed: int = SEED,
+    stain_norm: StainNorm | None = STAIN_NORM,
     train: bool = True,
     publish: bool = False,
     report_dir: Path | None = None,
@@ -331,9 +348,20 @@ def reproduce_demo(
     ``root``); return the summary written to ``report.json``. ``seed`` seeds training (model
     init, sampling, rollouts); the data and held-out sets are always :data:`SEED`'s."""
     data = generate_demo_data(
-        root / "data", roi_per_task=roi_per_task, wsi_slides=wsi_slides, seed=SEED
+        root / "data",
+        roi_per_task=roi_per_task,
+        wsi_slides=wsi_slides,
+        seed=SEED,
+        stain_norm=stain_norm,
     )
-    config = demo_config(root, data.train, sft_steps=sft_steps, grpo_steps=grpo_steps, seed=seed)
+    config = demo_config(
+        root,
+        data.train,
+        sft_steps=sft_steps,
+        grpo_steps=grpo_steps,
+        seed=seed,
+        stain_norm=stain_norm,
+    )
     t = config.training
     store = make_store(config.storage)
     timings_file = Path(t.run_dir()) / "timings.json"

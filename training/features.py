@@ -22,6 +22,10 @@ Design decisions:
   has an 11 x 11 lattice of 192-px tiles, of which about 30–56 are tissue tiles (measured on
   six seeds), inside the 16–100 a slide aggregator wants; at 1 µm/px x 128 px a slide would
   give only 6–10 tiles. Extraction takes about 0.1–0.15 s per synthetic slide (two cores).
+- Stain: when the model's tile spec names a stain normalisation (``stain_norm``, see
+  :mod:`smartpath.model.stain_norm`), it is fitted per slide and applied to every batch before
+  the encoder, after any ``transform`` (a re-staining), exactly as the encoder service does;
+  the features' name then ends ``+<stain_norm>`` (``stain-stats-v1+macenko-v1``).
 - torch and the model package are imported only by :meth:`SlideFeatures.to_slide_input`, so
   featurising slides stays a light numpy job (importing the model costs seconds).
 - :func:`featurize_manifest` featurises every distinct slide of a local manifest once, into
@@ -43,7 +47,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -60,6 +64,7 @@ from smartpath.core.slides.plan import TilePlan
 from smartpath.core.slides.tiler import Tiler, TileRequest
 from smartpath.core.storage.local import LocalStore
 from smartpath.model.slide_features import SlideFeatures, load_features, save_features
+from smartpath.model.stain_norm import feature_name, slide_normaliser
 from smartpath.model.tile_encoder import TileEncoder, make_tile_encoder
 from smartpath.training.manifest import (
     ManifestError,
@@ -77,6 +82,7 @@ __all__ = [
     "DEFAULT_MIN_TISSUE",
     "DEFAULT_MPP",
     "DEFAULT_TILE_SIZE",
+    "TileTransform",
     "extract_slide_features",
     "featurize_manifest",
 ]
@@ -88,6 +94,15 @@ DEFAULT_MPP = SlideTiles().mpp
 DEFAULT_TILE_SIZE = SlideTiles().tile_size
 DEFAULT_MIN_TISSUE = SlideTiles().min_tissue
 CACHE_VERSION = 1  # bump when extraction changes in a way the parameters do not capture
+
+
+class TileTransform(Protocol):
+    """A change made to every tile as read, before stain normalisation and the encoder (e.g.
+    :class:`smartpath.training.stain.Restaining`); its ``name`` joins the features' name."""
+
+    name: str
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
 
 
 @contextmanager
@@ -114,15 +129,20 @@ def extract_slide_features(
     mpp: float = DEFAULT_MPP,
     tile_size: int = DEFAULT_TILE_SIZE,
     min_tissue: float = DEFAULT_MIN_TISSUE,
+    stain_norm: str | None = None,
+    transform: TileTransform | None = None,
     batch_size: int = 64,
     tiler: Tiler | None = None,
 ) -> SlideFeatures:
     """Encode the tissue tiles of a local slide (``tile_size`` px at ``mpp`` µm/px).
 
     Tiles are those of ``Tiler.plan`` with at least ``min_tissue`` tissue; a slide with none
-    falls back to its single best tile (never N = 0). ``tiler`` (one whose
-    ``tiling.local_slide_roots`` allows the slide) is reused when given, else a private one is
-    made. Defaults give 30–56 tiles on a synthetic 2048-px slide (see the module docstring).
+    falls back to its single best tile (never N = 0). Each batch as read goes through
+    ``transform`` (when given), then the slide's stain normalisation (``stain_norm``, a
+    ``ModelConfig.slide_tiles.stain_norm``), then the encoder, as ``encode_slide`` serves it.
+    ``tiler`` (one whose ``tiling.local_slide_roots`` allows the slide) is reused when given,
+    else a private one is made. Defaults give 30–56 tiles on a synthetic 2048-px slide (see the
+    module docstring).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -141,22 +161,39 @@ def extract_slide_features(
             )
             best = _best_tile(everything, opened.info.width, opened.info.height)
             xs, ys = everything.x[best : best + 1], everything.y[best : best + 1]
-        features = np.empty((len(xs), enc.dim), dtype=np.float32)
-        for offset, tiles in tiler.read(opened, plan.geometry, xs, ys, batch_size):
-            out = np.asarray(enc.encode(tiles), dtype=np.float32)
-            if out.shape != (len(tiles), enc.dim):
-                raise ValueError(
-                    f"encoder {enc.name!r} returned shape {out.shape} for {len(tiles)} tiles; "
-                    f"expected ({len(tiles)}, {enc.dim})"
-                )
-            features[offset : offset + len(tiles)] = out
+        normaliser = slide_normaliser(stain_norm)
+        parts: list[np.ndarray] = []
+
+        def encode(batches: list[np.ndarray]) -> None:
+            for tiles in batches:
+                out = np.asarray(enc.encode(tiles), dtype=np.float32)
+                if out.shape != (len(tiles), enc.dim):
+                    raise ValueError(
+                        f"encoder {enc.name!r} returned shape {out.shape} for {len(tiles)} "
+                        f"tiles; expected ({len(tiles)}, {enc.dim})"
+                    )
+                parts.append(out)
+
+        for _, tiles in tiler.read(opened, plan.geometry, xs, ys, batch_size):
+            tiles = tiles if transform is None else transform(tiles)
+            encode([tiles] if normaliser is None else normaliser.feed(tiles))
+        if normaliser is not None:
+            encode(normaliser.finish())
         return SlideFeatures(
-            features=features,
+            features=np.concatenate(parts),
             coords=np.stack([xs, ys], axis=1).astype(np.int64),
             mpp=opened.info.require_mpp(),
             tile_size_px=plan.geometry.footprint,
-            encoder=enc.name,
+            encoder=_features_name(enc, stain_norm, transform),
         )
+
+
+def _features_name(
+    enc: TileEncoder, stain_norm: str | None, transform: TileTransform | None
+) -> str:
+    """The features' encoder name: the encoder's, ``+<transform>``, ``+<stain_norm>``."""
+    encoder = enc.name if transform is None else f"{enc.name}+{transform.name}"
+    return feature_name(encoder, stain_norm)
 
 
 def _best_tile(plan: TilePlan, width: int, height: int) -> int:
@@ -206,6 +243,8 @@ def featurize_manifest(
     mpp: float = DEFAULT_MPP,
     tile_size: int = DEFAULT_TILE_SIZE,
     min_tissue: float = DEFAULT_MIN_TISSUE,
+    stain_norm: str | None = None,
+    transform: TileTransform | None = None,
     out_dir: str | Path | None = None,
     out_manifest: str | Path | None = None,
     progress: bool = True,
@@ -214,7 +253,8 @@ def featurize_manifest(
     (``out_manifest``, default ``<stem>.features.jsonl`` beside the input).
 
     Feature files go to ``out_dir`` (default ``<manifest folder>/features``) and are reused
-    when their cache key (slide name, size, mtime; encoder, mpp, tile size, min tissue) matches.
+    when their cache key (slide name, size, mtime; the features' name, which carries the
+    encoder, ``transform`` and ``stain_norm``; mpp, tile size, min tissue) matches.
     The new manifest's WSI samples reference them by path relative to the manifest.
     ``encoder`` is a built-in encoder's name or a loaded one (e.g. a learned encoder from
     :func:`smartpath.model.tile_encoder.tile_encoder_for` on the model's config).
@@ -226,6 +266,7 @@ def featurize_manifest(
     out = Path(out_dir).expanduser().absolute() if out_dir is not None else base / "features"
     encoder = make_tile_encoder(encoder) if isinstance(encoder, str) else encoder
     samples = read_manifest(manifest_path)
+    name = _features_name(encoder, stain_norm, transform)
 
     slides: dict[Path, Path] = {}  # resolved slide path -> feature file
     names: dict[Path, str] = {}  # resolved slide path -> its ref, for messages
@@ -244,7 +285,7 @@ def featurize_manifest(
                         f"{manifest_path.name}: sample {sample.id!r}: slide {sample.slide!r} "
                         "does not exist"
                     )
-                slides[ref] = out / _cache_name(ref, encoder.name, mpp, tile_size, min_tissue)
+                slides[ref] = out / _cache_name(ref, name, mpp, tile_size, min_tissue)
                 names[ref] = sample.slide
             feature_of[sample.id] = slides[ref]
 
@@ -260,6 +301,8 @@ def featurize_manifest(
                         mpp=mpp,
                         tile_size=tile_size,
                         min_tissue=min_tissue,
+                        stain_norm=stain_norm,
+                        transform=transform,
                         tiler=tiler,
                     )
                 except (ValueError, SmartPathError) as e:

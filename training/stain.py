@@ -14,9 +14,12 @@ of the hematoxylin, eosin and residual (DAB) vectors.
   too, so training sees each image in many plausible stainings.
 - :func:`restain`: the same tissue as another lab stains it (:data:`LAB_B_STAINING`, never
   drawn in training). A held-out set re-stained this way (:func:`restain_manifest`, and
-  :class:`RestainedEncoder` for slides) measures robustness to stain shift.
+  :class:`Restaining` for slides) measures robustness to stain shift.
 - Slides are featurised once, so their augmentation is a few stain-jittered copies of the
-  training slides' features (:class:`RestainedEncoder` with a :func:`random_staining`).
+  training slides' features (:class:`Restaining` with a :func:`random_staining`).
+- A slide's tiles are re-stained as read, before the model's stain normalisation
+  (``ModelConfig.slide_tiles.stain_norm``) and the encoder: the normaliser sees the other lab's
+  stain, as it would in serving.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smartpath.model.tile_encoder import TileEncoder, make_tile_encoder
+from smartpath.model.tile_encoder import TileEncoder
 from smartpath.training.features import featurize_manifest
 from smartpath.training.manifest import RoiSample, WsiSample, read_manifest, write_manifest
 
@@ -152,18 +155,22 @@ def restain_manifest(
     return path
 
 
-class RestainedEncoder:
-    """A tile encoder that sees every tile in another staining (``tag`` names it): slides
-    featurised through it form a stain-shifted WSI set, or a stain-augmented copy of a training
-    set. Its ``name`` differs from the wrapped encoder's, so feature caches never mix them."""
+@dataclass(frozen=True)
+class Restaining:
+    """Every tile of a slide in another staining (``tag`` names it), as read and before stain
+    normalisation and the encoder (``featurize_manifest``'s ``transform``): slides featurised
+    through it form a stain-shifted WSI set, or a stain-augmented copy of a training set. Its
+    ``name`` joins the features' name, so feature caches never mix them."""
 
-    def __init__(self, encoder: TileEncoder, staining: Staining, tag: str) -> None:
-        self.encoder, self.staining = encoder, staining
-        self.name = f"{encoder.name}+stain-{tag}"
-        self.dim = encoder.dim
+    staining: Staining
+    tag: str
 
-    def encode(self, tiles: np.ndarray) -> np.ndarray:
-        return self.encoder.encode(self.staining.apply(tiles[..., :3]))
+    @property
+    def name(self) -> str:
+        return f"stain-{self.tag}"
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return self.staining.apply(tiles[..., :3])
 
 
 def featurize_stained(
@@ -173,14 +180,15 @@ def featurize_stained(
     *,
     split: str,
     encoder: TileEncoder | str = "stain-stats-v1",
+    stain_norm: str | None = None,
     progress: bool = True,
 ) -> Path:
     """The WSI samples of ``split`` in a local manifest, featurised once per named staining
-    (:class:`RestainedEncoder`): one manifest of them all, ids suffixed ``~<name>`` when there
-    is more than one staining. Re-stained held-out slides (one staining) or stain-augmented
-    training copies (several :func:`random_staining` draws)."""
+    (:class:`Restaining`, then the stain normalisation ``stain_norm``): one manifest of them
+    all, ids suffixed ``~<name>`` when there is more than one staining. Re-stained held-out
+    slides (one staining) or stain-augmented training copies (several :func:`random_staining`
+    draws)."""
     manifest = Path(manifest)
-    base = make_tile_encoder(encoder) if isinstance(encoder, str) else encoder
     samples = [s for s in read_manifest(str(manifest)) if isinstance(s, WsiSample)]
     samples = [s for s in samples if s.split == split]
     if not samples:
@@ -192,7 +200,9 @@ def featurize_stained(
         for name, staining in stainings:
             featured = featurize_manifest(
                 subset,
-                encoder=RestainedEncoder(base, staining, name),
+                encoder=encoder,
+                stain_norm=stain_norm,
+                transform=Restaining(staining, name),
                 out_manifest=Path(out_manifest).with_suffix(f".{name}.jsonl"),
                 progress=progress,
             )

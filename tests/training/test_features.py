@@ -14,6 +14,8 @@ import torch
 
 from smartpath.model.aggregator import SlideAggregator
 from smartpath.model.slide_features import SlideFeatures, load_features, save_features
+from smartpath.model.stain_norm import FIT_TILES, MACENKO, SlideStain
+from smartpath.model.tile_encoder import StainStatsEncoder
 from smartpath.training import features as features_mod
 from smartpath.training.features import extract_slide_features, featurize_manifest
 from smartpath.training.manifest import (
@@ -153,6 +155,38 @@ def test_extract_slide_features(slide: Path) -> None:
     assert len(extract_slide_features(slide, "stain-stats-v1", min_tissue=0.9)) < n
 
 
+class CapturingEncoder:
+    """A tile encoder that keeps the tiles it is given (and encodes them with stain-stats)."""
+
+    name, dim = "capturing", StainStatsEncoder.dim
+
+    def __init__(self) -> None:
+        self.tiles: list[np.ndarray] = []
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        self.tiles.append(tiles.copy())
+        return StainStatsEncoder().encode(tiles)
+
+
+def test_stain_normalised_features(slide: Path) -> None:
+    raw = CapturingEncoder()
+    plain = extract_slide_features(slide, raw)
+    tiles = np.concatenate(raw.tiles)
+    # Off: the encoder's features of the tiles as read, under the encoder's name.
+    assert plain.encoder == "capturing"
+    np.testing.assert_array_equal(plain.features, StainStatsEncoder().encode(tiles))
+    # On: the slide's stain fitted on its first tiles, every tile normalised, then encoded;
+    # the same numbers whatever the batch size, under a name that says so.
+    feats = extract_slide_features(slide, "stain-stats-v1", stain_norm=MACENKO)
+    assert feats.encoder == "stain-stats-v1+macenko-v1" and len(tiles) > FIT_TILES
+    want = StainStatsEncoder().encode(SlideStain.fit(tiles[:FIT_TILES]).apply(tiles))
+    np.testing.assert_array_equal(feats.features, want)
+    np.testing.assert_array_equal(feats.coords, plain.coords)
+    again = extract_slide_features(slide, "stain-stats-v1", stain_norm=MACENKO, batch_size=5)
+    np.testing.assert_array_equal(again.features, feats.features)
+    assert not np.allclose(feats.features, plain.features, atol=0.05)
+
+
 def test_blank_slide_falls_back_to_one_tile(tmp_path: Path) -> None:
     path = tmp_path / "blank.tiff"
     tifffile.imwrite(
@@ -225,6 +259,13 @@ def test_featurize_manifest_and_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     featurize_manifest(manifest, progress=False)
     assert calls == [slide]
     assert len(list((tmp_path / "ds" / "features").glob("*.safetensors"))) == 3
+
+    # Stain-normalised features are other files: the cache never mixes them with raw ones.
+    featurize_manifest(manifest, stain_norm=MACENKO, progress=False)
+    assert len(calls) == 3
+    normalised = {load_features(f).encoder for f in (tmp_path / "ds" / "features").iterdir()}
+    assert normalised == {"stain-stats-v1", "stain-stats-v1+macenko-v1"}
+    assert len(list((tmp_path / "ds" / "features").glob("*.safetensors"))) == 5
 
 
 def test_featurize_manifest_errors(tmp_path: Path) -> None:

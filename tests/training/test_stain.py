@@ -10,15 +10,17 @@ import pytest
 
 from smartpath.core.config.training import TrainingConfig
 from smartpath.model.grammar import Task
-from smartpath.model.tile_encoder import make_tile_encoder
+from smartpath.model.stain_norm import FIT_TILES, MACENKO, SlideStain
+from smartpath.model.tile_encoder import StainStatsEncoder
 from smartpath.training.data import load_items
+from smartpath.training.features import extract_slide_features
 from smartpath.training.manifest import read_manifest
 from smartpath.training.sft import step_batch
 from smartpath.training.stain import (
     HED,
     LAB_B,
     LAB_B_STAINING,
-    RestainedEncoder,
+    Restaining,
     compose,
     concentrations,
     jitter_stains,
@@ -27,7 +29,8 @@ from smartpath.training.stain import (
     restain_manifest,
 )
 from smartpath.training.synthetic.dataset import generate_roi_dataset
-from smartpath.training.synthetic.roi import COMPACT, render_roi
+from smartpath.training.synthetic.roi import COMPACT, TISSUE_CLASSES, render_roi
+from smartpath.training.synthetic.slides import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +92,56 @@ def test_random_stainings_tilt_hue_and_cover_the_held_out_lab() -> None:
     assert random_staining(np.random.default_rng(0), 0.0).scale.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_restained_encoder_encodes_the_restained_tiles(roi) -> None:
-    plain = make_tile_encoder("stain-stats-v1")
-    encoder = RestainedEncoder(plain, LAB_B_STAINING, "lab-b")
-    tiles = np.stack([roi[:96, :96], roi[96:192, 96:192]])
-    want = plain.encode(np.stack([restain(t) for t in tiles]))
-    assert np.allclose(encoder.encode(tiles), want)
-    assert not np.allclose(want, plain.encode(tiles))
-    assert encoder.name != plain.name and encoder.dim == plain.dim
+class CapturingEncoder(StainStatsEncoder):
+    """stain-stats, keeping the tiles it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tiles: list[np.ndarray] = []
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        self.tiles.append(tiles.copy())
+        return super().encode(tiles)
+
+
+def test_slides_are_restained_before_the_stain_normalisation(tmp_path: Path) -> None:
+    slide = tmp_path / "small.svs"
+    write_synthetic_slide(slide, width=1536, height=1280, seed=3, workers=1)
+    raw = CapturingEncoder()
+    extract_slide_features(slide, raw)
+    tiles = np.concatenate(raw.tiles)
+    encoder, lab_b = StainStatsEncoder(), Restaining(LAB_B_STAINING, "lab-b")
+
+    shifted = extract_slide_features(slide, encoder, transform=lab_b)
+    assert shifted.encoder == "stain-stats-v1+stain-lab-b"
+    np.testing.assert_array_equal(shifted.features, encoder.encode(restain(tiles)))
+
+    feats = extract_slide_features(slide, encoder, transform=lab_b, stain_norm=MACENKO)
+    assert feats.encoder == "stain-stats-v1+stain-lab-b+macenko-v1"
+    restained = restain(tiles)  # the normaliser sees, and is fitted on, the other lab's stain
+    want = SlideStain.fit(restained[:FIT_TILES]).apply(restained)
+    np.testing.assert_array_equal(feats.features, encoder.encode(want))
+    wrong_order = restain(SlideStain.fit(tiles[:FIT_TILES]).apply(tiles))
+    assert not np.allclose(feats.features, encoder.encode(wrong_order), atol=0.05)
+
+
+def test_stain_normalisation_brings_another_labs_features_close() -> None:
+    """The same tissue, plain and as LAB_B stains it: each normalised on its own fit, their
+    stain-stats features lie several times closer than without normalisation."""
+    encoder = StainStatsEncoder()
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        images = [render_roi(rng, c, 192).image[..., :3] for c in TISSUE_CLASSES for _ in range(2)]
+        tiles = np.stack(
+            [im[y : y + 96, x : x + 96] for im in images for y in (0, 96) for x in (0, 96)]
+        )
+        tiles = tiles[rng.permutation(len(tiles))]  # one "slide" of 40 tiles
+        shifted = restain(tiles)
+        before = np.abs(encoder.encode(tiles) - encoder.encode(shifted)).mean()
+        a, b = SlideStain.fit(tiles[:FIT_TILES]), SlideStain.fit(shifted[:FIT_TILES])
+        assert not a.fallback and not b.fallback
+        after = np.abs(encoder.encode(a.apply(tiles)) - encoder.encode(b.apply(shifted))).mean()
+        assert before > 3 * after, (seed, before, after)
 
 
 def test_restained_manifest_is_a_held_out_set(tmp_path: Path) -> None:
