@@ -97,7 +97,10 @@ def model_info_response(
         tile_encoder=info.tile_encoder,
         default_labels=labels,
         slide_tiles=pathology_pb2.SlideTileSpec(
-            mpp=tiles.mpp, tile_size=tiles.tile_size, min_tissue=tiles.min_tissue
+            mpp=tiles.mpp,
+            tile_size=tiles.tile_size,
+            min_tissue=tiles.min_tissue,
+            stain_norm=tiles.stain_norm or "",
         ),
         prompt_style=info.prompt_style,
         max_prompt_chars=m.max_prompt_chars,

@@ -127,6 +127,7 @@ def test_model_info(client) -> None:
         facts.slide_tiles.tile_size,
         facts.slide_tiles.min_tissue,
     )
+    assert info.slide_tiles.stain_norm == (facts.slide_tiles.stain_norm or "")
     assert info.prompt_style == facts.prompt_style == "compact"
 
 

@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from smartpath.client.rpc import question, tile_spec
 from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
+from smartpath.core.config.model import SlideTiles
 from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.tiler import ResolvedSlide, Tiler, TileRequest
-from smartpath.core.storage import ObjectInfo, ObjectRef, S3Store
+from smartpath.core.storage import LocalStore, ObjectInfo, ObjectRef, S3Store
 from smartpath.model.mllm import SmartPathModel
+from smartpath.model.slide_features import SlideFeatures
+from smartpath.model.stain_norm import MACENKO
+from smartpath.model.tile_encoder import StainStatsEncoder
 from smartpath.services.contracts import SlideEncoding, SlideSource
 from smartpath.services.encoding.cache import FeatureCache
 from smartpath.services.encoding.encoder import VisualEncoder
@@ -26,6 +31,7 @@ from smartpath.services.handles import TilerHandle
 from smartpath.services.models import load_served_model, model_info
 from smartpath.services.tiling.service import SlideTilerService, tile_request
 from smartpath.services.tiling.source import TilerSource
+from smartpath.training.features import extract_slide_features
 from smartpath.training.synthetic.slides import write_synthetic_slide
 from smartpath.v1 import common_pb2, pathology_pb2
 
@@ -206,3 +212,58 @@ def test_region_read_heads_the_slide_once(
         assert store.heads == 1 and tiler.cache.stats().downloads == 1
     finally:
         tiler.close()
+
+
+class SlideFeatureEncoder:
+    """encode_slide's view of a served model with the given slide tile spec: the stain-stats
+    tile encoder, and an aggregator that keeps the slide's features."""
+
+    def __init__(self, slide_tiles: SlideTiles) -> None:
+        self.model = SimpleNamespace(cfg=SimpleNamespace(slide_tiles=slide_tiles))
+        self.tile_encoder = StainStatsEncoder()
+        self.features: list[SlideFeatures] = []
+
+    def encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        return self.tile_encoder.encode(tiles)
+
+    def slide_tokens(self, features: SlideFeatures) -> tuple[None, None]:
+        self.features.append(features)
+        return None, None
+
+
+@pytest.mark.parametrize("stain_norm", [None, MACENKO])
+def test_served_slide_features_are_trainings(tmp_path: Path, stain_norm: str | None) -> None:
+    """Serving (batches of 5 through encode_slide) and training (extract_slide_features,
+    batches of 64) make the same features under the same name, stain-normalised or not."""
+    slide = tmp_path / "slides" / "small.svs"
+    slide.parent.mkdir()
+    write_synthetic_slide(slide, width=1536, height=1280, seed=3, workers=1)
+    config = _config(tmp_path, tiling={"local_slide_roots": [slide.parent], "batch_size": 5})
+    tiler = Tiler(config)
+    encoder = SlideFeatureEncoder(SlideTiles(stain_norm=stain_norm))
+    cache = FeatureCache(LocalStore(tmp_path / "store"), "features")
+
+    async def encode() -> SlideEncoding:
+        async def encode_tiles(tiles: np.ndarray) -> np.ndarray:
+            return encoder.encode_tiles(tiles)
+
+        items = encode_slide(
+            str(slide), None, source=TilerSource(tiler), encode_tiles=encode_tiles,
+            encoder=encoder, cache=cache,
+        )  # fmt: skip
+        return [item async for item in items][-1]
+
+    try:
+        first, second = asyncio.run(encode()), asyncio.run(encode())
+    finally:
+        tiler.close()
+    assert not first.cache_hit and second.cache_hit  # the cache keys on the features' name
+    served, cached = encoder.features
+    trained = extract_slide_features(slide, "stain-stats-v1", stain_norm=stain_norm)
+    for got in (served, cached):
+        assert got.encoder == trained.encoder
+        np.testing.assert_array_equal(got.coords, trained.coords)
+        np.testing.assert_array_equal(got.features, trained.features)
+    assert trained.encoder == (
+        "stain-stats-v1" if stain_norm is None else "stain-stats-v1+macenko-v1"
+    )

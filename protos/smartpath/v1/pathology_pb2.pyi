@@ -199,14 +199,16 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SlideTileSpec(_message.Message):
-    __slots__ = ("mpp", "tile_size", "min_tissue")
+    __slots__ = ("mpp", "tile_size", "min_tissue", "stain_norm")
     MPP_FIELD_NUMBER: _ClassVar[int]
     TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_TISSUE_FIELD_NUMBER: _ClassVar[int]
+    STAIN_NORM_FIELD_NUMBER: _ClassVar[int]
     mpp: float
     tile_size: int
     min_tissue: float
-    def __init__(self, mpp: _Optional[float] = ..., tile_size: _Optional[int] = ..., min_tissue: _Optional[float] = ...) -> None: ...
+    stain_norm: str
+    def __init__(self, mpp: _Optional[float] = ..., tile_size: _Optional[int] = ..., min_tissue: _Optional[float] = ..., stain_norm: _Optional[str] = ...) -> None: ...
 
 class TaskLabels(_message.Message):
     __slots__ = ("task", "scale", "labels")
