@@ -266,7 +266,7 @@ def featurize_manifest(
     out = Path(out_dir).expanduser().absolute() if out_dir is not None else base / "features"
     encoder = make_tile_encoder(encoder) if isinstance(encoder, str) else encoder
     samples = read_manifest(manifest_path)
-    name = _features_name(encoder, stain_norm, transform)
+    features_name = _features_name(encoder, stain_norm, transform)
 
     slides: dict[Path, Path] = {}  # resolved slide path -> feature file
     names: dict[Path, str] = {}  # resolved slide path -> its ref, for messages
@@ -285,7 +285,7 @@ def featurize_manifest(
                         f"{manifest_path.name}: sample {sample.id!r}: slide {sample.slide!r} "
                         "does not exist"
                     )
-                slides[ref] = out / _cache_name(ref, name, mpp, tile_size, min_tissue)
+                slides[ref] = out / _cache_name(ref, features_name, mpp, tile_size, min_tissue)
                 names[ref] = sample.slide
             feature_of[sample.id] = slides[ref]
 
