@@ -62,7 +62,9 @@ class FeatureEncoderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EncodeTiles(self, request, context):
-        """Raw tiles -> tile features (batched across concurrent callers).
+        """Raw tiles -> tile features (batched across concurrent callers). The tiles are encoded as
+        sent: a model's per-slide stain normalisation (SlideTileSpec.stain_norm) needs the whole
+        slide, so it applies in EncodeSlide only; normalise tiles first to match slide features.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
