@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -169,18 +170,23 @@ def test_completion_logprobs_equal_the_full_sequence_ones(setup) -> None:
             assert torch.equal(aux, full.aux_loss)
 
 
+def _stepper(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """``grpo_update``'s ``step``: an optimizer step, then the gradients cleared."""
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def test_grpo_update_against_the_trainable_parameter_reference(setup) -> None:
     model, collator, prompts = setup
     policy = copy.deepcopy(model)
     params = trainable_parameters(policy, train_base=False)
     reference = ReferencePolicy(policy)
     assert reference.numel == sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=5e-2)
-
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _stepper(torch.optim.AdamW(params, lr=5e-2))
     g = GrpoConfig(group_size=3, max_new_tokens=8, kl_beta=0.1)
     kls = []
     for i in range(3):
@@ -223,12 +229,7 @@ def test_grpo_climbs_towards_what_the_reward_prefers(setup) -> None:
     [_, (runner_up, _)] = answers(model, prompts[0]).most_common(2)
     item = (sample.model_copy(update={"target": runner_up}), visual)
     policy = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(trainable_parameters(policy, train_base=False), lr=1e-2)
-
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _stepper(torch.optim.Adam(trainable_parameters(policy, train_base=False), lr=1e-2))
     g = GrpoConfig(group_size=8, max_new_tokens=24, kl_beta=0.0)
     reference = ReferencePolicy(policy)
     before = answers(policy, item)[runner_up] / 32
