@@ -108,8 +108,8 @@ logger = logging.getLogger(__name__)
 """Where the published demo model lives (package data of ``smartpath.model``)."""
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
 
-ROI_PER_TASK = 1580
-ROI_SPLITS = (1400, 20, 160)  # train, val, held out per task (assign_splits normalises)
+ROI_SPLITS = (1400, 20, 160)  # train, val, held out per task
+ROI_PER_TASK = sum(ROI_SPLITS)
 WSI_SLIDES = 270
 WSI_SPLITS = (0.6, 0.1, 0.3)  # 162 train, 81 held out (81 classification, 160 VQA questions)
 EVAL_PER_TASK = 160
