@@ -105,8 +105,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-"""Where the published demo model lives (package data of ``smartpath.model``)."""
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
+"""Where ``publish`` copies the demo model's report."""
 
 ROI_SPLITS = (1400, 20, 160)  # train, val, held out per task
 ROI_PER_TASK = sum(ROI_SPLITS)
