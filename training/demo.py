@@ -35,7 +35,7 @@ Design decisions:
   each task's answer grammar.
 - Both stages run through the same Ray Train + DeepSpeed entry points as a cluster job, on two
   workers of one CPU each. Evaluation runs in the driver: greedy decoding within the answer
-  grammar on two held-out sets of 160 samples per task (81 slides for WSI classification),
+  grammar on two held-out sets of 160 samples per task (90 slides for WSI classification),
   the ``test`` split as generated and the same samples as another lab would stain them
   (``stain.LAB_B_STAINING``, never drawn in training); per-task metrics against the best
   constant answer (the chance level); GRPO against SFT by the paired difference on the same
@@ -64,6 +64,7 @@ import torch
 
 from smartpath.core.config import SmartPathConfig, StorageConfig, load_config
 from smartpath.core.config.model import StainNorm
+from smartpath.core.slides.plan import PLAN_VERSION
 from smartpath.core.storage import make_store
 from smartpath.core.storage.base import ObjectStore
 from smartpath.model.checkpoint import DEMO_MODEL_DIR
@@ -110,8 +111,8 @@ REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "demo"
 
 ROI_SPLITS = (1400, 20, 160)  # train, val, held out per task
 ROI_PER_TASK = sum(ROI_SPLITS)
-WSI_SLIDES = 270
-WSI_SPLITS = (0.6, 0.1, 0.3)  # 162 train, 81 held out (81 classification, 160 VQA questions)
+WSI_SLIDES = 600
+WSI_SPLITS = (0.8, 0.05, 0.15)  # 480 train, 90 held out (90 classification, 160 VQA questions)
 EVAL_PER_TASK = 160
 STAIN_JITTER = 0.3  # training ROIs' random staining (stain.random_staining's σ)
 WSI_STAIN_COPIES = 4  # training slides featurised again in this many random stainings
@@ -160,6 +161,7 @@ def generate_demo_data(
         "stain_jitter": STAIN_JITTER,
         "prompt_style": prompt_style,
         "stain_norm": stain_norm,
+        "plan_version": PLAN_VERSION,  # tissue detection and tile plans shape every feature
         "seed": seed,
     }
     roi, shifted_roi = roi_dir / "roi.jsonl", root / "roi-lab-b" / "roi.jsonl"

@@ -66,7 +66,7 @@ class TilingConfig(BaseModel):
         0.25, ge=0, le=1, description="Tiles with less tissue than this are left out of plans."
     )
     tissue_mpp: float = Field(
-        8.0, gt=0, description="Resolution (µm/px) of the thumbnail used for tissue detection."
+        4.0, gt=0, description="Resolution (µm/px) of the thumbnail used for tissue detection."
     )
     tissue_max_px: int = Field(
         4096,
@@ -74,7 +74,7 @@ class TilingConfig(BaseModel):
         description="Cap on the tissue thumbnail's long side, whatever tissue_mpp says.",
     )
     min_tissue_area_um2: float = Field(
-        20_000.0, ge=0, description="Tissue components smaller than this (µm²) are dropped."
+        2_000.0, ge=0, description="Tissue components smaller than this (µm²) are dropped."
     )
     max_hole_area_um2: float = Field(
         20_000.0, ge=0, description="Holes in tissue smaller than this (µm²) are filled."

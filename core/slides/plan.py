@@ -25,7 +25,7 @@ from smartpath.core.slides.resolution import Resolution
 from smartpath.core.slides.slide import SlideInfo
 from smartpath.core.slides.tissue import tile_fractions
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: tissue detection keeps pale (fat) tissue joined to stained tissue
 MAX_TILE_OVERSAMPLE = 8  # a tile reads at most 8x its edge (64x its pixels) from its level
 
 

@@ -6,6 +6,15 @@ is taken on log-saturation: glass sits near 0.01 and pale eosin near 0.2, purple
 glass. A floor keeps near-grey glass, dust and shadows out, morphology
 closes gaps, and area filters (in µm², so they mean the same at any thumbnail scale) drop
 specks and fill small holes.
+
+Adipose tissue is the exception: fat vacuoles are empty and their membranes thin, so at
+thumbnail scale fat reads as a faint tint (saturation ~0.03-0.06), below Otsu's split though
+well above glass. A single threshold loses the fat at tissue borders, which biases every
+"how much of the tissue is X" answer against fat (on the demo slides 17% of the tissue tiles
+were lost, at twice the fat share of the kept ones). So the threshold is a hysteresis pair,
+as in scikit-image's ``apply_hysteresis_threshold``: pixels above ``PALE_SATURATION`` are
+tissue when their connected region holds a pixel above Otsu's threshold; faint regions
+touching no confidently stained tissue (tinted glass, smudges) stay glass.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from scipy import ndimage
 
 MIN_SATURATION = 0.06  # below this a pixel is glass, whatever Otsu says
 MAX_BRIGHTNESS = 0.98  # near-white pixels are glass even if slightly tinted
+PALE_SATURATION = 0.03  # hysteresis low threshold: pale tissue (fat) joined to stained tissue
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -60,7 +70,7 @@ def detect_tissue(
     if candidates.size == 0 or candidates.max() < MIN_SATURATION:
         return np.zeros(sat.shape, dtype=bool)
     threshold = max(log_otsu_threshold(sat), MIN_SATURATION)
-    mask = (sat > threshold) & (bright < MAX_BRIGHTNESS)
+    mask = _hysteresis(np.where(bright < MAX_BRIGHTNESS, sat, 0.0), PALE_SATURATION, threshold)
 
     px_area = um_per_px**2
     radius = max(1, min(3, round(20.0 / um_per_px)))  # ~20 µm, a few px at thumbnail scale
@@ -81,6 +91,15 @@ def detect_tissue(
         small = np.concatenate([[False], areas < max_hole_area_um2])
         mask |= small[labels]
     return mask
+
+
+def _hysteresis(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Pixels above ``low`` whose 8-connected region holds a pixel above ``high``."""
+    labels, n = ndimage.label(values > low, structure=np.ones((3, 3), dtype=bool))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[labels[values > high]] = True
+    keep[0] = False
+    return keep[labels]
 
 
 def tile_fractions(
