@@ -127,14 +127,15 @@ def test_tissue_plan_of_a_single_level_slide(sparse_slide: Path) -> None:
 
 
 def test_strided_tissue_mask_matches_the_full_read(synthetic_svs) -> None:
-    full = _tiler(synthetic_svs.path.parent)
-    strided = _tiler(synthetic_svs.path.parent, max_read_pixels=1 << 16)
+    full = _tiler(synthetic_svs.path.parent, tissue_mpp=8.0)
+    strided = _tiler(synthetic_svs.path.parent, tissue_mpp=8.0, max_read_pixels=1 << 16)
     masks = []
     for tiler in (full, strided):
         opened = tiler.open(str(synthetic_svs.path))
         masks.append(tiler.tissue(opened))
         tiler.close()
-    # Level 2 is 384 x 320 px, 123k px: over 64k, so each of the mask's 160 rows reads one of
+    # A mask at 8 µm/px is 192 x 160 px, read from level 2, 384 x 320 px, 123k px: over 64k,
+    # so each of the mask's 160 rows reads one of
     # the two level rows it covers.
     a, b = (m.mask for m in masks)
     assert a.shape == b.shape == (160, 192)

@@ -26,14 +26,15 @@ def tiler(tmp_path: Path, openslide_fixtures: Path):
     t.close()
 
 
-def test_plan_keys_equal_the_feature_cache_keys_of_earlier_versions(tiler: Tiler) -> None:
-    """Before the tiler owned plan keys, the encoder hashed them itself; these values came
-    from that code (``plan_hash`` of the previous release), so existing caches stay valid."""
+def test_plan_keys_are_stable_and_change_with_the_plan_version(tiler: Tiler) -> None:
+    """Plan keys key the feature cache. They are pinned, so a refactor cannot silently orphan
+    (or wrongly reuse) cached features. Plan version 2 changed tissue detection, so these
+    replaced version 1's keys ("2f92cf6503f70d5f", "ad1f1042209330f1")."""
     slide = ResolvedSlide("s3://slides/a.svs", "s3:0123456789abcdef0123456789abcdef")
     request = TileRequest(mpp=0.5, tile_size=224, min_tissue_fraction=0.25)
-    assert tiler.plan_key(slide, request) == "2f92cf6503f70d5f"
     overridden = ResolvedSlide(slide.uri, slide.slide_id, mpp_override=0.3)
-    assert tiler.plan_key(overridden, request) == "ad1f1042209330f1"
+    keys = tiler.plan_key(slide, request), tiler.plan_key(overridden, request)
+    assert keys == ("37b0ba91097038ac", "a044538a3025663c")
     # Defaults are filled in before hashing: the same plan, the same key.
     defaults = tiler.config
     explicit = TileRequest(
