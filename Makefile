@@ -54,7 +54,7 @@ bench-serving: $(STAMP)
 bench-throughput: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
-## demo-model: reproduce the bundled demo model and reports/demo (about 45 minutes on 2 cores)
+## demo-model: reproduce the bundled demo model and reports/demo (about 50 minutes on 2 cores)
 demo-model: $(STAMP)
 	$(BIN)/smartpath train demo --publish
 
