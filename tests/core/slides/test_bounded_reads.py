@@ -135,8 +135,7 @@ def test_strided_tissue_mask_matches_the_full_read(synthetic_svs) -> None:
         masks.append(tiler.tissue(opened))
         tiler.close()
     # A mask at 8 µm/px is 192 x 160 px, read from level 2, 384 x 320 px, 123k px: over 64k,
-    # so each of the mask's 160 rows reads one of
-    # the two level rows it covers.
+    # so each of the mask's 160 rows reads one of the two level rows it covers.
     a, b = (m.mask for m in masks)
     assert a.shape == b.shape == (160, 192)
     iou = (a & b).sum() / (a | b).sum()
