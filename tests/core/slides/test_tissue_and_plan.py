@@ -28,18 +28,26 @@ def _info(width=40_000, height=30_000, mpp=0.25, power=40.0, levels=(1.0, 4.0, 1
     )
 
 
-def test_tissue_mask_matches_ground_truth(synthetic_svs) -> None:
-    slide = Slide.open(synthetic_svs.path)
+def _default_mask(path) -> tuple[np.ndarray, float]:
+    """The tissue mask of a 0.25 µm/px slide with the default tiling config, and its
+    downsample (level-0 px per mask px)."""
+    slide = Slide.open(path)
     cfg = TilingConfig()
-    ds = cfg.tissue_mpp / 0.25  # the default tissue resolution
+    ds = cfg.tissue_mpp / 0.25
     w, h = round(slide.info.width / ds), round(slide.info.height / ds)
     thumb = slide.region_at(0, 0, slide.info.width, slide.info.height, w, h, max_read_px=1 << 28)
     mask = detect_tissue(
         thumb,
-        um_per_px=0.25 * ds,
+        um_per_px=cfg.tissue_mpp,
         min_area_um2=cfg.min_tissue_area_um2,
         max_hole_area_um2=cfg.max_hole_area_um2,
     )
+    return mask, ds
+
+
+def test_tissue_mask_matches_ground_truth(synthetic_svs) -> None:
+    mask, ds = _default_mask(synthetic_svs.path)
+    h, w = mask.shape
     truth = SyntheticTissue(synthetic_svs.width, synthetic_svs.height, synthetic_svs.seed)
     expected = truth.tissue_mask(0, 0, w, h, downsample=ds)
     iou = (mask & expected).sum() / max(1, (mask | expected).sum())
@@ -52,17 +60,8 @@ def test_fat_is_found_about_as_often_as_other_tissue(tmp_path) -> None:
     demo's first (28% fat); a single saturation threshold finds 81% of its fat."""
     seed = 1041989314
     write_synthetic_slide(tmp_path / "fat.svs", width=2048, height=2048, seed=seed, workers=1)
-    slide = Slide.open(tmp_path / "fat.svs")
-    cfg = TilingConfig()
-    ds = cfg.tissue_mpp / 0.25
-    w = h = round(2048 / ds)
-    thumb = slide.region_at(0, 0, 2048, 2048, w, h, max_read_px=1 << 28)
-    mask = detect_tissue(
-        thumb,
-        um_per_px=cfg.tissue_mpp,
-        min_area_um2=cfg.min_tissue_area_um2,
-        max_hole_area_um2=cfg.max_hole_area_um2,
-    )
+    mask, ds = _default_mask(tmp_path / "fat.svs")
+    h, w = mask.shape
     truth = SyntheticTissue(2048, 2048, seed)
     tissue = truth.tissue_mask(0, 0, w, h, downsample=ds)
     _, w_fat, _ = truth._class_planes(0.0, 0.0, w, h, ds)
